@@ -1,0 +1,3 @@
+from romebert.cli import main
+
+raise SystemExit(main())

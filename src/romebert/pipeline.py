@@ -1,0 +1,288 @@
+"""The jobs behind the CLI: train a run, evaluate every exit and sweep thresholds, write test files.
+
+A *run* is one folder::
+
+    <run>/run.json            what data and backbone it used (so evaluate / predict need no repeat)
+    <run>/training_args.json  the TrainingArguments
+    <run>/train_log.jsonl     losses (and GR angle / norms) every few steps
+    <run>/model/              the trained MultiExitModel + tokenizer (save_pretrained / from_pretrained)
+    <run>/checkpoints/        the newest per-epoch checkpoint (model, optimizer, scheduler)
+    <run>/eval/<split>/       per_exit.{json,csv}, sweep.{json,csv}, logits.npy, labels.npy, *.png
+    <run>/predictions/        GLUE submission files (SST-2.tsv, MNLI-m.tsv, AX.tsv, ...)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from transformers import AutoTokenizer
+
+from romebert.data import Collator, Example, encode, label_set, load_hub_glue, read_custom, read_split
+from romebert.errors import RomebertError
+from romebert.evaluation import collect_logits, dataset_labels
+from romebert.exits import REFERENCE_THRESHOLDS, per_exit_metrics, predictions, sweep
+from romebert.modeling import MultiExitModel, default_backbone
+from romebert.plots import plot_per_exit, plot_speedup
+from romebert.reports import write_json, write_per_exit_csv, write_submission, write_sweep_csv
+from romebert.tasks import TaskSpec, custom_task, get_task
+from romebert.trainer import Trainer, TrainingArguments, resolve_device
+
+RUN_FILE = "run.json"
+MODEL_DIR = "model"
+
+
+@dataclass
+class DataSpec:
+    """Where a run's examples come from: a GLUE task (TSV folder or the hub) or the user's own files."""
+
+    task: str | None = None
+    data_dir: str | None = None  # GLUE root in the classic layout; None with hub=True -> HF hub
+    hub: bool = False
+    train_file: str | None = None  # the user's own CSV/TSV (header row names the columns)
+    dev_file: str | None = None
+    test_file: str | None = None
+    text_a: str | None = None
+    text_b: str | None = None
+    label_column: str | None = None
+    labels: list[str] | None = None  # custom classification labels; inferred from train_file if None
+    regression: bool = False
+    metric: str | None = None
+    max_seq_length: int = 128
+    max_train_examples: int | None = None  # a seeded random subset of the training set
+    subset_seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_custom(self) -> bool:
+        return self.task is None
+
+    def validate(self) -> None:
+        if self.is_custom:
+            if not self.train_file and not self.dev_file and not self.test_file:
+                raise RomebertError("give --task (a GLUE task) or --train-file/--dev-file/--test-file (your own data)")
+            if not self.text_a:
+                raise RomebertError("custom data needs --text-column naming the text column")
+        else:
+            get_task(self.task)
+            if self.data_dir is None and not self.hub:
+                raise RomebertError(f"task {self.task}: give --data-dir (GLUE TSV folder) or --hub")
+            if self.data_dir is not None and not Path(self.data_dir).is_dir():
+                raise RomebertError(f"--data-dir {self.data_dir}: no such folder")
+
+    def task_spec(self) -> TaskSpec:
+        if not self.is_custom:
+            return get_task(self.task)
+        labels = None
+        if not self.regression:
+            labels = tuple(self.labels) if self.labels else label_set(self._custom_examples(self.train_file))
+        return custom_task(labels, metric=self.metric, pair=self.text_b is not None)
+
+    def _custom_examples(self, path: str | None) -> list[Example]:
+        if path is None:
+            raise RomebertError("no file given for this split")
+        return read_custom(path, self.text_a, self.text_b, self.label_column)
+
+    def examples(self, split: str) -> list[Example]:
+        if self.is_custom:
+            path = {"train": self.train_file, "dev": self.dev_file, "test": self.test_file}.get(split)
+            if path is None:
+                raise RomebertError(f"no --{split}-file given")
+            rows = read_custom(path, self.text_a, self.text_b, None if split == "test" else self.label_column)
+        elif self.hub:
+            rows = load_hub_glue(get_task(self.task), split)
+        else:
+            rows = read_split(get_task(self.task), self.data_dir, split)
+        if split == "train" and self.max_train_examples and self.max_train_examples < len(rows):
+            rows = random.Random(self.subset_seed).sample(rows, self.max_train_examples)
+        return rows
+
+    def eval_splits(self) -> list[str]:
+        if self.is_custom:
+            return ["dev"] if self.dev_file else []
+        return list(get_task(self.task).eval_splits)
+
+    def test_files(self) -> list[tuple[TaskSpec | None, str, str]]:
+        """(task whose files to read, split, output file name) for every submission file.
+
+        The task is None for custom data: its labels come from the trained model (``run_task``).
+        """
+        if self.is_custom:
+            return [(None, "test", "predictions.tsv")] if self.test_file else []
+        task = get_task(self.task)
+        out = [(task, split, name) for split, name in task.test_files]
+        if task.name == "MNLI":  # GLUE's diagnostic set is predicted by the MNLI model
+            out += [(get_task("AX"), split, name) for split, name in get_task("AX").test_files]
+        return out
+
+    def save(self, path: Path) -> None:
+        write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> DataSpec:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
+        except FileNotFoundError:
+            raise RomebertError(f"{path}: not found (is this a run folder made by 'romebert train'?)") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise RomebertError(f"{path}: not a valid run file ({exc})") from None
+        return cls(**data)
+
+
+def train_run(
+    data: DataSpec,
+    args: TrainingArguments,
+    backbone: str | None = None,
+    pooling: str = "mean",
+    resume: bool = False,
+) -> dict:
+    """Fine-tune a multi-exit model; writes ``<output_dir>/model`` and ``run.json``. Returns a summary."""
+    data.validate()
+    task = data.task_spec()
+    if args.gr_anchor == "auto":
+        args.gr_anchor = task.gr_anchor
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    backbone = backbone or default_backbone()
+    tokenizer = _load_tokenizer(backbone)
+    t0 = time.perf_counter()
+    train_examples = data.examples("train")
+    train_set = encode(train_examples, tokenizer, task.labels, data.max_seq_length)
+    model = MultiExitModel.from_backbone(
+        backbone, num_labels=task.num_labels, pooling=pooling, task=task.name,
+        labels=list(task.labels) if task.labels is not None else None,
+    )
+    run_info = {"data": asdict(data), "backbone": backbone, "pooling": pooling, "task": task.name,
+                "num_train_examples": len(train_set)}
+    write_json(out / RUN_FILE, run_info)
+    summary = Trainer(model, args, train_set, Collator(tokenizer)).train(resume=resume)
+    model.save_pretrained(out / MODEL_DIR)
+    tokenizer.save_pretrained(str(out / MODEL_DIR))
+    summary.update(num_train_examples=len(train_set), seconds=time.perf_counter() - t0,
+                   model_dir=str(out / MODEL_DIR))
+    write_json(out / "train_summary.json", summary)
+    return summary
+
+
+def run_task(model: MultiExitModel, data: DataSpec) -> TaskSpec:
+    """The task of a trained run; for custom data the label set is the one the model was trained on."""
+    if not data.is_custom:
+        return get_task(data.task)
+    labels = tuple(model.config.labels) if model.config.labels is not None else None
+    return custom_task(labels, metric=data.metric, pair=data.text_b is not None)
+
+
+def load_run(run_dir: str | Path, device: str = "auto") -> tuple[MultiExitModel, object, DataSpec]:
+    """The trained model, its tokenizer and the data description of a run folder."""
+    run_dir = Path(run_dir)
+    data = DataSpec.load(run_dir / RUN_FILE)
+    model = MultiExitModel.from_pretrained(run_dir / MODEL_DIR, map_location=resolve_device(device))
+    return model, _load_tokenizer(str(run_dir / MODEL_DIR)), data
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    thresholds: list[float] | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    data_override: dict | None = None,
+) -> dict[str, dict]:
+    """Per-exit metrics and a threshold sweep on every dev split, from one pass each (logits cached)."""
+    run_dir = Path(run_dir)
+    model, tokenizer, data = load_run(run_dir, device)
+    data = _override(data, data_override)
+    task = run_task(model, data)
+    thresholds = list(thresholds) if thresholds is not None else list(REFERENCE_THRESHOLDS)
+    results: dict[str, dict] = {}
+    splits = data.eval_splits()
+    if not splits:
+        raise RomebertError("nothing to evaluate: this data has no dev split (give --dev-file)")
+    for split in splits:
+        dataset = encode(data.examples(split), tokenizer, task.labels, data.max_seq_length)
+        labels = dataset_labels(dataset)
+        if labels is None:
+            raise RomebertError(f"split {split} has no labels; cannot evaluate")
+        t0 = time.perf_counter()
+        logits = collect_logits(model, dataset, Collator(tokenizer), batch_size)
+        seconds = time.perf_counter() - t0
+        results[split] = write_evaluation(run_dir / "eval" / split, logits, labels, task, thresholds,
+                                          title=f"{task.name} {split}")
+        results[split]["full_pass_seconds"] = seconds
+    return results
+
+
+def write_evaluation(out: Path, logits: np.ndarray, labels: np.ndarray, task: TaskSpec,
+                     thresholds: list[float], title: str = "") -> dict:
+    """From cached logits: per-exit metrics, the sweep, their JSON/CSV files and the two plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "logits.npy", logits)
+    np.save(out / "labels.npy", labels)
+    per_exit = [{"exit": i + 1, **m} for i, m in enumerate(per_exit_metrics(logits, labels, task))]
+    rows = sweep(logits, labels, task, thresholds)
+    write_json(out / "per_exit.json", per_exit)
+    write_per_exit_csv(out / "per_exit.csv", per_exit)
+    write_json(out / "sweep.json", rows)
+    write_sweep_csv(out / "sweep.csv", rows)
+    plot_per_exit(out / "per_exit.png", {"dev": [r[task.metric] for r in per_exit]}, task.metric, title)
+    plot_speedup(out / "speedup.png", {"dev": [(r["speedup"], r["metric"]) for r in rows]}, task.metric, title)
+    return {"dir": str(out), "per_exit": per_exit, "sweep": rows}
+
+
+def sweep_cached(split_dir: str | Path, task: TaskSpec, thresholds: list[float]) -> dict:
+    """Re-sweep from the logits an earlier evaluation cached (no model needed)."""
+    split_dir = Path(split_dir)
+    try:
+        logits, labels = np.load(split_dir / "logits.npy"), np.load(split_dir / "labels.npy")
+    except FileNotFoundError:
+        raise RomebertError(f"{split_dir}: no cached logits; run 'romebert evaluate' first") from None
+    return write_evaluation(split_dir, logits, labels, task, thresholds, title=f"{task.name} {split_dir.name}")
+
+
+def predict_run(
+    run_dir: str | Path,
+    threshold: float = 0.15,
+    batch_size: int = 64,
+    device: str = "auto",
+    data_override: dict | None = None,
+) -> list[dict]:
+    """GLUE submission files for every test split at an entropy threshold; returns per-file info."""
+    run_dir = Path(run_dir)
+    model, tokenizer, data = load_run(run_dir, device)
+    data = _override(data, data_override)
+    out_dir = run_dir / "predictions"
+    written = []
+    files = data.test_files()
+    if not files:
+        raise RomebertError("nothing to predict: this data has no test split (give --test-file)")
+    for task, split, name in files:
+        if task is None:
+            task = run_task(model, data)
+            examples = data.examples(split)
+        elif data.hub:
+            examples = load_hub_glue(task, split)
+        else:
+            examples = read_split(task, data.data_dir, split)
+        dataset = encode(examples, tokenizer, None, data.max_seq_length)
+        logits = collect_logits(model, dataset, Collator(tokenizer), batch_size)
+        preds, layers = predictions(logits, threshold, task)
+        write_submission(out_dir / name, preds, task)
+        np.save(out_dir / (Path(name).stem + ".exit_layers.npy"), layers)
+        written.append({"file": str(out_dir / name), "rows": len(preds), "mean_exit_layer": float(layers.mean())})
+    return written
+
+
+def _override(data: DataSpec, override: dict | None) -> DataSpec:
+    if not override:
+        return data
+    return DataSpec(**{**asdict(data), **{k: v for k, v in override.items() if v is not None}})
+
+
+def _load_tokenizer(name_or_path: str):
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+    except (OSError, ValueError) as exc:
+        raise RomebertError(f"cannot load a tokenizer from {name_or_path!r}: {str(exc).splitlines()[0]}") from None

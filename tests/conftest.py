@@ -1,0 +1,47 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402, I001
+import torch  # noqa: E402
+from transformers import BertConfig  # noqa: E402
+
+from romebert.modeling import MultiExitConfig, MultiExitModel  # noqa: E402
+
+
+def tiny_bert_config(layers: int = 2, vocab_size: int = 100, dropout: float = 0.1) -> BertConfig:
+    return BertConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+
+
+def tiny_model(num_labels: int = 2, layers: int = 2, pooling: str = "cls", dropout: float = 0.1, seed: int = 0,
+               vocab_size: int = 100) -> MultiExitModel:
+    torch.manual_seed(seed)
+    return MultiExitModel.from_config(
+        tiny_bert_config(layers, vocab_size, dropout),
+        MultiExitConfig(num_labels=num_labels, pooling=pooling, exit_dropout=dropout),
+    )
+
+
+@pytest.fixture
+def model_factory():
+    return tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory):
+    """A random 3-layer BERT + tiny tokenizer saved like a pretrained folder (for ``--model``)."""
+    from transformers import BertModel
+
+    from tiny import VOCAB, make_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config(layers=3, vocab_size=len(VOCAB))).save_pretrained(path)
+    make_tiny_tokenizer(path)
+    return path

@@ -1,0 +1,53 @@
+"""PNG figures are written and valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from romebert.errors import RomebertError
+from romebert.plots import plot_per_exit, plot_speedup
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 5000  # axes, lines and text, not an empty canvas
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_plot_per_exit(tmp_path: Path) -> None:
+    out = tmp_path / "figs" / "per_exit.png"
+    plot_per_exit(
+        out,
+        {
+            "DeeBERT": [0.746, 0.79, 0.8, 0.8, 0.804, 0.818, 0.853, 0.882, 0.912, 0.93, 0.933, 0.929],
+            "RomeBERT": [0.829, 0.856, 0.87, 0.883, 0.889, 0.897, 0.911, 0.912, 0.919, 0.92, 0.921, 0.921],
+        },
+        "accuracy",
+        title="SST-2 dev",
+    )
+    _check_png(out)
+
+
+def test_plot_speedup(tmp_path: Path) -> None:
+    out = tmp_path / "speedup.png"
+    plot_speedup(
+        out,
+        {
+            "RomeBERT": [(1.0, 0.921), (2.5, 0.9), (1.4, 0.918), (4.0, 0.85)],
+            "DeeBERT": [(1.0, 0.929), (1.8, 0.91), (3.1, 0.8), (1.2, float("nan"))],
+        },
+        "accuracy",
+    )
+    _check_png(out)
+
+
+def test_plot_empty_raises(tmp_path: Path) -> None:
+    with pytest.raises(RomebertError):
+        plot_per_exit(tmp_path / "x.png", {}, "acc")
+    with pytest.raises(RomebertError):
+        plot_speedup(tmp_path / "x.png", {}, "acc")
