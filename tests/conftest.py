@@ -13,14 +13,25 @@ from romebert.modeling import MultiExitConfig, MultiExitModel  # noqa: E402
 
 def tiny_bert_config(layers: int = 2, vocab_size: int = 100, dropout: float = 0.1) -> BertConfig:
     return BertConfig(
-        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=dropout,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
     )
 
 
-def tiny_model(num_labels: int = 2, layers: int = 2, pooling: str = "cls", dropout: float = 0.1, seed: int = 0,
-               vocab_size: int = 100) -> MultiExitModel:
+def tiny_model(
+    num_labels: int = 2,
+    layers: int = 2,
+    pooling: str = "cls",
+    dropout: float = 0.1,
+    seed: int = 0,
+    vocab_size: int = 100,
+) -> MultiExitModel:
     torch.manual_seed(seed)
     return MultiExitModel.from_config(
         tiny_bert_config(layers, vocab_size, dropout),

@@ -17,8 +17,23 @@ def _train(tmp_path, backbone, task, method, *extra):
     data = tmp_path / "glue"
     write_glue_fixture(data, task, n=12)
     out = tmp_path / f"run-{task}-{method}"
-    rc = main(["train", "--task", task, "--data-dir", str(data), "--model", str(backbone), "--method", method,
-               "-o", str(out), *TINY, *extra])
+    rc = main(
+        [
+            "train",
+            "--task",
+            task,
+            "--data-dir",
+            str(data),
+            "--model",
+            str(backbone),
+            "--method",
+            method,
+            "-o",
+            str(out),
+            *TINY,
+            *extra,
+        ]
+    )
     assert rc == 0
     return data, out
 
@@ -105,8 +120,12 @@ def test_run_command_does_everything(tmp_path, tiny_backbone_dir, capsys):
     data = tmp_path / "glue"
     write_glue_fixture(data, "RTE", n=12)
     out = tmp_path / "run"
-    assert main(["run", "--task", "RTE", "--data-dir", str(data), "--model", str(tiny_backbone_dir), "-o", str(out),
-                 *TINY]) == 0
+    assert (
+        main(
+            ["run", "--task", "RTE", "--data-dir", str(data), "--model", str(tiny_backbone_dir), "-o", str(out), *TINY]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     for path in ("per_exit.png", "speedup.png", "sweep.csv", "RTE.tsv"):
         assert path in printed
@@ -114,14 +133,30 @@ def test_run_command_does_everything(tmp_path, tiny_backbone_dir, capsys):
 
 
 def test_custom_csv_data(tmp_path, tiny_backbone_dir):
-    rows = ["text,other,label"] + [f'"the movie was {w}, very {w}",x,{lab}' for w, lab in
-                                   [("good", "pos"), ("bad", "neg")] * 6]
+    rows = ["text,other,label"] + [
+        f'"the movie was {w}, very {w}",x,{lab}' for w, lab in [("good", "pos"), ("bad", "neg")] * 6
+    ]
     for split in ("train", "dev", "test"):
         (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "run"
-    args = ["run", "--train-file", str(tmp_path / "train.csv"), "--dev-file", str(tmp_path / "dev.csv"),
-            "--test-file", str(tmp_path / "test.csv"), "--text-column", "text", "--label-column", "label",
-            "--model", str(tiny_backbone_dir), "-o", str(out), *TINY]
+    args = [
+        "run",
+        "--train-file",
+        str(tmp_path / "train.csv"),
+        "--dev-file",
+        str(tmp_path / "dev.csv"),
+        "--test-file",
+        str(tmp_path / "test.csv"),
+        "--text-column",
+        "text",
+        "--label-column",
+        "label",
+        "--model",
+        str(tiny_backbone_dir),
+        "-o",
+        str(out),
+        *TINY,
+    ]
     assert main(args) == 0
     assert MultiExitModel.from_pretrained(out / "model").config.labels == ["neg", "pos"]
     preds = (out / "predictions" / "predictions.tsv").read_text().splitlines()
@@ -132,8 +167,25 @@ def test_resume_continues_from_the_newest_checkpoint(tmp_path, tiny_backbone_dir
     data, run = _train(tmp_path, tiny_backbone_dir, "SST-2", "romebert-sd", "--epochs", "2")
     steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
     (run / "train_log.jsonl").unlink()
-    rc = main(["train", "--task", "SST-2", "--data-dir", str(data), "--model", str(tiny_backbone_dir),
-               "--method", "romebert-sd", "-o", str(run), *TINY, "--epochs", "2", "--resume"])
+    rc = main(
+        [
+            "train",
+            "--task",
+            "SST-2",
+            "--data-dir",
+            str(data),
+            "--model",
+            str(tiny_backbone_dir),
+            "--method",
+            "romebert-sd",
+            "-o",
+            str(run),
+            *TINY,
+            "--epochs",
+            "2",
+            "--resume",
+        ]
+    )
     assert rc == 0 and steps
     # both epochs were complete: the resumed run has nothing left to train
     assert not (run / "train_log.jsonl").exists() or not (run / "train_log.jsonl").read_text().strip()
@@ -159,7 +211,19 @@ def test_malformed_tsv_names_file_and_line(tmp_path, tiny_backbone_dir, capsys):
     data = tmp_path / "glue"
     train = write_glue_fixture(data, "SST-2", n=12) / "train.tsv"
     train.write_text(train.read_text() + "only-one-column-and-no-tab\n")
-    rc = main(["train", "--task", "SST-2", "--data-dir", str(data), "--model", str(tiny_backbone_dir), "-o",
-               str(tmp_path / "run"), *TINY])
+    rc = main(
+        [
+            "train",
+            "--task",
+            "SST-2",
+            "--data-dir",
+            str(data),
+            "--model",
+            str(tiny_backbone_dir),
+            "-o",
+            str(tmp_path / "run"),
+            *TINY,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "train.tsv:14:" in err and "columns" in err

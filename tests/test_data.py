@@ -119,9 +119,7 @@ def test_too_few_columns(tmp_path: Path) -> None:
         read_split(get_task("sst2"), tmp_path, "train")
     # A blank line in the middle is malformed too (only trailing blank lines are skipped).
     path = _write(tmp_path / "RTE" / "dev.tsv", "index\tsentence1\tsentence2\tlabel\n\n0\ta\tb\tentailment\n")
-    with pytest.raises(
-        RomebertError, match=re.escape(f"{path}:2: expected at least 4 tab-separated columns, got 0")
-    ):
+    with pytest.raises(RomebertError, match=re.escape(f"{path}:2: expected at least 4 tab-separated columns, got 0")):
         read_split(get_task("rte"), tmp_path, "dev")
     # MNLI dev rows need the 12 columns up to the gold label.
     header = "\t".join(f"c{i}" for i in range(16))
@@ -147,9 +145,7 @@ def test_non_numeric_stsb_score(tmp_path: Path, score: str) -> None:
     lines = path.read_text().splitlines()
     lines[2] = lines[2].rsplit("\t", 1)[0] + "\t" + score
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(
-        RomebertError, match=re.escape(f"{path}:3: score '{score}' is not a number for task STS-B")
-    ):
+    with pytest.raises(RomebertError, match=re.escape(f"{path}:3: score '{score}' is not a number for task STS-B")):
         read_split(get_task("stsb"), tmp_path, "dev")
 
 
@@ -174,9 +170,7 @@ def test_bom_crlf_quotes_and_trailing_blank_lines(tmp_path: Path) -> None:
 
 
 def test_read_custom_csv_and_tsv(tmp_path: Path) -> None:
-    csv_path = _write(
-        tmp_path / "mine.csv", '\ufeffid,review,verdict\n1,"good, really",pos\n\n2,"say ""hi""",neg\n'
-    )
+    csv_path = _write(tmp_path / "mine.csv", '\ufeffid,review,verdict\n1,"good, really",pos\n\n2,"say ""hi""",neg\n')
     examples = read_custom(csv_path, text_a="review", label="verdict")
     assert [(ex.text_a, ex.text_b, ex.label) for ex in examples] == [
         ("good, really", None, "pos"),
@@ -192,9 +186,7 @@ def test_read_custom_csv_and_tsv(tmp_path: Path) -> None:
 
 def test_read_custom_errors(tmp_path: Path) -> None:
     path = _write(tmp_path / "mine.csv", "review,verdict\ngood,pos\n")
-    message = re.escape(
-        f"{path}: column 'text' (for text_a) not found; available columns: ['review', 'verdict']"
-    )
+    message = re.escape(f"{path}: column 'text' (for text_a) not found; available columns: ['review', 'verdict']")
     with pytest.raises(RomebertError, match=message):
         read_custom(path, text_a="text")
     with pytest.raises(RomebertError, match="column 'label'"):
@@ -258,9 +250,7 @@ def test_load_hub_glue_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list = []
     _fake_datasets(monkeypatch, [], calls)
     broken = get_task("rte").__class__(**{**get_task("rte").__dict__, "hub_name": "broken"})
-    with pytest.raises(
-        RomebertError, match="cannot load nyu-mll/glue/broken split train: no network at all$"
-    ):
+    with pytest.raises(RomebertError, match="cannot load nyu-mll/glue/broken split train: no network at all$"):
         load_hub_glue(broken, "train")
     with pytest.raises(RomebertError, match="unknown split 'dev'"):
         load_hub_glue(get_task("ax"), "dev")
@@ -293,9 +283,7 @@ def test_encode_single_and_pair(tokenizer, tmp_path: Path) -> None:
     assert len(single) == 6 and single.has_labels
     first = single[0]
     assert set(first) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
-    assert (
-        first["input_ids"][0] == tokenizer.cls_token_id and first["input_ids"][-1] == tokenizer.sep_token_id
-    )
+    assert first["input_ids"][0] == tokenizer.cls_token_id and first["input_ids"][-1] == tokenizer.sep_token_id
     assert tokenizer.unk_token_id not in first["input_ids"]  # fixture words are in the tiny vocabulary
     assert single.lengths == [len(f["input_ids"]) for f in single.features]
     assert len(set(single.lengths)) > 1  # not padded
@@ -338,9 +326,7 @@ def test_collator_pads_to_longest(tokenizer) -> None:
     assert multiple["input_ids"].shape == (2, 8)
     left = Collator(pad_token_id=9, padding_side="left")([{"input_ids": [1]}, {"input_ids": [1, 2]}])
     assert left["input_ids"].tolist() == [[9, 1], [1, 2]] and set(left) == {"input_ids"}
-    regression = Collator(tokenizer)(
-        [{"input_ids": [2, 3], "labels": 2.5}, {"input_ids": [2], "labels": 1.0}]
-    )
+    regression = Collator(tokenizer)([{"input_ids": [2, 3], "labels": 2.5}, {"input_ids": [2], "labels": 1.0}])
     assert regression["labels"].dtype == torch.float32
     with pytest.raises(RomebertError, match="mixes labeled and unlabeled"):
         Collator(tokenizer)([{"input_ids": [2], "labels": 1}, {"input_ids": [2]}])

@@ -95,10 +95,24 @@ def test_missing_folder_and_bad_pooling():
 @pytest.mark.parametrize(
     "backbone_config",
     [
-        RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=37, max_position_embeddings=70, pad_token_id=1),
-        ElectraConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, intermediate_size=37, max_position_embeddings=64),
+        RobertaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=70,
+            pad_token_id=1,
+        ),
+        ElectraConfig(
+            vocab_size=100,
+            embedding_size=16,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=64,
+        ),
     ],
     ids=["roberta", "electra"],
 )

@@ -89,9 +89,7 @@ def test_write_submission_classification(tmp_path: Path) -> None:
 def test_write_submission_mnli_labels(tmp_path: Path) -> None:
     out = tmp_path / "MNLI-m.tsv"
     write_submission(out, [2, 0, 1, 1], MNLI)
-    assert out.read_text() == (
-        "index\tprediction\n0\tneutral\n1\tcontradiction\n2\tentailment\n3\tentailment\n"
-    )
+    assert out.read_text() == ("index\tprediction\n0\tneutral\n1\tcontradiction\n2\tentailment\n3\tentailment\n")
     with pytest.raises(RomebertError):
         write_submission(out, [3], MNLI)
     with pytest.raises(RomebertError):

@@ -38,8 +38,7 @@ def _add_data_args(p: argparse.ArgumentParser, for_training: bool) -> None:
     g.add_argument("--metric", help="custom data: accuracy, f1, mcc, pearson or spearman")
     if for_training:
         g.add_argument("--max-seq-length", type=int, default=128)
-        g.add_argument("--max-train-examples", type=int,
-                       help="train on a seeded random subset of this many examples")
+        g.add_argument("--max-train-examples", type=int, help="train on a seeded random subset of this many examples")
         g.add_argument("--subset-seed", type=int, default=0)
 
 
@@ -47,10 +46,20 @@ def _data_spec(ns: argparse.Namespace):
     from romebert.pipeline import DataSpec
 
     return DataSpec(
-        task=ns.task, data_dir=ns.data_dir, hub=ns.hub, train_file=ns.train_file, dev_file=ns.dev_file,
-        test_file=ns.test_file, text_a=ns.text_a, text_b=ns.text_b, label_column=ns.label_column,
-        labels=ns.labels.split(",") if ns.labels else None, regression=ns.regression, metric=ns.metric,
-        max_seq_length=getattr(ns, "max_seq_length", 128), max_train_examples=getattr(ns, "max_train_examples", None),
+        task=ns.task,
+        data_dir=ns.data_dir,
+        hub=ns.hub,
+        train_file=ns.train_file,
+        dev_file=ns.dev_file,
+        test_file=ns.test_file,
+        text_a=ns.text_a,
+        text_b=ns.text_b,
+        label_column=ns.label_column,
+        labels=ns.labels.split(",") if ns.labels else None,
+        regression=ns.regression,
+        metric=ns.metric,
+        max_seq_length=getattr(ns, "max_seq_length", 128),
+        max_train_examples=getattr(ns, "max_train_examples", None),
         subset_seed=getattr(ns, "subset_seed", 0),
     )
 
@@ -71,9 +80,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training (defaults are the reference's)")
     g.add_argument("--output-dir", "-o", required=True, help="run folder (created)")
     g.add_argument("--method", default=d["method"].default, choices=sorted(METHODS))
-    g.add_argument("--model", dest="backbone", help="backbone: hub name or local folder (default: packaged all-MiniLM-L6-v2)")
-    g.add_argument("--pooling", default="mean", choices=["cls", "mean"],
-                   help="what each exit pools: first token (the reference) or masked mean (default)")
+    g.add_argument(
+        "--model", dest="backbone", help="backbone: hub name or local folder (default: packaged all-MiniLM-L6-v2)"
+    )
+    g.add_argument(
+        "--pooling",
+        default="mean",
+        choices=["cls", "mean"],
+        help="what each exit pools: first token (the reference) or masked mean (default)",
+    )
     g.add_argument("--epochs", type=float, default=d["epochs"].default)
     g.add_argument("--learning-rate", "--lr", type=float, default=d["learning_rate"].default)
     g.add_argument("--batch-size", type=int, default=d["batch_size"].default)
@@ -84,10 +99,18 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d["seed"].default)
     g.add_argument("--gamma", type=float, default=d["gamma"].default, help="distillation weight")
     g.add_argument("--temperature", type=float, default=d["temperature"].default)
-    g.add_argument("--kd-reduction", default="mean", choices=["mean", "batchmean"],
-                   help="KL reduction: element-wise mean (reference) or batch mean (textbook)")
-    g.add_argument("--gr-anchor", default="auto", choices=["auto", "exits", "final"],
-                   help="GR anchor loss A (auto: final for MNLI/QQP, exits otherwise, as the reference)")
+    g.add_argument(
+        "--kd-reduction",
+        default="mean",
+        choices=["mean", "batchmean"],
+        help="KL reduction: element-wise mean (reference) or batch mean (textbook)",
+    )
+    g.add_argument(
+        "--gr-anchor",
+        default="auto",
+        choices=["auto", "exits", "final"],
+        help="GR anchor loss A (auto: final for MNLI/QQP, exits otherwise, as the reference)",
+    )
     g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false")
     g.add_argument("--log-every", type=int, default=d["log_every"].default)
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
@@ -103,11 +126,24 @@ def _training_arguments(ns: argparse.Namespace):
     from romebert.trainer import TrainingArguments
 
     return TrainingArguments(
-        output_dir=ns.output_dir, method=ns.method, epochs=ns.epochs, learning_rate=ns.learning_rate,
-        batch_size=ns.batch_size, gradient_accumulation_steps=ns.gradient_accumulation_steps,
-        weight_decay=ns.weight_decay, warmup_ratio=ns.warmup_ratio, max_grad_norm=ns.max_grad_norm, seed=ns.seed,
-        gamma=ns.gamma, temperature=ns.temperature, kd_reduction=ns.kd_reduction, gr_anchor=ns.gr_anchor,
-        group_by_length=ns.group_by_length, log_every=ns.log_every, device=ns.device, progress=not ns.quiet,
+        output_dir=ns.output_dir,
+        method=ns.method,
+        epochs=ns.epochs,
+        learning_rate=ns.learning_rate,
+        batch_size=ns.batch_size,
+        gradient_accumulation_steps=ns.gradient_accumulation_steps,
+        weight_decay=ns.weight_decay,
+        warmup_ratio=ns.warmup_ratio,
+        max_grad_norm=ns.max_grad_norm,
+        seed=ns.seed,
+        gamma=ns.gamma,
+        temperature=ns.temperature,
+        kd_reduction=ns.kd_reduction,
+        gr_anchor=ns.gr_anchor,
+        group_by_length=ns.group_by_length,
+        log_every=ns.log_every,
+        device=ns.device,
+        progress=not ns.quiet,
     )
 
 
@@ -121,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     _add_common(p)
 
-    for name, text in (("evaluate", "per-exit metrics and an entropy-threshold sweep on dev (one pass)"),
-                       ("sweep", "re-sweep thresholds from the logits 'evaluate' cached (no model pass)")):
+    for name, text in (
+        ("evaluate", "per-exit metrics and an entropy-threshold sweep on dev (one pass)"),
+        ("sweep", "re-sweep thresholds from the logits 'evaluate' cached (no model pass)"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("run", help="run folder written by 'romebert train'")
         p.add_argument("--thresholds", type=_thresholds, help="comma-separated (default: the reference grid)")
@@ -154,8 +192,10 @@ def _print_eval(results: dict) -> None:
             print(f"  exit {row['exit']:>2}: " + "  ".join(f"{k}={100 * row[k]:.2f}" for k in keys))
         print(f"[{split}] threshold sweep:")
         for row in r["sweep"]:
-            print(f"  threshold {row['threshold']:<6} metric={100 * row['metric']:.2f}  "
-                  f"layer speed-up={row['speedup']:.2f}x  exits={row['counts']}")
+            print(
+                f"  threshold {row['threshold']:<6} metric={100 * row['metric']:.2f}  "
+                f"layer speed-up={row['speedup']:.2f}x  exits={row['counts']}"
+            )
         print(f"[{split}] written to {r['dir']}/ (per_exit.json/.csv/.png, sweep.json/.csv, speedup.png, logits.npy)")
 
 
@@ -163,8 +203,10 @@ def _cmd_train(ns) -> dict:
     from romebert.pipeline import train_run
 
     summary = train_run(_data_spec(ns), _training_arguments(ns), ns.backbone, ns.pooling, ns.resume)
-    print(f"trained {ns.method} on {summary['num_train_examples']} examples in {summary['seconds']:.0f} s; "
-          f"model in {summary['model_dir']}/, loss log in {Path(ns.output_dir) / 'train_log.jsonl'}")
+    print(
+        f"trained {ns.method} on {summary['num_train_examples']} examples in {summary['seconds']:.0f} s; "
+        f"model in {summary['model_dir']}/, loss log in {Path(ns.output_dir) / 'train_log.jsonl'}"
+    )
     return summary
 
 
@@ -198,8 +240,10 @@ def _cmd_predict(ns) -> list:
 
     written = predict_run(ns.run, ns.threshold, ns.eval_batch_size, ns.device, _data_override(ns))
     for w in written:
-        print(f"test predictions at threshold {ns.threshold}: {w['file']} ({w['rows']} rows, "
-              f"mean exit layer {w['mean_exit_layer']:.2f})")
+        print(
+            f"test predictions at threshold {ns.threshold}: {w['file']} ({w['rows']} rows, "
+            f"mean exit layer {w['mean_exit_layer']:.2f})"
+        )
     return written
 
 
@@ -216,8 +260,10 @@ def _cmd_run(ns) -> None:
     print(f"  model:        {Path(ns.output_dir) / 'model'}/")
     print(f"  training log: {Path(ns.output_dir) / 'train_log.jsonl'}")
     for split, r in results.items():
-        print(f"  {split}: per-exit {r['dir']}/per_exit.json, sweep {r['dir']}/sweep.csv, "
-              f"plots {r['dir']}/per_exit.png {r['dir']}/speedup.png")
+        print(
+            f"  {split}: per-exit {r['dir']}/per_exit.json, sweep {r['dir']}/sweep.csv, "
+            f"plots {r['dir']}/per_exit.png {r['dir']}/speedup.png"
+        )
     for w in written:
         print(f"  test file:    {w['file']}")
 
@@ -228,8 +274,13 @@ def _has_test(run: str) -> bool:
     return bool(DataSpec.load(Path(run) / RUN_FILE).test_files())
 
 
-COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "sweep": _cmd_sweep, "predict": _cmd_predict,
-            "run": _cmd_run}
+COMMANDS = {
+    "train": _cmd_train,
+    "evaluate": _cmd_evaluate,
+    "sweep": _cmd_sweep,
+    "predict": _cmd_predict,
+    "run": _cmd_run,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,5 +299,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-
-

@@ -175,9 +175,7 @@ def read_custom(
             if column is None:
                 continue
             if column not in names:
-                raise RomebertError(
-                    f"{path}: column '{column}' (for {role}) not found; available columns: {names}"
-                )
+                raise RomebertError(f"{path}: column '{column}' (for {role}) not found; available columns: {names}")
             index[role] = names.index(column)
         needed = max(index.values()) + 1
 
@@ -186,9 +184,7 @@ def read_custom(
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) < needed:
-                raise RomebertError(
-                    f"{path}:{reader.line_num}: expected at least {needed} columns, got {len(row)}"
-                )
+                raise RomebertError(f"{path}:{reader.line_num}: expected at least {needed} columns, got {len(row)}")
             examples.append(
                 Example(
                     guid=f"{path.stem}-{len(examples)}",
@@ -198,9 +194,7 @@ def read_custom(
                 )
             )
     except csv.Error as err:
-        raise RomebertError(
-            f"{path}:{reader.line_num}: malformed {path.suffix or 'delimited'} row: {err}"
-        ) from None
+        raise RomebertError(f"{path}:{reader.line_num}: malformed {path.suffix or 'delimited'} row: {err}") from None
     if not examples:
         raise RomebertError(f"{path}: file has a header row but no data rows")
     return examples
@@ -222,9 +216,7 @@ def load_hub_glue(task: TaskSpec, split: str) -> list[Example]:
         rows = datasets.load_dataset("nyu-mll/glue", task.hub_name, split=hub_split)
     except Exception as err:  # noqa: BLE001 - network, cache and hub errors all become one readable line
         message = " ".join(str(err).split())
-        raise RomebertError(
-            f"cannot load nyu-mll/glue/{task.hub_name} split {hub_split}: {message}"
-        ) from None
+        raise RomebertError(f"cannot load nyu-mll/glue/{task.hub_name} split {hub_split}: {message}") from None
 
     col_a, col_b = task.hub_columns
     examples: list[Example] = []
@@ -428,9 +420,7 @@ class RandomEpochSampler(Sampler[int]):
         return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
-        yield from torch.randperm(
-            self.num_samples, generator=_epoch_generator(self.seed, self.epoch)
-        ).tolist()
+        yield from torch.randperm(self.num_samples, generator=_epoch_generator(self.seed, self.epoch)).tolist()
 
 
 class LengthGroupedSampler(Sampler[int]):

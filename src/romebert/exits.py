@@ -66,9 +66,7 @@ def entropy(logits: np.ndarray) -> np.ndarray:
 def _as_logits(all_logits: np.ndarray) -> np.ndarray:
     arr = np.asarray(all_logits)
     if arr.ndim != 3:
-        raise RomebertError(
-            f"all_logits must have shape [layers, examples, classes], got shape {tuple(arr.shape)}"
-        )
+        raise RomebertError(f"all_logits must have shape [layers, examples, classes], got shape {tuple(arr.shape)}")
     if arr.shape[0] < 1 or arr.shape[2] < 1:
         raise RomebertError(f"all_logits needs at least one layer and one class, got {tuple(arr.shape)}")
     return arr
@@ -145,9 +143,7 @@ def layer_stats(exit_layers: np.ndarray, num_layers: int) -> dict[str, Any]:
             raise RomebertError("exit layers must be whole numbers")
         layers = layers.astype(np.int64)
     if layers.min() < 1 or layers.max() > num_layers:
-        raise RomebertError(
-            f"exit layers must lie in 1..{num_layers}, got {int(layers.min())}..{int(layers.max())}"
-        )
+        raise RomebertError(f"exit layers must lie in 1..{num_layers}, got {int(layers.min())}..{int(layers.max())}")
     counts = np.bincount(layers - 1, minlength=num_layers)
     ratio = float(np.dot(np.arange(1, num_layers + 1), counts)) / (layers.size * num_layers)
     return {
@@ -185,9 +181,7 @@ def _main_value(task: Any, d: dict[str, float], metric_fn: MetricFn | None) -> f
 def _check_labels(logits: np.ndarray, labels: Any) -> np.ndarray:
     lab = np.asarray(labels)
     if lab.ndim != 1 or lab.shape[0] != logits.shape[1]:
-        raise RomebertError(
-            f"labels must be one value per example ({logits.shape[1]}), got shape {tuple(lab.shape)}"
-        )
+        raise RomebertError(f"labels must be one value per example ({logits.shape[1]}), got shape {tuple(lab.shape)}")
     return lab
 
 
@@ -238,9 +232,7 @@ def sweep(
     return rows
 
 
-def predictions(
-    all_logits: np.ndarray, threshold: float | Sequence[float], task: Any
-) -> tuple[np.ndarray, np.ndarray]:
+def predictions(all_logits: np.ndarray, threshold: float | Sequence[float], task: Any) -> tuple[np.ndarray, np.ndarray]:
     """(predicted class indices, or floats for regression, [N]; exit layers, 1-based, [N])."""
     layers, chosen = exit_decisions(all_logits, threshold, regression=task.is_regression)
     return _preds_from_logits(chosen, task.is_regression), layers

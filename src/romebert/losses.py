@@ -63,4 +63,3 @@ def exit_loss(
             term = (1.0 - gamma) * term + gamma * distillation_loss(h, teacher_logits, temperature, kd_reduction)
         total = total + (weights[i] if weights is not None else 1.0) * term
     return total
-

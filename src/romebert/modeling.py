@@ -158,8 +158,12 @@ class MultiExitModel(nn.Module):
         except OSError as exc:
             raise RomebertError(f"cannot load backbone {name_or_path!r}: {str(exc).splitlines()[0]}") from None
         config = MultiExitConfig(
-            num_labels=num_labels, pooling=pooling, exit_dropout=exit_dropout, backbone=str(name_or_path),
-            task=task, labels=list(labels) if labels is not None else None,
+            num_labels=num_labels,
+            pooling=pooling,
+            exit_dropout=exit_dropout,
+            backbone=str(name_or_path),
+            task=task,
+            labels=list(labels) if labels is not None else None,
         )
         return cls(backbone, config)
 

@@ -153,17 +153,24 @@ def train_run(
     train_examples = data.examples("train")
     train_set = encode(train_examples, tokenizer, task.labels, data.max_seq_length)
     model = MultiExitModel.from_backbone(
-        backbone, num_labels=task.num_labels, pooling=pooling, task=task.name,
+        backbone,
+        num_labels=task.num_labels,
+        pooling=pooling,
+        task=task.name,
         labels=list(task.labels) if task.labels is not None else None,
     )
-    run_info = {"data": asdict(data), "backbone": backbone, "pooling": pooling, "task": task.name,
-                "num_train_examples": len(train_set)}
+    run_info = {
+        "data": asdict(data),
+        "backbone": backbone,
+        "pooling": pooling,
+        "task": task.name,
+        "num_train_examples": len(train_set),
+    }
     write_json(out / RUN_FILE, run_info)
     summary = Trainer(model, args, train_set, Collator(tokenizer)).train(resume=resume)
     model.save_pretrained(out / MODEL_DIR)
     tokenizer.save_pretrained(str(out / MODEL_DIR))
-    summary.update(num_train_examples=len(train_set), seconds=time.perf_counter() - t0,
-                   model_dir=str(out / MODEL_DIR))
+    summary.update(num_train_examples=len(train_set), seconds=time.perf_counter() - t0, model_dir=str(out / MODEL_DIR))
     write_json(out / "train_summary.json", summary)
     return summary
 
@@ -209,14 +216,16 @@ def evaluate_run(
         t0 = time.perf_counter()
         logits = collect_logits(model, dataset, Collator(tokenizer), batch_size)
         seconds = time.perf_counter() - t0
-        results[split] = write_evaluation(run_dir / "eval" / split, logits, labels, task, thresholds,
-                                          title=f"{task.name} {split}")
+        results[split] = write_evaluation(
+            run_dir / "eval" / split, logits, labels, task, thresholds, title=f"{task.name} {split}"
+        )
         results[split]["full_pass_seconds"] = seconds
     return results
 
 
-def write_evaluation(out: Path, logits: np.ndarray, labels: np.ndarray, task: TaskSpec,
-                     thresholds: list[float], title: str = "") -> dict:
+def write_evaluation(
+    out: Path, logits: np.ndarray, labels: np.ndarray, task: TaskSpec, thresholds: list[float], title: str = ""
+) -> dict:
     """From cached logits: per-exit metrics, the sweep, their JSON/CSV files and the two plots."""
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "logits.npy", logits)

@@ -29,8 +29,12 @@ class ProjectionStats:
 
     def as_dict(self) -> dict[str, float | bool]:
         return {
-            "gr_dot": self.dot, "gr_norm_a": self.norm_a, "gr_norm_b": self.norm_b,
-            "gr_cosine": self.cosine, "gr_angle_deg": self.angle_deg, "gr_projected": self.projected,
+            "gr_dot": self.dot,
+            "gr_norm_a": self.norm_a,
+            "gr_norm_b": self.norm_b,
+            "gr_cosine": self.cosine,
+            "gr_angle_deg": self.angle_deg,
+            "gr_projected": self.projected,
         }
 
 

@@ -287,9 +287,7 @@ def metric_names(metric: str, regression: bool) -> tuple[str, ...]:
     groups = _REGRESSION_GROUPS if regression else _CLASSIFICATION_GROUPS
     if metric not in groups:
         kind = "regression" if regression else "classification"
-        raise RomebertError(
-            f"metric '{metric}' is not available for {kind} (choose from: {', '.join(groups)})"
-        )
+        raise RomebertError(f"metric '{metric}' is not available for {kind} (choose from: {', '.join(groups)})")
     return groups[metric]
 
 
@@ -307,9 +305,7 @@ def custom_task(
     if labels is not None:
         labels = tuple(str(label) for label in labels)
         if len(labels) < 2:
-            raise RomebertError(
-                f"task {name}: a classification task needs at least 2 labels, got {list(labels)}"
-            )
+            raise RomebertError(f"task {name}: a classification task needs at least 2 labels, got {list(labels)}")
         if len(set(labels)) != len(labels):
             raise RomebertError(f"task {name}: duplicate labels in {list(labels)}")
     regression = labels is None

@@ -85,8 +85,9 @@ def set_seed(seed: int) -> None:
 
 def make_optimizer(params: list[nn.Parameter], args: TrainingArguments) -> torch.optim.Optimizer:
     # fused AdamW runs on CPU and GPU and is several times faster than the per-tensor loop on CPU
-    return torch.optim.AdamW(params, lr=args.learning_rate, eps=args.adam_epsilon,
-                             weight_decay=args.weight_decay, fused=True)
+    return torch.optim.AdamW(
+        params, lr=args.learning_rate, eps=args.adam_epsilon, weight_decay=args.weight_decay, fused=True
+    )
 
 
 def trainable_parameters(model: MultiExitModel, stage: Stage) -> list[nn.Parameter]:
@@ -163,7 +164,11 @@ class Trainer:
         from romebert.data import make_dataloader
 
         loader = make_dataloader(
-            self.train_dataset, self.args.batch_size, self.collator, shuffle=True, seed=self.args.seed,
+            self.train_dataset,
+            self.args.batch_size,
+            self.collator,
+            shuffle=True,
+            seed=self.args.seed,
             group_by_length=self.args.group_by_length,
         )
         if hasattr(loader.sampler, "set_epoch"):
@@ -184,7 +189,9 @@ class Trainer:
         if start is None and self.log_path.exists():
             self.log_path.unlink()  # a fresh run starts a fresh log
         summary: dict = {"method": args.method, "stages": []}
-        steps_per_epoch = math.ceil(math.ceil(len(self.train_dataset) / args.batch_size) / args.gradient_accumulation_steps)
+        steps_per_epoch = math.ceil(
+            math.ceil(len(self.train_dataset) / args.batch_size) / args.gradient_accumulation_steps
+        )
         n_epochs = math.ceil(args.epochs)
         total_steps = max(1, math.ceil(steps_per_epoch * args.epochs))
         for stage_index, stage in enumerate(self.stages):
@@ -204,16 +211,30 @@ class Trainer:
             t0 = time.perf_counter()
             last: dict = {}
             for epoch in range(first_epoch, n_epochs):
-                global_step, last = self._train_epoch(stage, stage_index, epoch, params, optimizer, scheduler,
-                                                      accumulator, global_step, total_steps)
-                save_checkpoint(self.output_dir, self.model, optimizer, scheduler, stage_index, stage.name, epoch + 1,
-                                global_step, args.save_total_limit)
-            summary["stages"].append({"stage": stage.name, "seconds": time.perf_counter() - t0, "steps": global_step, **last})
+                global_step, last = self._train_epoch(
+                    stage, stage_index, epoch, params, optimizer, scheduler, accumulator, global_step, total_steps
+                )
+                save_checkpoint(
+                    self.output_dir,
+                    self.model,
+                    optimizer,
+                    scheduler,
+                    stage_index,
+                    stage.name,
+                    epoch + 1,
+                    global_step,
+                    args.save_total_limit,
+                )
+            summary["stages"].append(
+                {"stage": stage.name, "seconds": time.perf_counter() - t0, "steps": global_step, **last}
+            )
         for p in self.model.parameters():
             p.requires_grad_(True)
         return summary
 
-    def _train_epoch(self, stage, stage_index, epoch, params, optimizer, scheduler, accumulator, global_step, total_steps):
+    def _train_epoch(
+        self, stage, stage_index, epoch, params, optimizer, scheduler, accumulator, global_step, total_steps
+    ):
         args = self.args
         self.model.train()
         loader = self._dataloader(epoch)
@@ -237,7 +258,8 @@ class Trainer:
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise RomebertError(
-                    f"non-finite loss ({loss_value}) at stage {stage.name!r}, epoch {epoch + 1}, step {global_step + 1}; "
+                    f"non-finite loss ({loss_value}) at stage {stage.name!r}, epoch {epoch + 1}, "
+                    f"step {global_step + 1}; "
                     f"the last good checkpoint is kept in {self.output_dir / CHECKPOINT_DIR}"
                 )
             # the last group of an epoch may be short: scale by its real size so it is a mean too
@@ -253,7 +275,9 @@ class Trainer:
             if (batch_index + 1) % accum and batch_index + 1 < n_batches:
                 continue
             gr = accumulator.apply() if accumulator is not None else {}
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)) if args.max_grad_norm > 0 else 0.0
+            grad_norm = (
+                float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)) if args.max_grad_norm > 0 else 0.0
+            )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -261,8 +285,17 @@ class Trainer:
             bar.update(min(accum, n_batches - bar.n))
             last = {k: round(v, 6) for k, v in running.items()}
             if global_step % args.log_every == 0 or global_step == 1:
-                self._log({"stage": stage.name, "epoch": epoch + 1, "step": global_step,
-                           "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, **last, **gr})
+                self._log(
+                    {
+                        "stage": stage.name,
+                        "epoch": epoch + 1,
+                        "step": global_step,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        **last,
+                        **gr,
+                    }
+                )
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
             running = {}
         bar.close()
@@ -271,8 +304,17 @@ class Trainer:
 
 # ----------------------------------------------------------------------------------------------
 # checkpoints: one folder per epoch, written under a temporary name and renamed when complete
-def save_checkpoint(output_dir: Path, model: MultiExitModel, optimizer, scheduler, stage_index: int, stage: str,
-                    epoch: int, global_step: int, keep: int) -> Path:
+def save_checkpoint(
+    output_dir: Path,
+    model: MultiExitModel,
+    optimizer,
+    scheduler,
+    stage_index: int,
+    stage: str,
+    epoch: int,
+    global_step: int,
+    keep: int,
+) -> Path:
     root = output_dir / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"stage{stage_index}-epoch{epoch:03d}"
@@ -281,8 +323,9 @@ def save_checkpoint(output_dir: Path, model: MultiExitModel, optimizer, schedule
     model.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    _write_json(tmp / STATE_NAME, {"stage_index": stage_index, "stage": stage, "epoch": epoch,
-                                    "global_step": global_step})
+    _write_json(
+        tmp / STATE_NAME, {"stage_index": stage_index, "stage": stage, "epoch": epoch, "global_step": global_step}
+    )
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     complete = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp"))
