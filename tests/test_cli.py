@@ -60,17 +60,6 @@ def test_train_every_method_then_evaluate(tmp_path, tiny_backbone_dir, method, c
     assert "per-exit dev metrics" in capsys.readouterr().out
 
 
-def test_deebert_stage_two_leaves_backbone_and_final_head_unchanged(tmp_path, tiny_backbone_dir):
-    _, run = _train(tmp_path, tiny_backbone_dir, "SST-2", "deebert")
-    ckpts = sorted((run / "checkpoints").iterdir())
-    assert [c.name for c in ckpts] == ["stage1-epoch001"]
-    # compare against the stage-1 model: rerun only stage 1 is not exposed, so check the projection set
-    # and final head did not move in stage 2 by retraining with a fresh run of stage 1 alone
-    from romebert.methods import METHODS
-
-    assert METHODS["deebert"][1].frozen_backbone and METHODS["deebert"][1].trains == "exits"
-
-
 def test_sweep_command_reuses_cached_logits(tmp_path, tiny_backbone_dir):
     _, run = _train(tmp_path, tiny_backbone_dir, "MRPC", "romebert-sd")
     assert main(["evaluate", str(run)]) == 0

@@ -94,3 +94,22 @@ def test_epoch_checkpoints_are_complete_and_resumable(tmp_path):
     # a half-written checkpoint (no state file) is ignored
     (tmp_path / "ck" / "checkpoints" / "stage0-epoch003").mkdir()
     assert find_latest_checkpoint(tmp_path / "ck")["epoch"] == 2
+
+
+def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
+    from romebert.checkpoint import list_checkpoints
+
+    reference, _ = _train(tmp_path, "c", epochs=2)
+    ckpts = list_checkpoints(tmp_path / "c")
+    assert [c.name for c in ckpts] == ["stage0-step0000002", "stage0-step0000004"]
+    weights = ckpts[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a full disk
+    model = tiny_model(layers=3, dropout=0.0, seed=99)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "c"), epochs=2, learning_rate=1e-3, progress=False, group_by_length=False
+    )
+    with pytest.warns(UserWarning, match="skipping checkpoint .*step0000004"):
+        summary = Trainer(model, args, _dataset(), Collator(pad_token_id=0)).train(resume=True)
+    assert summary["resumed_from_step"] == {"stage": "joint", "step": 2}
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)  # epoch 2 replayed from the epoch-1 checkpoint gives the same weights

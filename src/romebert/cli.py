@@ -14,6 +14,10 @@ from romebert.exits import REFERENCE_THRESHOLDS
 from romebert.methods import METHODS
 
 DEFAULT_THRESHOLD = 0.15
+# romebert.policies.CRITERIA, spelled out so that building the parser does not import torch.
+CRITERIA = ("entropy", "maxprob", "patience", "patience-confidence")
+# --threshold when none is given: entropy's reference value, and a comparable point for the others.
+DEFAULT_THRESHOLDS = {"entropy": DEFAULT_THRESHOLD, "maxprob": 0.9, "patience": 2.0, "patience-confidence": 0.3}
 
 
 def _thresholds(text: str) -> list[float]:
@@ -114,6 +118,63 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false")
     g.add_argument("--log-every", type=int, default=d["log_every"].default)
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    g.add_argument("--save-steps", type=int, default=0, help="also checkpoint every N optimizer steps")
+    g.add_argument(
+        "--save-total-limit", type=int, default=d["save_total_limit"].default, help="complete checkpoints to keep"
+    )
+
+
+def _add_criterion_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("exit criterion")
+    g.add_argument(
+        "--criterion",
+        default="entropy",
+        choices=CRITERIA,
+        help="entropy < t (reference), maxprob >= t, patience (t = k agreeing exits, PABEE), "
+        "patience-confidence (k = --patience agreeing exits with entropy < t)",
+    )
+    g.add_argument("--patience", type=int, default=2, help="patience-confidence: agreeing confident exits needed")
+    g.add_argument(
+        "--tolerance", type=float, default=0.1, help="patience on regression: a change below this counts as agreement"
+    )
+
+
+def _policy_kwargs(ns: argparse.Namespace) -> dict:
+    return {"patience": getattr(ns, "patience", 2), "tolerance": getattr(ns, "tolerance", 0.1)}
+
+
+def _criterion_thresholds(ns: argparse.Namespace) -> list | None:
+    """--thresholds as policies of --criterion (entropy: plain numbers, the original behaviour)."""
+    criterion = getattr(ns, "criterion", "entropy")
+    if criterion == "entropy":
+        return ns.thresholds
+    from romebert.policies import default_thresholds, get_policy
+
+    grid = ns.thresholds or default_thresholds(criterion, _num_layers(ns.run))
+    return [get_policy(criterion, t, **_policy_kwargs(ns)) for t in grid]
+
+
+def _criterion_threshold(ns: argparse.Namespace):
+    """--threshold, or a policy of --criterion at that threshold."""
+    criterion = getattr(ns, "criterion", "entropy")
+    if ns.threshold is None:
+        ns.threshold = DEFAULT_THRESHOLDS[criterion]
+    if criterion == "entropy":
+        return ns.threshold
+    from romebert.policies import get_policy
+
+    return get_policy(criterion, ns.threshold, **_policy_kwargs(ns))
+
+
+def _num_layers(run: str) -> int | None:
+    """Depth of a run's model, read from its backbone config (no model load)."""
+    import json
+
+    try:
+        cfg = json.loads((Path(run) / "model" / "config.json").read_text(encoding="utf-8"))
+        return int(cfg["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RomebertError(f"{run}/model/config.json: cannot read the number of layers") from None
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -142,6 +203,8 @@ def _training_arguments(ns: argparse.Namespace):
         gr_anchor=ns.gr_anchor,
         group_by_length=ns.group_by_length,
         log_every=ns.log_every,
+        save_steps=ns.save_steps,
+        save_total_limit=ns.save_total_limit,
         device=ns.device,
         progress=not ns.quiet,
     )
@@ -164,13 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("run", help="run folder written by 'romebert train'")
         p.add_argument("--thresholds", type=_thresholds, help="comma-separated (default: the reference grid)")
+        _add_criterion_args(p)
         if name == "evaluate":
             _add_data_args(p, for_training=False)
             _add_common(p)
 
     p = sub.add_parser("predict", help="GLUE test-submission files at an entropy threshold")
     p.add_argument("run")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    p.add_argument("--threshold", type=float, help=f"default: {DEFAULT_THRESHOLD} for entropy (see --criterion)")
+    _add_criterion_args(p)
     _add_data_args(p, for_training=False)
     _add_common(p)
 
@@ -179,7 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     _add_common(p)
     p.add_argument("--thresholds", type=_thresholds)
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="threshold for the test files")
+    p.add_argument("--threshold", type=float, help=f"threshold for the test files (entropy: {DEFAULT_THRESHOLD})")
+    _add_criterion_args(p)
+
+    from romebert.compare import add_compare_args
+
+    p = sub.add_parser("compare", help="train methods x poolings x seeds on one task and write one report")
+    _add_data_args(p, for_training=True)
+    add_compare_args(p)
+    _add_common(p)
     return parser
 
 
@@ -190,7 +263,8 @@ def _print_eval(results: dict) -> None:
         print(f"[{split}] per-exit dev metrics ({', '.join(keys)}):")
         for row in metric_rows:
             print(f"  exit {row['exit']:>2}: " + "  ".join(f"{k}={100 * row[k]:.2f}" for k in keys))
-        print(f"[{split}] threshold sweep:")
+        criterion = r["sweep"][0].get("criterion", "entropy") if r["sweep"] else "entropy"
+        print(f"[{split}] threshold sweep ({criterion}):")
         for row in r["sweep"]:
             print(
                 f"  threshold {row['threshold']:<6} metric={100 * row['metric']:.2f}  "
@@ -203,6 +277,8 @@ def _cmd_train(ns) -> dict:
     from romebert.pipeline import train_run
 
     summary = train_run(_data_spec(ns), _training_arguments(ns), ns.backbone, ns.pooling, ns.resume)
+    if not summary["is_main_process"]:
+        return summary
     print(
         f"trained {ns.method} on {summary['num_train_examples']} examples in {summary['seconds']:.0f} s; "
         f"model in {summary['model_dir']}/, loss log in {Path(ns.output_dir) / 'train_log.jsonl'}"
@@ -213,7 +289,8 @@ def _cmd_train(ns) -> dict:
 def _cmd_evaluate(ns) -> dict:
     from romebert.pipeline import evaluate_run
 
-    results = evaluate_run(ns.run, ns.thresholds, ns.eval_batch_size, ns.device, _data_override(ns))
+    thresholds = _criterion_thresholds(ns)
+    results = evaluate_run(ns.run, thresholds, ns.eval_batch_size, ns.device, _data_override(ns))
     _print_eval(results)
     return results
 
@@ -229,7 +306,7 @@ def _cmd_sweep(ns) -> dict:
         task = custom_task(tuple(cfg.labels) if cfg.labels else None, metric=data.metric, pair=data.text_b is not None)
     else:
         task = get_task(data.task)
-    thresholds = ns.thresholds or list(REFERENCE_THRESHOLDS)
+    thresholds = _criterion_thresholds(ns) or list(REFERENCE_THRESHOLDS)
     results = {split: sweep_cached(Path(ns.run) / "eval" / split, task, thresholds) for split in data.eval_splits()}
     _print_eval(results)
     return results
@@ -238,10 +315,12 @@ def _cmd_sweep(ns) -> dict:
 def _cmd_predict(ns) -> list:
     from romebert.pipeline import predict_run
 
-    written = predict_run(ns.run, ns.threshold, ns.eval_batch_size, ns.device, _data_override(ns))
+    threshold = _criterion_threshold(ns)
+    written = predict_run(ns.run, threshold, ns.eval_batch_size, ns.device, _data_override(ns))
     for w in written:
         print(
-            f"test predictions at threshold {ns.threshold}: {w['file']} ({w['rows']} rows, "
+            f"test predictions at {getattr(ns, 'criterion', 'entropy')} threshold {ns.threshold}: "
+            f"{w['file']} ({w['rows']} rows, "
             f"mean exit layer {w['mean_exit_layer']:.2f})"
         )
     return written
@@ -249,7 +328,8 @@ def _cmd_predict(ns) -> list:
 
 def _cmd_run(ns) -> None:
     t0 = time.perf_counter()
-    _cmd_train(ns)
+    if not _cmd_train(ns)["is_main_process"]:
+        return  # other ranks of a multi-process launch only help train; rank 0 evaluates
     ns.run = ns.output_dir
     for key in ("task", "data_dir", "train_file", "dev_file", "test_file"):
         setattr(ns, key, None)  # evaluate / predict read the data description the run saved
@@ -274,12 +354,19 @@ def _has_test(run: str) -> bool:
     return bool(DataSpec.load(Path(run) / RUN_FILE).test_files())
 
 
+def _cmd_compare(ns) -> dict:
+    from romebert.compare import config_from_args, run_compare
+
+    return run_compare(config_from_args(ns, _data_spec(ns)))
+
+
 COMMANDS = {
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
     "sweep": _cmd_sweep,
     "predict": _cmd_predict,
     "run": _cmd_run,
+    "compare": _cmd_compare,
 }
 
 

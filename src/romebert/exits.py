@@ -199,40 +199,67 @@ def per_exit_metrics(
     return [_metrics(task, preds[i], lab, metric_fn) for i in range(logits.shape[0])]
 
 
+def _is_policy(obj: Any) -> bool:
+    """An exit policy (``romebert.policies.ExitPolicy``), recognised by its interface."""
+    return hasattr(obj, "decide") and hasattr(obj, "step")
+
+
 def sweep(
     all_logits: np.ndarray,
     labels: np.ndarray,
     task: Any,
-    thresholds: Sequence[float] = REFERENCE_THRESHOLDS,
+    thresholds: Sequence[Any] = REFERENCE_THRESHOLDS,
     *,
     metric_fn: MetricFn | None = None,
+    criterion: str = "entropy",
+    policy_kwargs: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per threshold: threshold, all task metrics, "metric" (main), counts, ratio, saving, speedup.
 
     Exit scores are computed once and reused for every threshold. Wall time is not included: it is a
     property of a real early-exit run, not of the cache; callers that measure it add their own key.
+
+    Every criterion of ``romebert.policies`` works: an entry of ``thresholds`` may be a policy object,
+    and ``criterion`` (+ ``policy_kwargs``) turns plain numbers into policies of that criterion. Such
+    rows also carry "criterion" and the policy's other parameters.
     """
     logits = _as_logits(all_logits)
     lab = _check_labels(logits, labels)
     num_layers, n = logits.shape[0], logits.shape[1]
+    if criterion != "entropy" or policy_kwargs:
+        from romebert.policies import get_policy  # lazy: policies imports this module
+
+        kw = policy_kwargs or {}
+        thresholds = [t if _is_policy(t) else get_policy(criterion, t, **kw) for t in thresholds]
     scores = _exit_scores(logits, task.is_regression)
     preds_all = _preds_from_logits(logits, task.is_regression)  # [L, N]
     rows: list[dict[str, Any]] = []
     for t in thresholds:
-        if np.ndim(t) == 0:
-            t_out: Any = float(t)  # type: ignore[arg-type]
+        if _is_policy(t):
+            head: dict[str, Any] = t.params()
+            idx = t.decide(logits, regression=task.is_regression)[0] - 1
         else:
-            t_out = [float(v) for v in np.asarray(t, dtype=np.float64).reshape(-1)]
-        idx = _first_exit(scores, _threshold_vector(t, num_layers))
+            if np.ndim(t) == 0:
+                t_out: Any = float(t)  # type: ignore[arg-type]
+            else:
+                t_out = [float(v) for v in np.asarray(t, dtype=np.float64).reshape(-1)]
+            head = {"threshold": t_out}
+            idx = _first_exit(scores, _threshold_vector(t, num_layers))
         preds = preds_all[idx, np.arange(n)]
         d = _metrics(task, preds, lab, metric_fn)
-        row: dict[str, Any] = {"threshold": t_out, **d, "metric": _main_value(task, d, metric_fn)}
+        row: dict[str, Any] = {**head, **d, "metric": _main_value(task, d, metric_fn)}
         row.update(layer_stats(idx + 1, num_layers))
         rows.append(row)
     return rows
 
 
-def predictions(all_logits: np.ndarray, threshold: float | Sequence[float], task: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted class indices, or floats for regression, [N]; exit layers, 1-based, [N])."""
-    layers, chosen = exit_decisions(all_logits, threshold, regression=task.is_regression)
+def predictions(all_logits: np.ndarray, threshold: Any, task: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class indices, or floats for regression, [N]; exit layers, 1-based, [N]).
+
+    ``threshold``: an entropy threshold (one number or per exit), or any ``romebert.policies`` policy.
+    """
+    if _is_policy(threshold):
+        layers, chosen = threshold.decide(_as_logits(all_logits), regression=task.is_regression)
+    else:
+        layers, chosen = exit_decisions(all_logits, threshold, regression=task.is_regression)
     return _preds_from_logits(chosen, task.is_regression), layers

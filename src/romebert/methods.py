@@ -1,5 +1,6 @@
-"""The four training methods as data: each is a sequence of stages, each stage says what it trains
-and which loss terms it uses. The training loop (``trainer.py``) has no per-method branches.
+"""The training methods (the four compared in the paper, plus plain fine-tuning) as data: each is a
+sequence of stages, each stage says what it trains and which loss terms it uses. The training loop
+(``trainer.py``) has no per-method branches.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ METHODS: dict[str, tuple[Stage, ...]] = {
     # RomeBERT: one joint stage, every exit distils from sg(final logits) of the same pass.
     "romebert-sd": (Stage("joint", trains="all", final_loss=True, exit_loss=True, distill=True),),
     "romebert-sdgr": (Stage("joint", trains="all", final_loss=True, exit_loss=True, distill=True, project=True),),
+    # Plain fine-tuning (DeeBERT's stage one alone): one classifier on the last layer. The cost baseline
+    # of `romebert compare`; its early exits stay untrained, so only the last exit's metric means anything.
+    "plain": (_FINETUNE,),
 }
 
 

@@ -30,7 +30,7 @@ from romebert.modeling import MultiExitModel, default_backbone
 from romebert.plots import plot_per_exit, plot_speedup
 from romebert.reports import write_json, write_per_exit_csv, write_submission, write_sweep_csv
 from romebert.tasks import TaskSpec, custom_task, get_task
-from romebert.trainer import Trainer, TrainingArguments, resolve_device
+from romebert.trainer import Trainer, TrainingArguments, resolve_device, set_seed
 
 RUN_FILE = "run.json"
 MODEL_DIR = "model"
@@ -152,6 +152,7 @@ def train_run(
     t0 = time.perf_counter()
     train_examples = data.examples("train")
     train_set = encode(train_examples, tokenizer, task.labels, data.max_seq_length)
+    set_seed(args.seed)  # the exits' random initialisation is part of the run: seed it too
     model = MultiExitModel.from_backbone(
         backbone,
         num_labels=task.num_labels,
@@ -166,21 +167,37 @@ def train_run(
         "task": task.name,
         "num_train_examples": len(train_set),
     }
-    write_json(out / RUN_FILE, run_info)
-    summary = Trainer(model, args, train_set, Collator(tokenizer)).train(resume=resume)
-    model.save_pretrained(out / MODEL_DIR)
-    tokenizer.save_pretrained(str(out / MODEL_DIR))
-    summary.update(num_train_examples=len(train_set), seconds=time.perf_counter() - t0, model_dir=str(out / MODEL_DIR))
-    write_json(out / "train_summary.json", summary)
+    trainer = Trainer(model, args, train_set, Collator(tokenizer))
+    if trainer.dist.is_main:  # under a multi-process launcher only rank 0 writes the run's files
+        write_json(out / RUN_FILE, run_info)
+    summary = trainer.train(resume=resume)
+    summary.update(
+        num_train_examples=len(train_set),
+        seconds=time.perf_counter() - t0,
+        model_dir=str(out / MODEL_DIR),
+        is_main_process=trainer.dist.is_main,
+    )
+    if trainer.dist.is_main:
+        model.save_pretrained(out / MODEL_DIR)
+        tokenizer.save_pretrained(str(out / MODEL_DIR))
+        write_json(out / "train_summary.json", summary)
     return summary
 
 
 def run_task(model: MultiExitModel, data: DataSpec) -> TaskSpec:
     """The task of a trained run; for custom data the label set is the one the model was trained on."""
-    if not data.is_custom:
-        return get_task(data.task)
-    labels = tuple(model.config.labels) if model.config.labels is not None else None
-    return custom_task(labels, metric=data.metric, pair=data.text_b is not None)
+    if data.is_custom:
+        labels = tuple(model.config.labels) if model.config.labels is not None else None
+        return custom_task(labels, metric=data.metric, pair=data.text_b is not None)
+    task = get_task(data.task)
+    trained = list(model.config.labels) if model.config.labels is not None else None
+    expected = list(task.labels) if task.labels is not None else None
+    if model.config.num_labels != task.num_labels or (trained is not None and trained != expected):
+        raise RomebertError(
+            f"the model was trained for {model.config.task or 'another task'} with labels {trained} "
+            f"({model.config.num_labels} outputs); task {task.name} needs {expected} ({task.num_labels} outputs)"
+        )
+    return task
 
 
 def load_run(run_dir: str | Path, device: str = "auto") -> tuple[MultiExitModel, object, DataSpec]:
@@ -216,6 +233,10 @@ def evaluate_run(
         t0 = time.perf_counter()
         logits = collect_logits(model, dataset, Collator(tokenizer), batch_size)
         seconds = time.perf_counter() - t0
+        write_json(
+            run_dir / "eval" / split / "timing.json",
+            {"examples": len(dataset), "full_pass_seconds": seconds, "batch_size": batch_size},
+        )
         results[split] = write_evaluation(
             run_dir / "eval" / split, logits, labels, task, thresholds, title=f"{task.name} {split}"
         )
@@ -262,6 +283,7 @@ def predict_run(
     run_dir = Path(run_dir)
     model, tokenizer, data = load_run(run_dir, device)
     data = _override(data, data_override)
+    run_task(model, data)  # refuses a model trained for another task or label set
     out_dir = run_dir / "predictions"
     written = []
     files = data.test_files()

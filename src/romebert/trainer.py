@@ -1,14 +1,12 @@
 """The training loop shared by every method: AdamW, linear schedule, clipping, accumulation, logging,
-per-epoch checkpoints. What differs between methods lives in ``methods.py`` as data.
+checkpoints and resume. What differs between methods lives in ``methods.py`` as data.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,17 +14,25 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from romebert.checkpoint import (
+    CHECKPOINT_DIR,
+    TrainerState,
+    list_checkpoints,
+    load_latest,
+    read_state,
+    restore_rng,
+    save_checkpoint,
+)
+from romebert.distributed import init_distributed, local_device, shard
 from romebert.errors import RomebertError
 from romebert.methods import GR_ANCHORS, LossSettings, Stage, get_method, stage_losses
 from romebert.modeling import MultiExitModel
 from romebert.projection import project_conflicting
-
-CHECKPOINT_DIR = "checkpoints"
-STATE_NAME = "trainer_state.json"
+from romebert.reports import write_json
 
 
 @dataclass
@@ -50,7 +56,8 @@ class TrainingArguments:
     gr_anchor: str = "exits"  # GR anchor A (kept as is): "exits", "final", or "auto" (the task's default)
     group_by_length: bool = True
     log_every: int = 10
-    save_total_limit: int = 1
+    save_steps: int = 0  # also checkpoint every N optimizer steps (0: only at each epoch end)
+    save_total_limit: int = 2  # complete checkpoints kept (older ones are deleted)
     device: str = "auto"
     progress: bool = True
 
@@ -64,7 +71,7 @@ class TrainingArguments:
             raise RomebertError("batch_size, gradient_accumulation_steps and epochs must be positive")
 
     def save(self, path: str | Path) -> None:
-        _write_json(Path(path), asdict(self))
+        write_json(Path(path), asdict(self))
 
     @property
     def loss_settings(self) -> LossSettings:
@@ -72,9 +79,8 @@ class TrainingArguments:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``auto``: this rank's GPU when there is one, else the CPU."""
+    return local_device(name)
 
 
 def set_seed(seed: int) -> None:
@@ -133,6 +139,12 @@ class GradientAccumulator:
                 torch._foreach_add_(self.grad_a, ga)
         ((loss_a + loss_b) * scale).backward()
 
+    def ensure_grad_a(self) -> list[Tensor]:
+        """The accumulated g_A on S (zeros where this process saw no data), for the all-reduce."""
+        if self.grad_a is None:
+            self.grad_a = [torch.zeros_like(p) for p in self.projected]
+        return self.grad_a
+
     def apply(self) -> dict[str, float | bool]:
         """Replace ``.grad`` on S by g_A + g_B'; returns the angle / norm statistics of g_A and g_B."""
         if self.grad_a is None:
@@ -147,7 +159,12 @@ class GradientAccumulator:
 
 
 class Trainer:
-    """Trains a :class:`MultiExitModel` with one of the methods of ``methods.py``."""
+    """Trains a :class:`MultiExitModel` with one of the methods of ``methods.py``.
+
+    Under a multi-process launcher each rank trains on its share of every global batch
+    (``batch_size`` per rank); gradients are summed in one collective per optimizer step
+    (``distributed.py``), so every rank holds the same parameters.
+    """
 
     def __init__(self, model: MultiExitModel, args: TrainingArguments, train_dataset: Dataset, collator) -> None:
         self.model = model
@@ -156,219 +173,211 @@ class Trainer:
         self.collator = collator
         self.stages = get_method(args.method)
         self.device = resolve_device(args.device)
+        self.dist = init_distributed(self.device)
         self.output_dir = Path(args.output_dir)
         self.log_path = self.output_dir / "train_log.jsonl"
+        self.global_batch = args.batch_size * self.dist.world_size
+        batches = math.ceil(len(train_dataset) / self.global_batch)
+        self.total_steps = max(1, math.ceil(math.ceil(batches / args.gradient_accumulation_steps) * args.epochs))
+        self.params: list[nn.Parameter] = []
 
     # ------------------------------------------------------------------------------------------
-    def _dataloader(self, epoch: int) -> DataLoader:
-        from romebert.data import make_dataloader
+    def _epoch_batches(self, epoch: int) -> list[tuple[list[int], int]]:
+        """(this rank's indices, global batch size) for every global batch of ``epoch``, in seeded order."""
+        from romebert.data import make_dataloader, set_epoch
 
         loader = make_dataloader(
             self.train_dataset,
-            self.args.batch_size,
+            self.global_batch,
             self.collator,
             shuffle=True,
             seed=self.args.seed,
             group_by_length=self.args.group_by_length,
         )
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        return loader
+        set_epoch(loader, epoch)
+        order = list(loader.sampler)
+        chunks = [order[i : i + self.global_batch] for i in range(0, len(order), self.global_batch)]
+        return [(shard(chunk, self.dist), len(chunk)) for chunk in chunks]
+
+    def _make_optim(self, stage_index: int):
+        self.params = trainable_parameters(self.model, self.stages[stage_index])
+        optimizer = make_optimizer(self.params, self.args)
+        warmup = int(self.args.warmup_ratio * self.total_steps)
+        return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, self.total_steps)
 
     def _log(self, record: dict) -> None:
-        with self.log_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.dist.is_main:
+            with self.log_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _save(self, optimizer, scheduler, state: TrainerState) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.output_dir, self.model, optimizer, scheduler, state, self.args.save_total_limit)
 
     def train(self, resume: bool = False) -> dict:
-        """Run every stage of the method; returns a summary (wall time per stage, steps, last loss)."""
+        """Run every stage of the method; returns a summary (wall time per stage, steps, last loss).
+
+        ``resume``: continue from the newest loadable checkpoint in ``output_dir`` (same data order,
+        RNG states, optimizer and schedule, so the result equals an uninterrupted run).
+        """
         args = self.args
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        args.save(self.output_dir / "training_args.json")
+        if self.dist.is_main:
+            args.save(self.output_dir / "training_args.json")
         self.model.to(self.device)
-        start = find_latest_checkpoint(self.output_dir) if resume else None
-        if start is None and self.log_path.exists():
+        self.dist.broadcast_module(self.model)
+        resumed = load_latest(self.output_dir, self.model, self._make_optim) if resume else None
+        if resumed is None and self.log_path.exists() and self.dist.is_main:
             self.log_path.unlink()  # a fresh run starts a fresh log
-        summary: dict = {"method": args.method, "stages": []}
-        steps_per_epoch = math.ceil(
-            math.ceil(len(self.train_dataset) / args.batch_size) / args.gradient_accumulation_steps
-        )
-        n_epochs = math.ceil(args.epochs)
-        total_steps = max(1, math.ceil(steps_per_epoch * args.epochs))
+        summary: dict = {
+            "method": args.method,
+            "stages": [],
+            "resumed_from_step": None,
+            "world_size": self.dist.world_size,
+        }
         for stage_index, stage in enumerate(self.stages):
-            if start is not None and stage_index < start["stage_index"]:
+            if resumed is not None and stage_index < resumed[0].stage_index:
                 continue
-            set_seed(args.seed + stage_index)
-            params = trainable_parameters(self.model, stage)
-            optimizer = make_optimizer(params, args)
-            scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
-            first_epoch, global_step = 0, 0
-            if start is not None and stage_index == start["stage_index"]:
-                first_epoch, global_step = load_checkpoint(start["path"], self.model, optimizer, scheduler)
-                start = None
-                if first_epoch >= n_epochs:
+            if resumed is not None and stage_index == resumed[0].stage_index:
+                state, optimizer, scheduler = resumed
+                resumed = None
+                summary["resumed_from_step"] = {"stage": stage.name, "step": state.global_step}
+                if state.stage_done:
                     continue
-            accumulator = GradientAccumulator(params, self.model.projection_parameters()) if stage.project else None
+                restore_rng(state.rng)
+            else:
+                set_seed(args.seed + stage_index + 1000 * self.dist.rank)  # ranks draw different dropout masks
+                optimizer, scheduler = self._make_optim(stage_index)
+                state = TrainerState(stage_index=stage_index, stage=stage.name)
             t0 = time.perf_counter()
-            last: dict = {}
-            for epoch in range(first_epoch, n_epochs):
-                global_step, last = self._train_epoch(
-                    stage, stage_index, epoch, params, optimizer, scheduler, accumulator, global_step, total_steps
-                )
-                save_checkpoint(
-                    self.output_dir,
-                    self.model,
-                    optimizer,
-                    scheduler,
-                    stage_index,
-                    stage.name,
-                    epoch + 1,
-                    global_step,
-                    args.save_total_limit,
-                )
+            last = self._train_stage(stage, state, optimizer, scheduler)
             summary["stages"].append(
-                {"stage": stage.name, "seconds": time.perf_counter() - t0, "steps": global_step, **last}
+                {"stage": stage.name, "seconds": time.perf_counter() - t0, "steps": state.global_step, **last}
             )
         for p in self.model.parameters():
             p.requires_grad_(True)
         return summary
 
-    def _train_epoch(
-        self, stage, stage_index, epoch, params, optimizer, scheduler, accumulator, global_step, total_steps
-    ):
+    def _train_stage(self, stage: Stage, state: TrainerState, optimizer, scheduler) -> dict:
         args = self.args
-        self.model.train()
-        loader = self._dataloader(epoch)
-        settings = args.loss_settings
         accum = args.gradient_accumulation_steps
-        n_batches = len(loader)
-        if args.epochs < epoch + 1:  # fractional last epoch
-            n_batches = max(1, int(round(n_batches * (args.epochs - epoch))))
-        bar = tqdm(total=n_batches, desc=f"{stage.name} epoch {epoch + 1}", disable=not args.progress, leave=False)
+        accumulator = GradientAccumulator(self.params, self.model.projection_parameters()) if stage.project else None
+        n_epochs = math.ceil(args.epochs)
         last: dict = {}
-        running: dict[str, float] = {}
-        for batch_index, batch in enumerate(loader):
-            if batch_index >= n_batches or global_step >= total_steps:
-                break
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            logits = self.model(**batch, frozen_backbone=stage.frozen_backbone)
-            final, exits = stage_losses(stage, logits, labels, settings)
-            terms = {k: v for k, v in (("final_loss", final), ("exit_loss", exits)) if v is not None}
-            loss = sum(terms.values())
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise RomebertError(
-                    f"non-finite loss ({loss_value}) at stage {stage.name!r}, epoch {epoch + 1}, "
-                    f"step {global_step + 1}; "
-                    f"the last good checkpoint is kept in {self.output_dir / CHECKPOINT_DIR}"
-                )
-            # the last group of an epoch may be short: scale by its real size so it is a mean too
-            group = min(accum, n_batches - (batch_index // accum) * accum)
-            if accumulator is not None:
-                loss_a, loss_b = (final, exits) if args.gr_anchor == "final" else (exits, final)
-                accumulator.add(loss_a, loss_b, 1.0 / group)
-            else:
-                (loss / group).backward()
-            for k, v in terms.items():
-                running[k] = running.get(k, 0.0) + float(v.detach()) / group
-            running["loss"] = running.get("loss", 0.0) + loss_value / group
-            if (batch_index + 1) % accum and batch_index + 1 < n_batches:
-                continue
-            gr = accumulator.apply() if accumulator is not None else {}
-            grad_norm = (
-                float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)) if args.max_grad_norm > 0 else 0.0
+        while state.epoch < n_epochs:
+            epoch = state.epoch
+            batches = self._epoch_batches(epoch)
+            n_batches = len(batches)
+            if args.epochs < epoch + 1:  # fractional last epoch
+                n_batches = max(1, int(round(n_batches * (args.epochs - epoch))))
+            bar = tqdm(
+                total=n_batches,
+                initial=state.batches_done,
+                desc=f"{stage.name} epoch {epoch + 1}",
+                disable=not (args.progress and self.dist.is_main),
+                leave=False,
             )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            bar.update(min(accum, n_batches - bar.n))
-            last = {k: round(v, 6) for k, v in running.items()}
-            if global_step % args.log_every == 0 or global_step == 1:
-                self._log(
-                    {
-                        "stage": stage.name,
-                        "epoch": epoch + 1,
-                        "step": global_step,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm,
-                        **last,
-                        **gr,
-                    }
-                )
-                bar.set_postfix(loss=f"{last['loss']:.4f}")
-            running = {}
-        bar.close()
-        return global_step, last
+            self.model.train()
+            running = torch.zeros(len(_TERMS) + 1, dtype=torch.float64)  # loss terms + non-finite flag
+            for batch_index in range(state.batches_done, n_batches):
+                if state.global_step >= self.total_steps:
+                    break
+                indices, global_size = batches[batch_index]
+                group = min(accum, n_batches - batch_index // accum * accum)
+                if indices:  # a rank can get nothing from a short last batch; it still joins the collective
+                    running += self._backward(stage, indices, accumulator, len(indices) / global_size / group)
+                bar.update(1)
+                if (batch_index + 1) % accum and batch_index + 1 < n_batches:
+                    continue
+                self._synchronise(accumulator, running)
+                if running[-1] > 0:
+                    raise RomebertError(
+                        f"non-finite loss at stage {stage.name!r}, epoch {epoch + 1}, step {state.global_step + 1}; "
+                        f"training stopped, the last good checkpoint is in {self.output_dir / CHECKPOINT_DIR}"
+                    )
+                gr = accumulator.apply() if accumulator is not None else {}
+                grad_norm = None
+                if args.max_grad_norm > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.global_step += 1
+                state.batches_done = batch_index + 1
+                last = {k: round(float(v), 6) for k, v in zip(_TERMS, running) if k in self._active(stage)}
+                running.zero_()
+                if state.global_step % args.log_every == 0 or state.global_step == 1:
+                    self._log(
+                        {
+                            "stage": stage.name,
+                            "epoch": epoch + 1,
+                            "step": state.global_step,
+                            "lr": scheduler.get_last_lr()[0],
+                            "grad_norm": grad_norm,
+                            **last,
+                            **gr,
+                        }
+                    )
+                    bar.set_postfix(loss=f"{last['loss']:.4f}")
+                if args.save_steps and state.global_step % args.save_steps == 0:
+                    self._save(optimizer, scheduler, state)
+            bar.close()
+            state.epoch, state.batches_done = epoch + 1, 0
+            state.stage_done = state.epoch >= n_epochs
+            self._save(optimizer, scheduler, state)
+        return last
+
+    @staticmethod
+    def _active(stage: Stage) -> set[str]:
+        return (
+            {"loss"} | ({"final_loss"} if stage.final_loss else set()) | ({"exit_loss"} if stage.exit_loss else set())
+        )
+
+    def _backward(self, stage: Stage, indices: list[int], accumulator, scale: float) -> Tensor:
+        """Forward + backward one micro-batch with its loss scaled by ``scale`` (its share of the
+        optimizer step's examples). Returns the scaled loss terms and a non-finite flag."""
+        batch = self.collator([self.train_dataset[i] for i in indices])
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = self.model(**batch, frozen_backbone=stage.frozen_backbone)
+        final, exits = stage_losses(stage, logits, labels, self.args.loss_settings)
+        loss = sum(t for t in (final, exits) if t is not None)
+        out = torch.stack(
+            [(t.detach() if t is not None else loss.new_zeros(())).double() * scale for t in (final, exits, loss)]
+        )
+        finite = bool(torch.isfinite(out).all())
+        if accumulator is not None:
+            loss_a, loss_b = (final, exits) if self.args.gr_anchor == "final" else (exits, final)
+            accumulator.add(loss_a, loss_b, scale)
+        elif finite:
+            (loss * scale).backward()
+        return torch.cat([out.cpu(), torch.tensor([0.0 if finite else 1.0], dtype=torch.float64)])
+
+    def _synchronise(self, accumulator, running: Tensor) -> None:
+        """Sum gradients (and g_A for GR) and the logged loss terms over ranks: one collective."""
+        if not self.dist.enabled:
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        extra = accumulator.ensure_grad_a() if accumulator is not None else []
+        stats = running.to(self.device, torch.float32)
+        self.dist.all_reduce_sum([p.grad for p in self.params] + extra + [stats])
+        running.copy_(stats.double().cpu())
 
 
-# ----------------------------------------------------------------------------------------------
-# checkpoints: one folder per epoch, written under a temporary name and renamed when complete
-def save_checkpoint(
-    output_dir: Path,
-    model: MultiExitModel,
-    optimizer,
-    scheduler,
-    stage_index: int,
-    stage: str,
-    epoch: int,
-    global_step: int,
-    keep: int,
-) -> Path:
-    root = output_dir / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"stage{stage_index}-epoch{epoch:03d}"
-    tmp = root / (final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    _write_json(
-        tmp / STATE_NAME, {"stage_index": stage_index, "stage": stage, "epoch": epoch, "global_step": global_step}
-    )
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    complete = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in complete[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+_TERMS = ("final_loss", "exit_loss", "loss")
 
 
 def find_latest_checkpoint(output_dir: str | Path) -> dict | None:
-    """Newest complete checkpoint (stage, epoch) under ``output_dir``, or None."""
-    root = Path(output_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return None
-    found = []
-    for p in root.iterdir():
-        state = p / STATE_NAME
-        if p.name.endswith(".tmp") or not state.is_file():
-            continue
-        try:
-            s = json.loads(state.read_text(encoding="utf-8"))
-            found.append((s["stage_index"], s["epoch"], str(p)))
-        except (json.JSONDecodeError, KeyError):
-            continue
+    """Newest complete checkpoint under ``output_dir`` as {stage_index, epoch, global_step, path}."""
+    found = list_checkpoints(output_dir)
     if not found:
         return None
-    stage_index, epoch, path = max(found)
-    return {"stage_index": stage_index, "epoch": epoch, "path": path}
-
-
-def load_checkpoint(path: str | Path, model: MultiExitModel, optimizer, scheduler) -> tuple[int, int]:
-    """Restore model, optimizer and scheduler; returns (epochs done, global step)."""
-    path = Path(path)
-    loaded = MultiExitModel.from_pretrained(path, map_location="cpu")
-    model.load_state_dict(loaded.state_dict())
-    device = next(model.parameters()).device
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
-    return int(state["epoch"]), int(state["global_step"])
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    state = read_state(found[-1])
+    return {
+        "stage_index": state.stage_index,
+        "epoch": state.epoch,
+        "global_step": state.global_step,
+        "path": str(found[-1]),
+    }

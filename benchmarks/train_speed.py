@@ -1,0 +1,90 @@
+"""Training throughput of every method against plain fine-tuning, and the gain of length-grouped batches.
+
+Everything is measured in this one run, on the same examples, so the ratios are comparable:
+
+    HF_HUB_OFFLINE=1 python benchmarks/train_speed.py --task RTE --data-dir ../shared/glue --examples 320
+
+"plain" is ordinary fine-tuning (one classifier on the last layer, cross-entropy): DeeBERT's first
+stage. Each row trains one epoch over the same subset from the same initial weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import torch
+import transformers
+
+from romebert.data import Collator, encode, read_split
+from romebert.methods import METHODS, Stage
+from romebert.modeling import MultiExitModel, default_backbone
+from romebert.tasks import get_task
+from romebert.trainer import Trainer, TrainingArguments
+
+PLAIN = "plain"
+
+
+def _time_one(method: str, dataset, collator, backbone: str, task, args: argparse.Namespace, group: bool) -> float:
+    if method == PLAIN:  # register a one-stage method: DeeBERT's stage one alone
+        METHODS[PLAIN] = (Stage("finetune", trains="backbone+final", final_loss=True, exit_loss=False),)
+    model = MultiExitModel.from_backbone(backbone, num_labels=task.num_labels, pooling="mean")
+    with TemporaryDirectory() as tmp:
+        targs = TrainingArguments(
+            output_dir=tmp, method=method, epochs=1, batch_size=args.batch_size, progress=False,
+            group_by_length=group, save_total_limit=1, device="cpu",
+        )
+        trainer = Trainer(model, targs, dataset, collator)
+        t0 = time.perf_counter()
+        trainer.train()
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--task", default="RTE")
+    p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "glue"))
+    p.add_argument("--examples", type=int, default=320)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--model", default=None)
+    p.add_argument("--json", help="also write the figures here")
+    args = p.parse_args()
+
+    task = get_task(args.task)
+    backbone = args.model or default_backbone()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(backbone)
+    examples = read_split(task, args.data_dir, "train")[: args.examples]
+    dataset = encode(examples, tokenizer, task.labels, 128)
+    collator = Collator(tokenizer)
+    _time_one(PLAIN, encode(examples[:32], tokenizer, task.labels, 128), collator, backbone, task, args, True)  # warm-up
+
+    rows = []
+    for method, group in [(PLAIN, False), (PLAIN, True), ("deebert", True), ("deebert-sd", True),
+                          ("romebert-sd", True), ("romebert-sdgr", True), ("romebert-sdgr", False)]:
+        seconds = _time_one(method, dataset, collator, backbone, task, args, group)
+        rows.append({"method": method, "group_by_length": group, "seconds": seconds,
+                     "examples_per_s": len(dataset) / seconds})
+        print(f"{method:>14}  group_by_length={str(group):5}  {seconds:7.1f} s  {len(dataset) / seconds:6.1f} ex/s",
+              flush=True)
+    base = next(r["seconds"] for r in rows if r["method"] == PLAIN and r["group_by_length"])
+    print(f"\nrelative to plain fine-tuning with length grouping ({base:.1f} s for {len(dataset)} examples):")
+    for r in rows:
+        r["relative_to_plain"] = r["seconds"] / base
+        print(f"{r['method']:>14}  group_by_length={str(r['group_by_length']):5}  x{r['relative_to_plain']:.2f}")
+    info = {
+        "command": " ".join(sys.argv), "task": task.name, "examples": len(dataset), "batch_size": args.batch_size,
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__, "transformers": transformers.__version__, "rows": rows,
+    }
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Run by tests/test_distributed.py under torchrun (or alone): trains a tiny model, saves its weights."""
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_trainer import _dataset  # noqa: E402
+
+from romebert.data import Collator  # noqa: E402
+from romebert.trainer import Trainer, TrainingArguments  # noqa: E402
+
+from conftest import tiny_model  # noqa: E402
+
+
+def main(out: str, method: str, batch_size: int, accum: int) -> None:
+    model = tiny_model(layers=3, dropout=0.0, seed=7)
+    args = TrainingArguments(
+        output_dir=out,
+        method=method,
+        epochs=1,
+        batch_size=batch_size,
+        learning_rate=1e-3,
+        gradient_accumulation_steps=accum,
+        progress=False,
+        group_by_length=True,
+        device="cpu",
+    )
+    trainer = Trainer(model, args, _dataset(n=30, seed=1), Collator(pad_token_id=0))
+    trainer.train()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(Path(out) / f"rank{trainer.dist.rank}.safetensors"))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

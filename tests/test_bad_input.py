@@ -1,0 +1,181 @@
+"""Every kind of bad input ends in one clear line naming the file / field, and nothing half-written."""
+
+import json
+import re
+
+import pytest
+
+from romebert.cli import main
+
+from glue_fixtures import write_glue_fixture
+
+TINY = ["--max-seq-length", "32", "--batch-size", "4", "--epochs", "1", "--quiet", "--device", "cpu"]
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("romebert: error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def _corrupt(task_dir, split, text=None, data=None):
+    path = task_dir / f"{split}.tsv"
+    if data is not None:
+        path.write_bytes(data)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+CASES = {
+    "empty file": ("SST-2", "train", "", r"train\.tsv: file is empty"),
+    "header only": ("SST-2", "train", "sentence\tlabel\n", r"train\.tsv: file has a header row but no data rows"),
+    "too few columns": (
+        "RTE",
+        "train",
+        "index\tsentence1\tsentence2\tlabel\n0\tonly two\n",
+        r"train\.tsv:2: expected at least 4 tab-separated columns, got 2",
+    ),
+    "label outside the set": (
+        "SST-2",
+        "train",
+        "sentence\tlabel\nthe cat\t7\n",
+        r"train\.tsv:2: label '7' is not one of \['0', '1'\]",
+    ),
+    "non-numeric STS-B score": (
+        "STS-B",
+        "train",
+        "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+        "0\tg\tf\t2012\t0\ts\ts\tthe cat\tthe dog\thigh\n",
+        r"train\.tsv:2: .*high",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_training_files(tmp_path, tiny_backbone_dir, capsys, case):
+    task, split, text, message = CASES[case]
+    task_dir = write_glue_fixture(tmp_path / "glue", task, n=8)
+    _corrupt(task_dir, split, text)
+    out = tmp_path / "run"
+    err = _error(
+        capsys,
+        [
+            "train",
+            "--task",
+            task,
+            "--data-dir",
+            str(tmp_path / "glue"),
+            "--model",
+            str(tiny_backbone_dir),
+            "-o",
+            str(out),
+            *TINY,
+        ],
+    )
+    assert re.search(message, err), err
+    assert not (out / "model").exists()  # nothing that looks like a finished run
+
+
+def test_non_utf8_bytes_name_the_line(tmp_path, tiny_backbone_dir, capsys):
+    task_dir = write_glue_fixture(tmp_path / "glue", "SST-2", n=8)
+    _corrupt(task_dir, "train", data=b"sentence\tlabel\nthe cat\t1\nbad \xff\xfe byte\t0\n")
+    err = _error(
+        capsys,
+        [
+            "train",
+            "--task",
+            "SST-2",
+            "--data-dir",
+            str(tmp_path / "glue"),
+            "--model",
+            str(tiny_backbone_dir),
+            "-o",
+            str(tmp_path / "run"),
+            *TINY,
+        ],
+    )
+    assert "train.tsv" in err and "UTF-8" in err and ":3" in err
+
+
+@pytest.fixture
+def trained_run(tmp_path, tiny_backbone_dir):
+    write_glue_fixture(tmp_path / "glue", "MNLI", n=12)
+    write_glue_fixture(tmp_path / "glue", "MRPC", n=12)
+    out = tmp_path / "mnli-run"
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "MNLI",
+                "--data-dir",
+                str(tmp_path / "glue"),
+                "--model",
+                str(tiny_backbone_dir),
+                "--method",
+                "romebert-sd",
+                "-o",
+                str(out),
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def test_model_of_another_task_or_label_count(trained_run, capsys):
+    err = _error(capsys, ["evaluate", str(trained_run), "--task", "MRPC"])
+    assert "trained for MNLI" in err and "MRPC" in err
+    err = _error(capsys, ["predict", str(trained_run), "--task", "MRPC"])
+    assert "trained for MNLI" in err
+
+
+def test_config_from_a_newer_format_version(trained_run, capsys):
+    cfg_path = trained_run / "model" / "romebert_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["format_version"] = 7
+    cfg_path.write_text(json.dumps(cfg))
+    err = _error(capsys, ["evaluate", str(trained_run)])
+    assert "romebert_config.json" in err and "newer than this romebert" in err
+
+
+def test_truncated_model_weights(trained_run, capsys):
+    weights = trained_run / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    err = _error(capsys, ["predict", str(trained_run)])
+    assert "model.safetensors" in err and "corrupt or truncated" in err
+
+
+def test_custom_file_missing_column(tmp_path, capsys):
+    (tmp_path / "train.csv").write_text("review,stars\ngood,5\n")
+    err = _error(
+        capsys,
+        [
+            "train",
+            "--train-file",
+            str(tmp_path / "train.csv"),
+            "--text-column",
+            "text",
+            "--label-column",
+            "stars",
+            "-o",
+            str(tmp_path / "run"),
+        ],
+    )
+    assert "train.csv" in err and "'text'" in err and "review" in err
+
+
+def test_no_pickle_loading_anywhere():
+    """Weights come from safetensors and configs from JSON; torch.load only with weights_only=True."""
+    from pathlib import Path
+
+    import romebert
+
+    for path in Path(romebert.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        assert "import pickle" not in text and "pickle.load" not in text, path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, f"{path}: {call}"

@@ -1,0 +1,246 @@
+"""``romebert compare`` on a tiny random backbone and a 12-example fixture task, and its curve arithmetic."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from romebert import pipeline
+from romebert.cli import main
+from romebert.compare import mean_std, metric_at_speedup, speedup_curve
+from romebert.methods import METHODS
+
+from glue_fixtures import write_glue_fixture
+
+TINY = ["--max-seq-length", "32", "--batch-size", "6", "--epochs", "1", "--quiet", "--device", "cpu"]
+METHODS_UNDER_TEST = ["deebert", "romebert-sd"]  # two stages and one joint stage
+SEEDS = [1, 2]
+
+
+def _compare_args(data: Path, backbone: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "compare",
+        "--task",
+        "RTE",
+        "--data-dir",
+        str(data),
+        "--model",
+        str(backbone),
+        "--methods",
+        ",".join(METHODS_UNDER_TEST),
+        "--seeds",
+        ",".join(map(str, SEEDS)),
+        "--poolings",
+        "mean",
+        "-o",
+        str(out),
+        *TINY,
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory, tiny_backbone_dir):
+    """One finished comparison: plain + 2 methods x 2 seeds, mean pooling (6 runs)."""
+    root = tmp_path_factory.mktemp("compare")
+    data = root / "glue"
+    write_glue_fixture(data, "RTE", n=12)
+    out = root / "cmp"
+    assert main(_compare_args(data, tiny_backbone_dir, out)) == 0
+    return data, out
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def _count_train_runs(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    real = pipeline.train_run
+
+    def counting(data, args, *a, **k):
+        calls.append(str(Path(args.output_dir)))
+        return real(data, args, *a, **k)
+
+    monkeypatch.setattr(pipeline, "train_run", counting)
+    return calls
+
+
+# ----------------------------------------------------------------------------------------------
+def test_metric_at_speedup_follows_a_hand_computed_curve():
+    # unsorted, a tie at 1.0 (best kept: 0.82), a missing metric dropped
+    points = [(2.5, 0.70), (1.0, 0.80), (3.0, 0.60), (1.5, 0.78), (1.0, 0.82), (1.5, None)]
+    assert speedup_curve(points) == [(1.0, 0.82), (1.5, 0.78), (2.5, 0.70), (3.0, 0.60)]
+    expected = {1.0: 0.82, 1.25: 0.80, 1.5: 0.78, 2.0: 0.74, 2.75: 0.65, 3.0: 0.60}
+    for target, value in expected.items():
+        assert metric_at_speedup(points, target) == pytest.approx(value)
+    # 1 / (1/3) in floating point is 3.0000000000000004 on some counts: still the end of the curve
+    assert metric_at_speedup([(1.0, 0.9), (3.0000000000000004, 0.5)], 3.0) == pytest.approx(0.5)
+
+
+def test_metric_at_speedup_outside_the_curve_is_none():
+    points = [(1.0, 0.8), (2.0, 0.7)]
+    assert metric_at_speedup(points, 3.0) is None
+    assert metric_at_speedup(points, 0.5) is None
+    assert metric_at_speedup([], 1.5) is None
+    assert metric_at_speedup([(1.0, 0.8)], 1.0) == pytest.approx(0.8)
+
+
+def test_mean_std_counts_missing_values():
+    ms = mean_std([0.5, None, 0.7])
+    assert ms["mean"] == pytest.approx(0.6) and ms["std"] == pytest.approx(0.1414213562)
+    assert (ms["n"], ms["of"]) == (2, 3)
+    assert mean_std([0.4])["std"] is None and mean_std([None])["mean"] is None
+
+
+def test_plain_is_one_finetuning_stage():
+    (stage,) = METHODS["plain"]
+    assert stage.trains == "backbone+final" and stage.final_loss and not stage.exit_loss
+
+
+# ----------------------------------------------------------------------------------------------
+def test_compare_writes_every_table_and_figure(comparison):
+    _, out = comparison
+    md = (out / "report.md").read_text()
+    for heading in (
+        "## Command",
+        "## Setup",
+        "## Per-exit dev accuracy",
+        "### dev, mean pooling",
+        "## Dev accuracy at fixed layer speed-ups",
+        "## Training cost",
+        "## Runs",
+        "## Figures",
+        "## Reading",
+    ):
+        assert heading in md, heading
+    assert "romebert compare --task RTE" in md and "torch " in md and "transformers " in md
+    assert "| method | exit 1 | exit 2 | exit 3 |" in md
+    assert "| pooling | method | final (1x) | 1.5x | 2x | 3x | max speed-up |" in md
+    assert "![per-exit accuracy, dev](per_exit.png)" in md and "(speedup.png)" in md
+    for name in ("per_exit.png", "speedup.png"):
+        assert _png_size(out / name)[0] > 0
+
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["settings"]["methods"] == ["plain", *METHODS_UNDER_TEST]
+    assert rep["environment"]["torch"] and rep["environment"]["transformers"] and rep["environment"]["cpu"]
+    table = rep["per_exit"]["dev"]["mean"]
+    assert set(table) == {"plain", *METHODS_UNDER_TEST}
+    assert table["plain"][:2] == [None, None] and table["plain"][2]["n"] == 2  # only its last exit counts
+    assert all(len(col) == 3 and col[0]["n"] == 2 for m, col in table.items() if m != "plain")
+    speed = rep["speedup"]["dev"]["mean"]
+    assert set(speed["deebert"]["at"]) == {"1.5", "2", "3"} and "at" not in speed["plain"]
+    cost = rep["training_cost"]["mean"]
+    assert cost["plain"]["ratio_to_plain"]["mean"] == pytest.approx(1.0)
+    assert set(cost["deebert"]["stages"]) == {"finetune", "exits"} and set(cost["romebert-sd"]["stages"]) == {"joint"}
+    assert cost["romebert-sd"]["ratio_to_plain"]["n"] == 2 and cost["romebert-sd"]["seconds_per_epoch"]["mean"] > 0
+
+    runs = rep["runs"]
+    assert len(runs) == 6 and {r["status"] for r in runs} == {"trained"}
+    for r in runs:
+        assert r["train_seconds"] > 0 and r["eval_wall_seconds"] > 0 and r["environment"]["torch"]
+        assert (out / r["dir"] / "train_summary.json").is_file()
+        assert (out / r["dir"] / "eval" / "dev" / "sweep.json").is_file()
+        assert not (out / r["dir"] / "checkpoints").exists()  # only --resume needs them; a comparison retrains
+        assert f"`{r['dir']}`" in md  # every run's wall time is in the Markdown table
+
+
+def test_speedup_table_is_the_mean_of_each_seeds_interpolation(comparison):
+    _, out = comparison
+    rep = json.loads((out / "report.json").read_text())
+    per_seed = []
+    for seed in SEEDS:
+        sweep = out / "runs" / "mean" / "romebert-sd" / f"seed{seed}" / "eval" / "dev" / "sweep.json"
+        rows = json.loads(sweep.read_text())
+        per_seed.append(metric_at_speedup([(r["speedup"], r["metric"]) for r in rows], 2.0))
+    entry = rep["speedup"]["dev"]["mean"]["romebert-sd"]["at"]["2"]
+    assert entry["values"] == pytest.approx(per_seed)
+    assert entry["mean"] == pytest.approx(sum(per_seed) / len(per_seed))
+
+
+def test_compare_resumes_where_it_stopped(comparison, tiny_backbone_dir, monkeypatch):
+    data, out = comparison
+    runs = out / "runs" / "mean"
+    deleted = runs / "deebert" / "seed2"  # gone entirely
+    half = runs / "plain" / "seed1"  # interrupted during training: no train_summary.json
+    unevaluated = runs / "romebert-sd" / "seed1"  # trained, interrupted during evaluation
+    untouched = [runs / "deebert" / "seed1", runs / "romebert-sd" / "seed2", runs / "plain" / "seed2"]
+    mtimes = {p: (p / "train_summary.json").stat().st_mtime_ns for p in untouched}
+    shutil.rmtree(deleted)
+    (half / "train_summary.json").unlink()
+    (unevaluated / "eval" / "dev" / "sweep.json").unlink()
+    calls = _count_train_runs(monkeypatch)
+
+    assert main(_compare_args(data, tiny_backbone_dir, out)) == 0
+
+    assert sorted(calls) == sorted([str(half), str(deleted)])
+    assert all((p / "train_summary.json").stat().st_mtime_ns == mtimes[p] for p in untouched)
+    status = {r["dir"]: r["status"] for r in json.loads((out / "report.json").read_text())["runs"]}
+    assert status[str(deleted.relative_to(out))] == "trained" and status[str(half.relative_to(out))] == "trained"
+    assert status[str(unevaluated.relative_to(out))] == "evaluated"
+    assert sum(s == "reused" for s in status.values()) == 3
+    assert (unevaluated / "eval" / "dev" / "sweep.json").is_file()
+
+
+def test_report_only_adds_notes_and_draws_one_panel_per_pooling(comparison, tiny_backbone_dir, tmp_path, monkeypatch):
+    data, src = comparison
+    out = tmp_path / "cmp"
+    shutil.copytree(src, out)
+    # a cls-pooled copy of every run (relabelled), so two poolings can be reported without training
+    shutil.copytree(out / "runs" / "mean", out / "runs" / "cls")
+    for run_file in (out / "runs" / "cls").glob("*/seed*/run.json"):
+        info = json.loads(run_file.read_text())
+        run_file.write_text(json.dumps({**info, "pooling": "cls"}))
+    shutil.rmtree(out / "runs" / "cls" / "deebert" / "seed1")
+    notes = tmp_path / "notes.md"
+    notes.write_text("RomeBERT's early exits beat DeeBERT's here.\n")
+    calls = _count_train_runs(monkeypatch)
+    args = _compare_args(data, tiny_backbone_dir, out, "--report-only", "--notes", str(notes))
+    args[args.index("--poolings") + 1] = "mean,cls"
+
+    assert main(args) == 0
+
+    assert calls == []
+    md = (out / "report.md").read_text()
+    assert md.rstrip().endswith("RomeBERT's early exits beat DeeBERT's here.")
+    assert "### dev, cls pooling" in md and "(1/2)" in md  # one cls deebert seed is missing
+    assert "Missing runs" in md and "cls/deebert/seed1" in md
+    rep = json.loads((out / "report.json").read_text())
+    assert [r["status"] for r in rep["runs"]].count("missing") == 1
+    assert _png_size(out / "per_exit.png")[0] > 1.5 * _png_size(src / "per_exit.png")[0]  # two panels
+
+
+def test_reusing_runs_trained_with_other_settings_is_an_error(comparison, tiny_backbone_dir, monkeypatch, capsys):
+    data, out = comparison
+    calls = _count_train_runs(monkeypatch)
+    assert main(_compare_args(data, tiny_backbone_dir, out, "--lr", "1e-3")) == 2
+    err = capsys.readouterr().err
+    assert "trained with other settings" in err and "learning_rate" in err and calls == []
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--methods", "deebert,nope"], "unknown method"),
+        (["--poolings", "max"], "--poolings"),
+        (["--notes", "/nonexistent/notes.md"], "no such file"),
+    ],
+)
+def test_bad_compare_arguments_give_one_line_errors(tmp_path, tiny_backbone_dir, extra, message, capsys):
+    data = tmp_path / "glue"
+    write_glue_fixture(data, "RTE", n=12)
+    args = _compare_args(data, tiny_backbone_dir, tmp_path / "cmp")
+    for flag, value in zip(extra[::2], extra[1::2]):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("romebert: error:") and message in err and "\n" not in err

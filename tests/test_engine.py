@@ -1,0 +1,252 @@
+"""The batched early-exit engine against offline decisions from cached logits (collect_logits)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from romebert.calibration import apply_temperatures
+from romebert.data import Collator, EncodedDataset
+from romebert.engine import EarlyExitEngine
+from romebert.errors import RomebertError
+from romebert.evaluation import collect_logits
+from romebert.exits import sweep
+from romebert.policies import CRITERIA, _change, entropy_t, get_policy, maxprob_t
+
+from conftest import tiny_model
+
+LAYERS = 4
+COLLATE = Collator(pad_token_id=0)
+
+
+@dataclass(frozen=True)
+class FakeTask:
+    name: str = "fake"
+    labels: tuple[str, ...] | None = ("a", "b", "c")
+    metric: str = "acc"
+
+    @property
+    def is_regression(self) -> bool:
+        return self.labels is None
+
+
+def fake_metrics(task, preds, labels):
+    return {"acc": float(np.mean(np.asarray(preds) == np.asarray(labels)))}
+
+
+def _model(num_labels: int = 3, pooling: str = "mean", seed: int = 0):
+    model = tiny_model(num_labels=num_labels, layers=LAYERS, pooling=pooling, dropout=0.0, seed=seed).eval()
+    with torch.no_grad():
+        # Make a random model behave a bit like a trained one: distinctive inputs (large word
+        # embeddings), related exits (head 0 plus noise, so predictions often agree across layers, as
+        # patience needs) and sharp ones (confidences spread over the layers).
+        model.backbone.embeddings.word_embeddings.weight.mul_(20.0)
+        first = model.exits[0]
+        for head in model.exits:
+            for mine, ref in zip(head.parameters(), first.parameters()):
+                mine.copy_(ref + 0.5 * ref.abs().mean() * torch.randn_like(ref))
+            head.classifier.weight.mul_(15.0)
+    return model
+
+
+def _dataset(n: int = 40, seed: int = 0, min_len: int = 2, max_len: int = 40) -> EncodedDataset:
+    rng = np.random.default_rng(seed)
+    feats = []
+    for _ in range(n):
+        length = int(rng.integers(min_len, max_len + 1))
+        ids = [2, *rng.integers(5, 100, size=length - 2).tolist(), 3]
+        types = [0] * (length // 2) + [1] * (length - length // 2)
+        feats.append({"input_ids": ids, "attention_mask": [1] * length, "token_type_ids": types})
+    return EncodedDataset(feats)
+
+
+def _run(engine: EarlyExitEngine, dataset: EncodedDataset, batch_size: int, collator: Collator = COLLATE):
+    """Engine over consecutive (unsorted, mixed-length) batches -> (logits [N, C], layers [N], work)."""
+    logits, layers, work = [], [], 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        out = engine.run(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        assert out.layer_work == int(out.exit_layer.sum())  # each row runs exactly its exit layer
+        logits.append(out.logits.numpy())
+        layers.append(out.exit_layer.numpy())
+        work += out.layer_work
+    return np.concatenate(logits), np.concatenate(layers), work
+
+
+def _safe_threshold(scores: np.ndarray, q: float) -> float:
+    """A threshold near quantile ``q`` of ``scores``, midway between two distinct scores (no near-ties)."""
+    s = np.unique(scores[np.isfinite(scores)])
+    i = int(np.clip(round(q * (s.size - 1)), 0, s.size - 2))
+    t = float((s[i] + s[i + 1]) / 2)
+    assert s[i + 1] - s[i] > 1e-6, "scores too close for a robust test threshold"
+    return t
+
+
+def _policies(all_logits: np.ndarray, regression: bool = False) -> dict[str, object]:
+    """One policy per criterion, thresholds in the middle of this data's score range."""
+    x = torch.from_numpy(all_logits[:-1])
+    if regression:
+        d = _change(torch.from_numpy(all_logits[1:]).double(), torch.from_numpy(all_logits[:-1]).double()).numpy()
+        t = _safe_threshold(d[:-1], 0.5)
+        return {
+            "entropy": get_policy("entropy", t),
+            "patience": get_policy("patience", 2, tolerance=t),
+            "patience-confidence": get_policy("patience-confidence", t, patience=2),
+        }
+    return {
+        "entropy": get_policy("entropy", _safe_threshold(entropy_t(x).numpy(), 0.4)),
+        "maxprob": get_policy("maxprob", _safe_threshold(maxprob_t(x).numpy(), 0.6)),
+        "patience": get_policy("patience", 2),
+        "patience-confidence": get_policy(
+            "patience-confidence", _safe_threshold(entropy_t(x).numpy(), 0.7), patience=2
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = _model()
+    data = _dataset()
+    cached = collect_logits(model, data, COLLATE, batch_size=16)  # [L, N, C], length-sorted batches
+    return model, data, cached, _policies(cached)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 32])
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_engine_equals_offline_decisions(setup, criterion, batch_size):
+    model, data, cached, policies = setup
+    policy = policies[criterion]
+    if batch_size == 1:  # the same path, one row at a time: half the rows keep the test fast
+        data, cached = EncodedDataset(data.features[:20]), cached[:, :20]
+    ref_layers, ref_logits = policy.decide(cached)
+    logits, layers, work = _run(EarlyExitEngine(model, policy), data, batch_size)
+    assert np.array_equal(layers, ref_layers)
+    assert np.array_equal(logits.argmax(-1), ref_logits.argmax(-1))
+    assert np.allclose(logits, ref_logits, atol=1e-4)
+    assert work == int(ref_layers.sum())
+    # a real mix of exits, so the test exercises compaction (not "everyone at one layer")
+    assert len(np.unique(layers)) >= 2
+    if batch_size == 32:  # and the offline sweep's row for this policy agrees
+        labels = ref_logits.argmax(-1)
+        row = sweep(cached, labels, FakeTask(), [policy], metric_fn=fake_metrics)[0]
+        assert row["counts"] == np.bincount(layers - 1, minlength=LAYERS).tolist()
+
+
+def test_per_exit_thresholds(setup):
+    model, data, cached, _ = setup
+    ent = entropy_t(torch.from_numpy(cached[:-1])).numpy()  # [L-1, N]
+    thr = [_safe_threshold(ent[i], q) for i, q in enumerate((0.2, 0.6, 0.4))]
+    for policy in (get_policy("entropy", thr), get_policy("patience-confidence", thr, patience=2)):
+        ref_layers, _ = policy.decide(cached)
+        _, layers, _ = _run(EarlyExitEngine(model, policy), data, 32)
+        assert np.array_equal(layers, ref_layers)
+
+
+def test_temperatures_apply_before_the_policy(setup):
+    model, data, cached, _ = setup
+    temps = [0.5, 2.0, 1.5, 3.0]
+    scaled = apply_temperatures(cached, temps)
+    policy = get_policy("entropy", _safe_threshold(entropy_t(torch.from_numpy(scaled[:-1])).numpy(), 0.5))
+    ref_layers, ref_logits = policy.decide(scaled)
+    logits, layers, _ = _run(EarlyExitEngine(model, policy, temperatures=temps), data, 32)
+    assert np.array_equal(layers, ref_layers)
+    assert np.allclose(logits, ref_logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_padding_never_changes_a_result(pooling):
+    model = _model(pooling=pooling, seed=1)
+    data = _dataset(n=24, seed=3)
+    cached = collect_logits(model, data, COLLATE, batch_size=8)
+    ent = entropy_t(torch.from_numpy(cached[:-1])).numpy()  # [L-1, N]
+    policy = get_policy("entropy", [_safe_threshold(e, 0.5) for e in ent])  # each layer takes about half
+    alone = _run(EarlyExitEngine(model, policy), data, 1)
+    padded = _run(EarlyExitEngine(model, policy), data, 1, Collator(pad_token_id=0, pad_to_multiple_of=50))
+    batched = _run(EarlyExitEngine(model, policy), data, 24, Collator(pad_token_id=0, pad_to_multiple_of=64))
+    for logits, layers, _ in (padded, batched):
+        assert np.array_equal(layers, alone[1])
+        assert np.allclose(logits, alone[0], atol=1e-4)
+    assert len(np.unique(alone[1])) >= 2
+
+
+def test_batch_that_all_exits_at_layer_one_does_no_more_layer_work(setup):
+    model, data, _, _ = setup
+    calls: list[tuple[int, int]] = []
+    original = model.run_layer
+
+    def counting(index, hidden, layer_mask):
+        calls.append((index, hidden.shape[0]))
+        return original(index, hidden, layer_mask)
+
+    batch = COLLATE([data[i] for i in range(32)])
+    model.run_layer = counting  # instance attribute shadows the method
+    try:
+        for policy in (get_policy("patience", 1), get_policy("maxprob", 0.0), get_policy("entropy", np.inf)):
+            calls.clear()
+            out = EarlyExitEngine(model, policy).run(batch["input_ids"], batch["attention_mask"])
+            assert out.exit_layer.tolist() == [1] * 32
+            assert out.layer_work == 32 and out.shapes == [(32, batch["input_ids"].shape[1])]
+            assert calls == [(0, 32)]  # exactly one layer run, on the whole batch
+        calls.clear()
+        out = EarlyExitEngine(model, get_policy("entropy", 0.0)).run(batch["input_ids"], batch["attention_mask"])
+        assert out.exit_layer.tolist() == [LAYERS] * 32 and out.layer_work == 32 * LAYERS
+        assert calls == [(i, 32) for i in range(LAYERS)]
+    finally:
+        del model.run_layer
+
+
+def test_rows_leave_and_columns_are_trimmed(setup):
+    model, _, _, _ = setup
+    rng = np.random.default_rng(0)
+    longs = [{"input_ids": [2, *rng.integers(5, 100, 30).tolist(), 3], "attention_mask": [1] * 32} for _ in range(30)]
+    shorts = [{"input_ids": [2, t, 3], "attention_mask": [1, 1, 1]} for t in range(5, 100)]
+    cached = collect_logits(model, EncodedDataset(longs + shorts), COLLATE)
+    ent = entropy_t(torch.from_numpy(cached[0])).numpy()  # layer-1 entropies
+    # the most confident long row and two less confident short rows: only the long row leaves at layer 1
+    best = int(np.argmin(ent[:30]))
+    unsure = [i for i in np.argsort(-ent[30:]) if ent[30 + i] > ent[best] + 1e-3][:2]
+    assert len(unsure) == 2
+    long = longs[best]
+    data = EncodedDataset([long, shorts[unsure[0]], shorts[unsure[1]]])
+    ent = ent[[best]]
+    policy = get_policy("entropy", [ent[0] + 5e-4, 0.0, 0.0])
+    batch = COLLATE([data[i] for i in range(3)])
+    out = EarlyExitEngine(model, policy).run(batch["input_ids"], batch["attention_mask"])
+    assert out.exit_layer.tolist() == [1, LAYERS, LAYERS]
+    assert out.shapes == [(3, 32)] + [(2, 3)] * (LAYERS - 1)  # two rows, 3 columns after the long one left
+    ref_layers, ref_logits = policy.decide(collect_logits(model, data, COLLATE))
+    assert out.exit_layer.tolist() == ref_layers.tolist()
+    assert np.allclose(out.logits.numpy(), ref_logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [1, 32])
+def test_regression_engine_equals_offline(batch_size):
+    model = _model(num_labels=1, seed=2)
+    with torch.no_grad():  # back to the usual scale: outputs change little between layers, some exit
+        for head in model.exits:
+            head.classifier.weight.mul_(1 / 15.0)
+    data = _dataset(n=40, seed=4)
+    cached = collect_logits(model, data, COLLATE)
+    for name, policy in _policies(cached, regression=True).items():
+        ref_layers, ref_logits = policy.decide(cached, regression=True)
+        logits, layers, _ = _run(EarlyExitEngine(model, policy), data, batch_size)
+        assert np.array_equal(layers, ref_layers), name
+        assert np.allclose(logits, ref_logits, atol=1e-5)
+
+
+def test_engine_errors(setup):
+    model, _, _, _ = setup
+    with pytest.raises(RomebertError, match="one per exit"):
+        EarlyExitEngine(model, get_policy("entropy", 0.1), temperatures=[1.0, 2.0])
+    with pytest.raises(RomebertError, match="positive"):
+        EarlyExitEngine(model, get_policy("entropy", 0.1), temperatures=[1.0, 0.0, 1.0, 1.0])
+    with pytest.raises(RomebertError, match="regression"):
+        EarlyExitEngine(_model(num_labels=1), get_policy("maxprob", 0.9))
+    engine = EarlyExitEngine(model, get_policy("entropy", 0.1))
+    with pytest.raises(RomebertError, match="shape"):
+        engine.run(torch.ones(3, dtype=torch.long))
+    empty = engine.run(torch.zeros(0, 5, dtype=torch.long))
+    assert empty.logits.shape == (0, 3) and empty.layer_work == 0
