@@ -135,6 +135,45 @@ def test_engine_equals_offline_decisions(setup, criterion, batch_size):
         assert row["counts"] == np.bincount(layers - 1, minlength=LAYERS).tolist()
 
 
+def _batches(dataset: EncodedDataset, batch_size: int, collator: Collator = COLLATE) -> list:
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        b = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        out.append((b["input_ids"], b["attention_mask"], b["token_type_ids"]))
+    return out
+
+
+@pytest.mark.parametrize("input_bs, batch_size", [(1, 1), (3, 3), (32, 32), (8, 5)])
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_stream_refill_equals_offline_decisions(setup, criterion, input_bs, batch_size):
+    model, data, cached, policies = setup
+    policy = policies[criterion]
+    ref_layers, ref_logits = policy.decide(cached)
+    out = EarlyExitEngine(model, policy).run_stream(_batches(data, input_bs), batch_size=batch_size)
+    assert np.array_equal(out.exit_layer.numpy(), ref_layers)
+    assert np.allclose(out.logits.numpy(), ref_logits, atol=1e-4)
+    assert out.layer_work == int(ref_layers.sum())
+    # layer calls run full batches, but for at most one smaller call per layer at the end
+    assert all(b <= batch_size for b, _ in out.shapes)
+    assert len(out.shapes) <= -(-out.layer_work // batch_size) + LAYERS
+
+
+def test_stream_with_per_exit_thresholds_temperatures_and_padding(setup):
+    model, data, cached, _ = setup
+    temps = [0.7, 1.3, 1.0, 2.0]
+    scaled = apply_temperatures(cached, temps)
+    ent = entropy_t(torch.from_numpy(scaled[:-1])).numpy()
+    policy = get_policy("entropy", [_safe_threshold(e, 0.5) for e in ent])
+    ref_layers, ref_logits = policy.decide(scaled)
+    padded = _batches(data, 6, Collator(pad_token_id=0, pad_to_multiple_of=48))
+    out = EarlyExitEngine(model, policy, temperatures=temps).run_stream(padded, batch_size=16)
+    assert np.array_equal(out.exit_layer.numpy(), ref_layers)
+    assert np.allclose(out.logits.numpy(), ref_logits, atol=1e-4)
+    assert max(t for _, t in out.shapes) <= 40  # trailing padding never reaches a layer
+    empty = EarlyExitEngine(model, policy).run_stream([])
+    assert empty.logits.shape == (0, 3)
+
+
 def test_per_exit_thresholds(setup):
     model, data, cached, _ = setup
     ent = entropy_t(torch.from_numpy(cached[:-1])).numpy()  # [L-1, N]

@@ -209,7 +209,8 @@ class EarlyExitClassifier:
     ) -> Predictions:
         """Labels, probabilities and exit layers of ``texts`` (strings or (text, text) pairs), in order.
 
-        Inputs are batched by length (less padding) and the results scattered back to input order.
+        Inputs are batched by length (less padding), run with :meth:`EarlyExitEngine.run_stream` (every
+        layer call gets ``batch_size`` rows while enough remain) and scattered back to input order.
         """
         if batch_size < 1:
             raise RomebertError(f"batch_size must be >= 1, got {batch_size}")
@@ -218,22 +219,22 @@ class EarlyExitClassifier:
         n, c = len(dataset), self.model.config.num_labels
         logits = np.zeros((n, c), dtype=np.float32)
         layers = np.zeros(n, dtype=np.int64)
-        work = 0
+        # Length-sorted batches (little padding); the engine refills each layer's batch across them.
         order = np.argsort(np.asarray(dataset.lengths), kind="stable")
+        batches = []
         for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            batch = self.collator([dataset[int(i)] for i in idx])
-            out = engine.run(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-            logits[idx] = out.logits.cpu().numpy()
-            layers[idx] = out.exit_layer.numpy()
-            work += out.layer_work
+            b = self.collator([dataset[int(i)] for i in order[start : start + batch_size]])
+            batches.append((b["input_ids"], b["attention_mask"], b.get("token_type_ids")))
+        out = engine.run_stream(batches, batch_size)
+        logits[order] = out.logits.cpu().numpy()  # back to input order
+        layers[order] = out.exit_layer.numpy()
         if self.label_names is None:
             labels: list[str | float] = [float(v) for v in logits[:, 0]]
             probs = None
         else:
             probs = torch.softmax(torch.from_numpy(logits).double(), dim=-1).numpy()
             labels = [self.label_names[int(i)] for i in logits.argmax(-1)]
-        return Predictions(labels, probs, layers, logits, self.num_layers, work)
+        return Predictions(labels, probs, layers, logits, self.num_layers, out.layer_work)
 
     # -------------------------------------------------------------------------- dev-side choices
     def _split(self, split: str | None) -> str:

@@ -8,19 +8,28 @@ samples leave. The loop stops as soon as no row is left.
 
 One host synchronisation per layer (the exit mask is read once, to size the compaction); everything
 else is tensor ops over the batch, so batch size 1 takes the same path with little overhead.
+
+:meth:`EarlyExitEngine.run` serves one batch. :meth:`EarlyExitEngine.run_stream` serves many: the
+survivors of a layer wait in a per-layer queue until a full batch of them can run the next layer
+together, so deep layers do not run on a handful of rows (the batch stays large and the hardware busy).
+Both make exactly the same per-sample decisions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from romebert.errors import RomebertError
 from romebert.modeling import MultiExitModel
-from romebert.policies import ExitPolicy
+from romebert.policies import ExitPolicy, PolicyState
+
+Batch = tuple[Tensor, Tensor | None, Tensor | None]  # input_ids [n, T], attention_mask, token_type_ids
 
 
 @dataclass
@@ -30,12 +39,28 @@ class EngineOutput:
     logits: Tensor  # [N, C] float32: the chosen exit's logits (divided by its temperature, if any)
     exit_layer: Tensor  # [N] int64 on the CPU, 1-based
     layer_work: int  # rows x layers actually run through an encoder layer
-    shapes: list[tuple[int, int]] = field(default_factory=list)  # (rows, columns) entering each layer run
+    shapes: list[tuple[int, int]] = field(default_factory=list)  # (rows, columns) of each layer call
 
     @property
     def token_work(self) -> int:
         """Padded tokens x layers actually computed (what the encoder's cost scales with)."""
         return sum(b * t for b, t in self.shapes)
+
+
+@dataclass
+class _Group:
+    """Rows waiting for (or running) the same layer."""
+
+    hidden: Tensor  # [g, T, H]: input of the next layer
+    mask: Tensor  # [g, T] 2-D attention mask
+    rows: Tensor  # [g] CPU int64: output row of each row
+    extent: Tensor  # [g] CPU int64: last real column + 1
+    state: PolicyState
+    layer_mask: Tensor | None = None  # the backbone's mask for (hidden, mask), once built
+    has_layer_mask: bool = False  # (None is a valid mask: "no padding")
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
 
 
 class EarlyExitEngine:
@@ -56,75 +81,200 @@ class EarlyExitEngine:
             if min(temperatures) <= 0:
                 raise RomebertError(f"temperatures must be positive, got {temperatures}")
         self.temperatures = temperatures
-        # Exits are read once per batch; the policy rejects regression for criteria it cannot apply.
+        # Fail early: the policy rejects regression for criteria it cannot apply, or bad thresholds.
         policy.init_state(0, model.num_layers, model.config.is_regression)
 
+    # ------------------------------------------------------------------------------------ one batch
     @torch.no_grad()
     def run(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
     ) -> EngineOutput:
         """Early-exit logits and exit layers for one padded batch ``input_ids`` [N, T]."""
-        model = self.model
-        device = next(model.parameters()).device
-        num_layers, num_classes = model.num_layers, model.config.num_labels
-        if input_ids.ndim != 2:
-            raise RomebertError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        n = _check(input_ids, attention_mask)
+        out, exit_layer = self._outputs(n)
+        if n == 0:
+            return EngineOutput(out, exit_layer, 0)
+        group = self._embed(input_ids, attention_mask, token_type_ids, offset=0)
+        shapes: list[tuple[int, int]] = []
+        for i in range(self.model.num_layers):
+            group = self._layer(i, group, out, exit_layer, shapes)
+            if group is None:
+                break
+        return EngineOutput(out, exit_layer, sum(b for b, _ in shapes), shapes)
+
+    # ----------------------------------------------------------------------------------- many batches
+    @torch.no_grad()
+    def run_stream(self, batches: Iterable[Batch], batch_size: int | None = None) -> EngineOutput:
+        """Early exit over several padded batches, results in their concatenated order.
+
+        Every layer call runs ``batch_size`` rows (default: the first batch's size) gathered from any
+        input batch, except at most one smaller call per layer once the input is used up. Decisions
+        equal :meth:`run`'s on each batch. Memory: about ``batch_size`` waiting rows per layer.
+        """
+        batches = list(batches)
+        sizes = [_check(ids, mask) for ids, mask, _ in batches]
+        n = sum(sizes)
+        out, exit_layer = self._outputs(n)
+        if n == 0:
+            return EngineOutput(out, exit_layer, 0)
+        bs = batch_size or max(sizes[0], 1)
+        if bs < 1:
+            raise RomebertError(f"batch_size must be >= 1, got {bs}")
+        num_layers = self.model.num_layers
+        queues: list[deque[_Group]] = [deque() for _ in range(num_layers)]
+        waiting = [0] * num_layers  # rows queued per layer
+        shapes: list[tuple[int, int]] = []
+        offsets = [0]
+        for s in sizes:
+            offsets.append(offsets[-1] + s)
+        next_batch = 0
+        while True:
+            full = [i for i in range(num_layers) if waiting[i] >= bs]
+            if full:
+                layer = full[-1]  # the deepest full queue first: it drains, so memory stays bounded
+            elif next_batch < len(batches):
+                ids, mask, types = batches[next_batch]
+                if sizes[next_batch]:
+                    group = self._embed(ids, mask, types, offset=offsets[next_batch])
+                    queues[0].append(group)
+                    waiting[0] += len(group)
+                next_batch += 1
+                continue
+            else:
+                # Input used up: flush the shallowest queue, whose survivors join the deeper ones.
+                pending = [i for i in range(num_layers) if waiting[i]]
+                if not pending:
+                    break
+                layer = pending[0]
+            group = _take(queues[layer], bs)
+            waiting[layer] -= len(group)
+            survivors = self._layer(layer, group, out, exit_layer, shapes)
+            if survivors is not None:
+                queues[layer + 1].append(survivors)
+                waiting[layer + 1] += len(survivors)
+        return EngineOutput(out, exit_layer, sum(b for b, _ in shapes), shapes)
+
+    # ------------------------------------------------------------------------------------- internals
+    @property
+    def device(self) -> torch.device:
+        return self.model.exits[0].classifier.weight.device  # cheaper than next(model.parameters())
+
+    def _outputs(self, n: int) -> tuple[Tensor, Tensor]:
+        device = self.device
+        out = torch.zeros(n, self.model.config.num_labels, dtype=torch.float32, device=device)
+        return out, torch.full((n,), self.model.num_layers, dtype=torch.int64)
+
+    def _embed(self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None, offset: int):
+        """A group of freshly embedded rows, trailing all-padding columns cut off."""
+        device = self.device
         n, width = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise RomebertError(
-                f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
-            )
-        exit_layer = torch.full((n,), num_layers, dtype=torch.int64)
-        out = torch.zeros(n, num_classes, dtype=torch.float32, device=device)
-        if n == 0:
-            return EngineOutput(out, exit_layer, 0)
-
-        # Extent of each row = last real column + 1 (host side: it sizes every later trim).
-        mask_cpu = attention_mask.detach().to("cpu", torch.bool)
-        extent = (mask_cpu * torch.arange(1, width + 1)).amax(1)  # [N]
+            extent = torch.full((n,), width, dtype=torch.int64)
+        else:
+            # Extent of each row = last real column + 1 (host side: it sizes every later trim).
+            extent = (attention_mask.detach().to("cpu", torch.bool) * torch.arange(1, width + 1)).amax(1)  # [n]
         cols = max(int(extent.max()), 1)
-        ids = input_ids[:, :cols].to(device)
-        mask = attention_mask[:, :cols].to(device)
-        types = token_type_ids[:, :cols].to(device) if token_type_ids is not None else None
+        if cols < width:
+            input_ids, attention_mask = input_ids[:, :cols], attention_mask[:, :cols]
+            token_type_ids = token_type_ids[:, :cols] if token_type_ids is not None else None
+        ids, mask = input_ids.to(device), attention_mask.to(device)
+        types = token_type_ids.to(device) if token_type_ids is not None else None
+        hidden = self.model.embed(ids, types)  # [n, T, H]
+        state = self.policy.init_state(n, self.model.num_layers, self.model.config.is_regression, device)
+        return _Group(hidden, mask, torch.arange(offset, offset + n), extent, state)
 
-        hidden = model.embed(ids, types)  # [N, T, H]
-        layer_mask = model.attention_mask(hidden, mask)
-        state = self.policy.init_state(n, num_layers, model.config.is_regression, device)
-        rows = torch.arange(n)  # [b] CPU: input row of each active row
-        rows_dev = rows.to(device)
-        shapes: list[tuple[int, int]] = []
-        for i in range(num_layers):
-            hidden = model.run_layer(i, hidden, layer_mask)  # [b, T, H]
-            b = rows.shape[0]
-            shapes.append((b, hidden.shape[1]))
-            logits = model.exits[i](hidden, mask).float()  # [b, C]
-            if self.temperatures is not None:
-                logits = logits / self.temperatures[i]
-            if i == num_layers - 1:  # the final head takes everyone left; no decision needed
-                out.index_copy_(0, rows_dev, logits)
-                exit_layer[rows] = num_layers
-                break
-            exit_mask, state = self.policy.step(i, logits, state)
+    def _layer(
+        self, i: int, g: _Group, out: Tensor, exit_layer: Tensor, shapes: list[tuple[int, int]]
+    ) -> _Group | None:
+        """Run layer ``i`` and exit head ``i`` on ``g``; write the leavers; return the rest (or None)."""
+        model = self.model
+        last = i == model.num_layers - 1
+        if not g.has_layer_mask:  # rebuilt only when rows or columns changed
+            g.layer_mask, g.has_layer_mask = model.attention_mask(g.hidden, g.mask), True
+        hidden = model.run_layer(i, g.hidden, g.layer_mask)  # [b, T, H]
+        b = len(g)
+        shapes.append((b, hidden.shape[1]))
+        logits = model.exits[i](hidden, g.mask).float()  # [b, C]
+        if self.temperatures is not None:
+            logits = logits / self.temperatures[i]
+        if last:  # the final head takes everyone left; no decision needed
+            leave = None
+        else:
+            exit_mask, state = self.policy.step(i, logits, g.state)
             leave = exit_mask.cpu()  # [b] bool: the one host sync of this layer
             n_leave = int(leave.sum())
             if n_leave == 0:
-                continue
-            if n_leave == b:
-                out.index_copy_(0, rows_dev, logits)
-                exit_layer[rows] = i + 1
-                break
-            gone = leave.nonzero().squeeze(1)  # [g] CPU
-            keep = (~leave).nonzero().squeeze(1)  # [b - g] CPU
-            gone_dev, keep_dev = gone.to(device), keep.to(device)
-            out.index_copy_(0, rows_dev.index_select(0, gone_dev), logits.index_select(0, gone_dev))
-            exit_layer[rows[gone]] = i + 1
-            rows, rows_dev = rows[keep], rows_dev.index_select(0, keep_dev)
-            # Cut trailing columns that are padding for every remaining row, then drop the rows.
-            cols = int(extent[rows].max())
-            hidden = hidden[:, :cols].index_select(0, keep_dev)  # [b', T', H]
-            mask = mask[:, :cols].index_select(0, keep_dev)  # [b', T']
-            state = self.policy.select(state, keep_dev)
-            layer_mask = model.attention_mask(hidden, mask)
-        return EngineOutput(out, exit_layer, sum(b for b, _ in shapes), shapes)
+                return _Group(hidden, g.mask, g.rows, g.extent, state, g.layer_mask, True)
+        if leave is None or n_leave == b:
+            out.index_copy_(0, g.rows.to(out.device), logits)
+            exit_layer.index_fill_(0, g.rows, i + 1)
+            return None
+        gone = leave.nonzero().squeeze(1)  # [g'] CPU
+        keep = (~leave).nonzero().squeeze(1)  # [b - g'] CPU
+        gone_dev, keep_dev = gone.to(hidden.device), keep.to(hidden.device)
+        out.index_copy_(0, g.rows[gone].to(out.device), logits.index_select(0, gone_dev))
+        exit_layer.index_fill_(0, g.rows[gone], i + 1)
+        extent = g.extent[keep]
+        # Cut trailing columns that are padding for every remaining row, then drop the rows.
+        cols = int(extent.max())
+        return _Group(
+            hidden[:, :cols].index_select(0, keep_dev),  # [b', T', H]
+            g.mask[:, :cols].index_select(0, keep_dev),  # [b', T']
+            g.rows[keep],
+            extent,
+            self.policy.select(state, keep_dev),
+        )
+
+
+def _check(input_ids: Tensor, attention_mask: Tensor | None) -> int:
+    if input_ids.ndim != 2:
+        raise RomebertError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise RomebertError(
+            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
+        )
+    return int(input_ids.shape[0])
+
+
+def _take(queue: deque[_Group], k: int) -> _Group:
+    """Pop the first ``k`` queued rows (splitting a group if needed) as one group, padded to one width."""
+    parts: list[_Group] = []
+    need = k
+    while need and queue:
+        g = queue.popleft()
+        if len(g) > need:  # split: the tail goes back to the front of the queue
+            queue.appendleft(_slice(g, need, len(g)))
+            g = _slice(g, 0, need)
+        parts.append(g)
+        need -= len(g)
+    if len(parts) == 1:
+        return parts[0]
+    cols = int(max(int(p.extent.max()) for p in parts))
+    return _Group(
+        torch.cat([_width(p.hidden, cols) for p in parts]),  # [k, T, H]
+        torch.cat([_width(p.mask, cols) for p in parts]),  # [k, T]
+        torch.cat([p.rows for p in parts]),
+        torch.cat([p.extent for p in parts]),
+        PolicyState.cat([p.state for p in parts]),
+    )
+
+
+def _slice(g: _Group, start: int, stop: int) -> _Group:
+    cols = int(g.extent[start:stop].max())
+    return _Group(
+        g.hidden[start:stop, :cols].contiguous(),
+        g.mask[start:stop, :cols].contiguous(),
+        g.rows[start:stop],
+        g.extent[start:stop],
+        g.state.slice(start, stop),
+    )
+
+
+def _width(x: Tensor, cols: int) -> Tensor:
+    """``x`` [g, T, ...] cut or zero-padded (padding = masked out) to ``cols`` columns."""
+    t = x.shape[1]
+    if t >= cols:
+        return x[:, :cols]
+    pad = [0, 0] * (x.ndim - 2) + [0, cols - t]
+    return F.pad(x, pad)

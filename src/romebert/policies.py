@@ -28,8 +28,9 @@ exits; layers are 0-based in ``step`` and 1-based in every result):
   confident count. Regression: k consecutive changes < t (the same rule as ``patience`` with
   ``tolerance=t``).
 
-Scores are computed in float64, whatever the model's dtype, so a decision does not depend on
-whether the logits came from a cache or from a live batch.
+Scores are computed in float64 by the same ops online and offline, so equal logits always give equal
+decisions (live and cached logits of one input agree to float32 rounding; a decision can only differ
+when a score lies within that rounding of its threshold).
 """
 
 from __future__ import annotations
@@ -67,6 +68,20 @@ class PolicyState:
         """The state of rows ``keep`` ([b'] int64 on the rows' device), in that order."""
         rows = {k: v.index_select(0, keep) for k, v in self.rows.items()}
         return PolicyState(self.num_layers, self.regression, self.thresholds, rows)
+
+    def slice(self, start: int, stop: int) -> PolicyState:
+        """The state of rows ``start:stop``."""
+        rows = {k: v[start:stop] for k, v in self.rows.items()}
+        return PolicyState(self.num_layers, self.regression, self.thresholds, rows)
+
+    @staticmethod
+    def cat(states: Sequence[PolicyState]) -> PolicyState:
+        """The rows of several states of one policy at the same layer, stacked in order."""
+        first = states[0]
+        if len(states) == 1:
+            return first
+        rows = {k: torch.cat([s.rows[k] for s in states]) for k in first.rows}
+        return PolicyState(first.num_layers, first.regression, first.thresholds, rows)
 
 
 def entropy_t(logits: Tensor) -> Tensor:
@@ -126,8 +141,15 @@ class ExitPolicy:
         """Fresh state for ``n`` samples of a model with ``num_layers`` exits."""
         if regression and not self.supports_regression:
             raise RomebertError(f"criterion {self.name!r} needs class probabilities; it does not apply to regression")
-        thr = _threshold_vector(self.threshold, num_layers)
-        return PolicyState(num_layers, regression, [float(t) for t in thr], self._init_rows(n, device))
+        return PolicyState(num_layers, regression, self._thresholds(num_layers), self._init_rows(n, device))
+
+    def _thresholds(self, num_layers: int) -> list[float]:
+        # Cached: the engine starts a state per batch, and batch size 1 should not pay numpy work each time.
+        key = (num_layers, self.threshold if isinstance(self.threshold, float) else tuple(self.threshold))
+        cache = self.__dict__.setdefault("_thr_cache", {})
+        if key not in cache:
+            cache[key] = [float(t) for t in _threshold_vector(self.threshold, num_layers)]
+        return cache[key]
 
     def step(self, layer: int, logits: Tensor, state: PolicyState) -> tuple[Tensor, PolicyState]:
         """Exit decisions at ``layer`` (0-based) for logits [b, C] -> (exit mask [b] bool, new state)."""
@@ -160,9 +182,8 @@ class ExitPolicy:
             fire = exit_mask.cpu() & undecided
             first[fire] = i
             undecided &= ~fire
-        idx = first.numpy()
-        chosen = np.asarray(all_logits)[idx, np.arange(n)] if n else np.asarray(all_logits)[0, :0]
-        return idx.astype(np.int64) + 1, chosen
+        chosen = logits[first.to(logits.device), torch.arange(n, device=logits.device)]  # [N, C]
+        return first.numpy() + 1, chosen.cpu().numpy()
 
     # ------------------------------------------------------------------------------------- subclass
     def _init_rows(self, n: int, device: torch.device | str | None) -> dict[str, Tensor]:
@@ -183,7 +204,10 @@ class EntropyPolicy(ExitPolicy):
     def _step(self, layer: int, logits: Tensor, state: PolicyState) -> Tensor:
         t = state.thresholds[layer]
         if not state.regression:
-            return entropy_t(logits) < t
+            # entropy < t, as -sum(p log p) < t <=> sum(p log p) > -t (negation is exact): two ops fewer
+            # on the engine's per-layer path; NaN still never exits.
+            p = torch.softmax(logits.double(), dim=-1)
+            return torch.special.xlogy(p, p).sum(-1) > -t
         x = logits.double()
         prev = state.rows.get("prev")
         state.rows["prev"] = x
