@@ -22,7 +22,6 @@ import torch
 import transformers
 
 from romebert.data import Collator, encode, read_split
-from romebert.methods import METHODS, Stage
 from romebert.modeling import MultiExitModel, default_backbone
 from romebert.tasks import get_task
 from romebert.trainer import Trainer, TrainingArguments
@@ -31,8 +30,6 @@ PLAIN = "plain"
 
 
 def _time_one(method: str, dataset, collator, backbone: str, task, args: argparse.Namespace, group: bool) -> float:
-    if method == PLAIN:  # register a one-stage method: DeeBERT's stage one alone
-        METHODS[PLAIN] = (Stage("finetune", trains="backbone+final", final_loss=True, exit_loss=False),)
     model = MultiExitModel.from_backbone(backbone, num_labels=task.num_labels, pooling="mean")
     with TemporaryDirectory() as tmp:
         targs = TrainingArguments(
@@ -61,7 +58,8 @@ def main() -> None:
     examples = read_split(task, args.data_dir, "train")[: args.examples]
     dataset = encode(examples, tokenizer, task.labels, 128)
     collator = Collator(tokenizer)
-    _time_one(PLAIN, encode(examples[:32], tokenizer, task.labels, 128), collator, backbone, task, args, True)  # warm-up
+    warm_up = encode(examples[:32], tokenizer, task.labels, 128)
+    _time_one(PLAIN, warm_up, collator, backbone, task, args, True)
 
     rows = []
     for method, group in [(PLAIN, False), (PLAIN, True), ("deebert", True), ("deebert-sd", True),
