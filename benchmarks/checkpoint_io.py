@@ -72,8 +72,11 @@ def throughput(world: int, n: int, global_batch: int) -> float:
         script = Path(tmp) / "worker.py"
         script.write_text(WORKER)
         base = [str(script), str(Path(tmp) / "run"), str(n), str(global_batch // world)]
-        cmd = [sys.executable, *base] if world == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), *base]
+        cmd = (
+            [sys.executable, *base]
+            if world == 1
+            else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), *base]
+        )
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     seconds = max(float(line.split()[1]) for line in out.splitlines() if line.startswith("SECONDS"))
     print(f"{world} process(es): {n / seconds:6.1f} examples/s ({seconds:.1f} s for {n})")
@@ -91,9 +94,14 @@ def main() -> None:
     one = throughput(1, args.examples, 16)
     two = throughput(2, args.examples, 16)
     print(f"2 processes / 1 process: {two / one:.2f}x")
-    info = {"command": " ".join(sys.argv), "machine": f"{platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} CPUs", "torch": torch.__version__, "transformers": transformers.__version__,
-            "checkpoints": rows, "throughput": {"one_process": one, "two_processes": two, "ratio": two / one}}
+    info = {
+        "command": " ".join(sys.argv),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "checkpoints": rows,
+        "throughput": {"one_process": one, "two_processes": two, "ratio": two / one},
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
 

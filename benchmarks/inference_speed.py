@@ -116,6 +116,16 @@ def oracle_forward(model: MultiExitModel, batch: dict, exit_layer: int) -> torch
 
 
 @torch.no_grad()
+def oracle_heads_forward(model: MultiExitModel, batch: dict, exit_layer: int) -> None:
+    """The oracle plus every exit head up to the exit: what deciding online costs at least."""
+    hidden = model.embed(batch["input_ids"], batch.get("token_type_ids"))
+    layer_mask = model.attention_mask(hidden, batch["attention_mask"])
+    for i in range(exit_layer):
+        hidden = model.run_layer(i, hidden, layer_mask)
+        model.exits[i](hidden, batch["attention_mask"])
+
+
+@torch.no_grad()
 def naive_forward(model: MultiExitModel, batch: dict, policy) -> np.ndarray:
     """The peer approach: all layers and all heads, then exits picked from the logits."""
     logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))  # [L, B, C]
@@ -186,7 +196,11 @@ def timed(fn: Callable[[], object]) -> float:
 def bench_batch_size(
     model, dataset, collator, bs: int, policies: dict, repeats: int, order: str, refill: bool, oracle: dict | None
 ) -> dict:
-    """Time every path over the whole set at batch size ``bs``; per-path times, decisions and shapes."""
+    """Time every path over the whole set at batch size ``bs``; per-path times, decisions and shapes.
+
+    Paths are interleaved in rotating order, per batch at batch size 1 (a noisy machine then slows all
+    paths alike) and per pass otherwise (``run_stream`` needs the whole stream).
+    """
     n = len(dataset)
     idx = np.argsort(np.asarray(dataset.lengths), kind="stable") if order == "sorted" else np.arange(n)
     batches = []
@@ -194,58 +208,58 @@ def bench_batch_size(
         rows = idx[s : s + bs]
         batches.append((rows, collator([dataset[int(i)] for i in rows])))
     triples = [(b["input_ids"], b["attention_mask"], b.get("token_type_ids")) for _, b in batches]
-    order_all = np.concatenate([rows for rows, _ in batches])  # run_stream's output order
     engines = {name: EarlyExitEngine(model, p) for name, p in policies.items()}
     mid = list(policies)[len(policies) // 2]  # the naive path's cost does not depend on the threshold
 
-    def full():
-        for _, b in batches:
-            full_forward(model, b)
-
-    def naive():
-        for _, b in batches:
-            naive_forward(model, b, policies[mid])
-
-    def per_batch(engine):
-        outs = [engine.run(*t) for t in triples]
-        layers = np.zeros(n, dtype=np.int64)
-        for (rows, _), o in zip(batches, outs):
-            layers[rows] = o.exit_layer.numpy()
-        return layers, [s for o in outs for s in o.shapes]
-
-    def stream(engine):
-        o = engine.run_stream(triples, bs)
-        layers = np.zeros(n, dtype=np.int64)
-        layers[order_all] = o.exit_layer.numpy()
-        return layers, o.shapes
-
-    def exact(layers):  # batch size 1 only
-        for rows, b in batches:
-            oracle_forward(model, b, int(layers[rows[0]]))
-
-    paths = {"full": full, "naive": naive}
+    # every path: (chunk of batch indices) -> None
+    paths = {
+        "full": lambda js: [full_forward(model, batches[j][1]) for j in js],
+        "naive": lambda js: [naive_forward(model, batches[j][1], policies[mid]) for j in js],
+    }
     for name, e in engines.items():
-        paths[f"engine@{name}"] = lambda e=e: per_batch(e)
-        if oracle is not None:
-            paths[f"oracle@{name}"] = lambda layers=oracle[name]: exact(layers)
+        paths[f"engine@{name}"] = lambda js, e=e: [e.run(*triples[j]) for j in js]
+        if oracle is not None:  # batch size 1: one row per batch
+            lay = oracle[name]
+            paths[f"oracle@{name}"] = lambda js, lay=lay: [
+                oracle_forward(model, batches[j][1], int(lay[batches[j][0][0]])) for j in js
+            ]
+            if name == mid:
+                paths[f"heads@{name}"] = lambda js, lay=lay: [
+                    oracle_heads_forward(model, batches[j][1], int(lay[batches[j][0][0]])) for j in js
+                ]
         if refill:
-            paths[f"refill@{name}"] = lambda e=e: stream(e)
-    warm = max(1, min(len(batches), 64 // bs))
-    for _, b in batches[:warm]:  # warm-up: allocator, thread pool, first-call paths
-        full_forward(model, b)
-        naive_forward(model, b, policies[mid])
-    for e in engines.values():
-        for t in triples[:warm]:
-            e.run(*t)
-        if refill:
-            e.run_stream(triples[:warm], bs)
-    times: dict[str, list[float]] = {k: [] for k in paths}
+            paths[f"refill@{name}"] = lambda js, e=e: e.run_stream([triples[j] for j in js], bs)
+    warm = list(range(max(1, min(len(batches), 64 // bs))))
+    for f in paths.values():  # warm-up: allocator, thread pool, first-call paths
+        f(warm)
+    chunks = [[j] for j in range(len(batches))] if bs == 1 else [list(range(len(batches)))]
     names = list(paths)
+    times: dict[str, list[float]] = {k: [] for k in paths}
     for r in range(repeats):
-        for k in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order: drift hits all alike
-            times[k].append(timed(paths[k]))
+        total = dict.fromkeys(names, 0.0)
+        for c, chunk in enumerate(chunks):
+            shift = (r + c) % len(names)  # rotate the order: drift and bursts hit all paths alike
+            for k in names[shift:] + names[:shift]:
+                total[k] += timed(lambda k=k, chunk=chunk: paths[k](chunk))
+        for k in names:
+            times[k].append(total[k])
+
     # one more pass of each engine path to record its decisions and the shapes it ran
-    decisions = {k: f() for k, f in paths.items() if k.startswith(("engine@", "refill@"))}
+    everything = list(range(len(batches)))
+    order_all = np.concatenate([rows for rows, _ in batches])  # run_stream's output order
+    decisions = {}
+    for k in names:
+        if k.startswith("engine@"):
+            outs = paths[k](everything)
+            layers = np.zeros(n, dtype=np.int64)
+            for (rows, _), o in zip(batches, outs):
+                layers[rows] = o.exit_layer.numpy()
+            decisions[k] = (layers, [s for o in outs for s in o.shapes])
+        elif k.startswith("refill@"):
+            o = paths[k](everything)
+            layers = np.zeros(n, dtype=np.int64)
+            layers[order_all] = o.exit_layer.numpy()
+            decisions[k] = (layers, o.shapes)
     return {
         "num_batches": len(batches),
         "times": times,
@@ -270,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speedups", default="1.5,2,3", help="target layer speed-ups")
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--examples", type=int, default=256, help="dev sentences timed (a seeded random subset)")
+    p.add_argument(
+        "--examples-bs1", type=int, default=128, help="of which the first this many at batch size 1 (the slowest)"
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument(
         "--order",
@@ -343,14 +360,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(waited {waited:.0f} s for idle CPUs)", flush=True)
         t0 = time.perf_counter()
         snap = cpu_snapshot()
-        oracle = {name: p.decide(cached)[0] for name, p in policies.items()} if bs == 1 else None
-        r = bench_batch_size(model, dataset, collator, bs, policies, ns.repeats, ns.order, bs > 1, oracle)
+        n_bs = min(n, ns.examples_bs1) if bs == 1 else n
+        ds, logits_bs = type(dataset)(dataset.features[:n_bs]), cached[:, :n_bs]
+        oracle = {name: p.decide(logits_bs)[0] for name, p in policies.items()} if bs == 1 else None
+        r = bench_batch_size(model, ds, collator, bs, policies, ns.repeats, ns.order, bs > 1, oracle)
         med = {k: statistics.median(v) for k, v in r["times"].items()}
         full_flops = sum(num_layers * layer_flops(cfg, b, t) + head_flops(cfg, b, t, 2) for b, t in r["batch_shapes"])
         naive_flops = sum(
             num_layers * (layer_flops(cfg, b, t) + head_flops(cfg, b, t, 2)) for b, t in r["batch_shapes"]
         )
-        common = {"batch_size": bs, "examples": n}
+        common = {"batch_size": bs, "examples": n_bs}
         rows = [
             {**common, "path": "full", "key": "full", "speedup": 1.0, "gflops": full_flops / 1e9, "flop_speedup": 1.0},
             {
@@ -362,13 +381,15 @@ def main(argv: list[str] | None = None) -> int:
                 "flop_speedup": full_flops / naive_flops,
             },
         ]
-        for name in policies if bs == 1 else ():
-            key = f"oracle@{name}"
+        oracle_keys = [k for k in r["times"] if k.startswith(("oracle@", "heads@"))]
+        for key in oracle_keys:
+            kind, name = key.split("@")
             lstats = layer_stats(oracle[name], num_layers)
+            label = "exit layers known in advance" if kind == "oracle" else "+ every exit head up to the exit"
             rows.append(
                 {
                     **common,
-                    "path": f"oracle @ {name} (exit layers known in advance)",
+                    "path": f"oracle @ {name} ({label})",
                     "key": key,
                     "speedup": med["full"] / med[key],
                     "layer_speedup": lstats["speedup"],
@@ -380,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         for key, (layers, shapes) in r["decisions"].items():
             mode, name = key.split("@")
-            ref, _ = policies[name].decide(cached)
+            ref, _ = policies[name].decide(logits_bs)
             lstats = layer_stats(layers, num_layers)
             e_flops = sum(layer_flops(cfg, b, t) + head_flops(cfg, b, t, 2) for b, t in shapes)
             rows.append(
@@ -405,14 +426,14 @@ def main(argv: list[str] | None = None) -> int:
             # speed-up in each interleaved repeat (paired with the full model's time of that repeat)
             paired = np.asarray(r["times"]["full"]) / np.asarray(r["times"][row["key"]])
             row["speedup_range"] = [float(paired.min()), float(paired.max())]
-            row["ms_per_example"] = 1e3 * row["seconds"] / n
+            row["ms_per_example"] = 1e3 * row["seconds"] / n_bs
             row["all_seconds"] = r["times"][row.pop("key")]
         contention = other_load(snap)
         for row in rows:
             row["other_processes_cores"] = contention
         results += rows
         print(
-            f"\nbatch size {bs} ({n} sentences, {r['num_batches']} batches, {ns.repeats} repeats, "
+            f"\nbatch size {bs} ({n_bs} sentences, {r['num_batches']} batches, {ns.repeats} repeats, "
             f"{time.perf_counter() - t0:.0f} s; other processes kept {contention:.2f} cores busy)",
             flush=True,
         )
@@ -424,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": what,
         "num_layers": num_layers,
         "criterion": ns.criterion,
+        "examples": n,
+        "examples_bs1": min(n, ns.examples_bs1),
         "order": ns.order,
         "repeats": ns.repeats,
         "machine": machine(),
@@ -496,7 +519,8 @@ def write_outputs(out: Path, info: dict, rows: list[dict]) -> None:
         f"Load average before / after: {', '.join(f'{x:.2f}' for x in info['load_average_before'])} / "
         f"{', '.join(f'{x:.2f}' for x in info['load_average_after'])}.",
         "",
-        f"Model: {info['model']} ({info['num_layers']} layers). Data: SST-2 dev sentences (a seeded random subset), "
+        f"Model: {info['model']} ({info['num_layers']} layers). Data: {info['examples']} SST-2 dev sentences (a seeded "
+        f"random subset; the first {info['examples_bs1']} of them at batch size 1), "
         f"batches of {'length-sorted' if info['order'] == 'sorted' else 'dev-order'} sentences. Criterion: "
         f"{info['criterion']}; thresholds picked on the timed sentences' cached logits for the target layer speed-ups:",
         "",
@@ -515,8 +539,10 @@ def write_outputs(out: Path, info: dict, rows: list[dict]) -> None:
         "until a full batch of them runs the next layer, so deep layers do not run on a few rows). "
         "**oracle** (batch 1) = every sample runs exactly the layers of its exit and one head, exit known in "
         "advance: the best any early-exit implementation could do here (its ratio is the real ceiling; the "
-        "engine's distance to it is the engine's own cost). Times are medians of "
-        f"{info['repeats']} interleaved repeats after a warm-up. *Measured speed-up* = full time / path time; "
+        "engine's distance to it is the engine's own cost); **oracle + every head** adds the exit heads the "
+        "engine must run to decide online. Times are medians of "
+        f"{info['repeats']} repeats after a warm-up, the paths interleaved in rotating order (per batch at batch "
+        "size 1, per pass otherwise). *Measured speed-up* = full time / path time; "
         "*layer speed-up* = N·L / Σ exit layers (the ceiling); *ratio* = measured / layer speed-up; "
         "FLOPs are analytic (projections, FFN and attention matmuls of the shapes each path actually ran, plus "
         f"heads); on one batch the analytic count was {info['flop_check']['analytic'] / 1e9:.3f} GFLOP vs "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,8 +34,14 @@ def _time_one(method: str, dataset, collator, backbone: str, task, args: argpars
     model = MultiExitModel.from_backbone(backbone, num_labels=task.num_labels, pooling="mean")
     with TemporaryDirectory() as tmp:
         targs = TrainingArguments(
-            output_dir=tmp, method=method, epochs=1, batch_size=args.batch_size, progress=False,
-            group_by_length=group, save_total_limit=1, device="cpu",
+            output_dir=tmp,
+            method=method,
+            epochs=1,
+            batch_size=args.batch_size,
+            progress=False,
+            group_by_length=group,
+            save_total_limit=1,
+            device="cpu",
         )
         trainer = Trainer(model, targs, dataset, collator)
         t0 = time.perf_counter()
@@ -49,6 +56,7 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=320)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--model", default=None)
+    p.add_argument("--repeats", type=int, default=2, help="timed passes per method (median reported)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
 
@@ -61,23 +69,54 @@ def main() -> None:
     warm_up = encode(examples[:32], tokenizer, task.labels, 128)
     _time_one(PLAIN, warm_up, collator, backbone, task, args, True)
 
+    configs = [
+        (PLAIN, False),
+        (PLAIN, True),
+        ("deebert", True),
+        ("deebert-sd", True),
+        ("romebert-sd", True),
+        ("romebert-sdgr", True),
+        ("romebert-sdgr", False),
+    ]
+    times: dict[tuple[str, bool], list[float]] = {c: [] for c in configs}
+    for r in range(args.repeats):
+        shift = r % len(configs)  # rotate the order: a slow spell of the machine hits every method alike
+        for method, group in configs[shift:] + configs[:shift]:
+            seconds = _time_one(method, dataset, collator, backbone, task, args, group)
+            times[(method, group)].append(seconds)
+            print(
+                f"[{r + 1}/{args.repeats}] {method:>14}  group_by_length={str(group):5}  {seconds:7.1f} s", flush=True
+            )
     rows = []
-    for method, group in [(PLAIN, False), (PLAIN, True), ("deebert", True), ("deebert-sd", True),
-                          ("romebert-sd", True), ("romebert-sdgr", True), ("romebert-sdgr", False)]:
-        seconds = _time_one(method, dataset, collator, backbone, task, args, group)
-        rows.append({"method": method, "group_by_length": group, "seconds": seconds,
-                     "examples_per_s": len(dataset) / seconds})
-        print(f"{method:>14}  group_by_length={str(group):5}  {seconds:7.1f} s  {len(dataset) / seconds:6.1f} ex/s",
-              flush=True)
+    for (method, group), ts in times.items():
+        seconds = statistics.median(ts)
+        rows.append(
+            {
+                "method": method,
+                "group_by_length": group,
+                "seconds": seconds,
+                "all_seconds": ts,
+                "examples_per_s": len(dataset) / seconds,
+            }
+        )
     base = next(r["seconds"] for r in rows if r["method"] == PLAIN and r["group_by_length"])
-    print(f"\nrelative to plain fine-tuning with length grouping ({base:.1f} s for {len(dataset)} examples):")
+    print(
+        f"\nmedians of {args.repeats}; relative to plain fine-tuning with length grouping "
+        f"({base:.1f} s for {len(dataset)} examples):"
+    )
     for r in rows:
         r["relative_to_plain"] = r["seconds"] / base
         print(f"{r['method']:>14}  group_by_length={str(r['group_by_length']):5}  x{r['relative_to_plain']:.2f}")
     info = {
-        "command": " ".join(sys.argv), "task": task.name, "examples": len(dataset), "batch_size": args.batch_size,
+        "command": " ".join(sys.argv),
+        "task": task.name,
+        "examples": len(dataset),
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "transformers": transformers.__version__, "rows": rows,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "rows": rows,
     }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -16,12 +16,16 @@ from romebert.trainer import Trainer, TrainingArguments  # noqa: E402
 from conftest import tiny_model  # noqa: E402
 
 
-def main(out: str, method: str, batch_size: int, accum: int) -> None:
-    model = tiny_model(layers=3, dropout=0.0, seed=7)
+def main(
+    out: str, method: str, batch_size: int, accum: int, dropout: float = 0.0, save_steps: int = 0, resume: bool = False
+) -> None:
+    model = tiny_model(layers=3, dropout=dropout, seed=7)
     args = TrainingArguments(
         output_dir=out,
         method=method,
-        epochs=1,
+        epochs=2 if save_steps else 1,
+        save_steps=save_steps,
+        save_total_limit=100,
         batch_size=batch_size,
         learning_rate=1e-3,
         gradient_accumulation_steps=accum,
@@ -30,11 +34,20 @@ def main(out: str, method: str, batch_size: int, accum: int) -> None:
         device="cpu",
     )
     trainer = Trainer(model, args, _dataset(n=30, seed=1), Collator(pad_token_id=0))
-    trainer.train()
+    trainer.train(resume=resume)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(Path(out) / f"rank{trainer.dist.rank}.safetensors"))
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    extra = sys.argv[5:]  # optional: dropout save_steps resume
+    main(
+        sys.argv[1],
+        sys.argv[2],
+        int(sys.argv[3]),
+        int(sys.argv[4]),
+        float(extra[0]) if extra else 0.0,
+        int(extra[1]) if len(extra) > 1 else 0,
+        len(extra) > 2 and extra[2] == "1",
+    )

@@ -216,3 +216,34 @@ def test_malformed_tsv_names_file_and_line(tmp_path, tiny_backbone_dir, capsys):
     )
     err = capsys.readouterr().err
     assert rc == 2 and "train.tsv:14:" in err and "columns" in err
+
+
+@pytest.mark.parametrize("criterion", ["entropy", "patience"])
+def test_predict_runs_real_early_exit_with_the_offline_decisions(tmp_path, tiny_backbone_dir, criterion):
+    """`predict` runs each input only up to its exit; its labels and exit layers equal the offline
+    decisions taken from every exit's cached logits."""
+    from transformers import AutoTokenizer
+
+    from romebert.data import Collator, encode, read_split
+    from romebert.evaluation import collect_logits
+    from romebert.exits import entropy, predictions
+    from romebert.policies import get_policy
+    from romebert.tasks import get_task
+
+    data, run = _train(tmp_path, tiny_backbone_dir, "SST-2", "romebert-sd")
+    task = get_task("SST-2")
+    model = MultiExitModel.from_pretrained(run / "model")
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    dataset = encode(read_split(task, data, "test"), tokenizer, None, 32)
+    logits = collect_logits(model, dataset, Collator(tokenizer), 5)  # [L, N, C], every exit
+    # entropy: a threshold between the exit-1 entropies, so some rows leave at layer 1 and some do not
+    threshold = float(np.median(entropy(logits[0]))) if criterion == "entropy" else 2.0
+    preds, offline_layers = predictions(logits, get_policy(criterion, threshold), task)
+
+    assert main(["predict", str(run), "--criterion", criterion, "--threshold", repr(threshold), "--quiet"]) == 0
+    written = (run / "predictions" / "SST-2.tsv").read_text().splitlines()[1:]
+    layers = np.load(run / "predictions" / "SST-2.exit_layers.npy")
+    assert layers.tolist() == offline_layers.tolist()
+    assert [line.split("\t")[1] for line in written] == [task.labels[int(i)] for i in preds]
+    if criterion == "entropy":
+        assert 1 in layers and layers.max() > 1

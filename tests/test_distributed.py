@@ -1,5 +1,6 @@
 """Data parallelism on 2 CPU processes (gloo) equals one process with the same global batch."""
 
+import json
 import os
 import subprocess
 import sys
@@ -98,3 +99,23 @@ def test_cli_under_a_launcher(tmp_path, tiny_backbone_dir, launcher):
     assert '"world_size": 2' in (out / "train_summary.json").read_text()
     # rank 0 alone evaluated and wrote the test file
     assert (out / "eval" / "dev" / "sweep.json").exists() and (out / "predictions" / "SST-2.tsv").exists()
+
+
+def test_two_process_resume_is_exact_with_dropout(tmp_path):
+    """Ranks draw different dropout masks; a resumed 2-process run must restore each rank's own RNG."""
+    import shutil
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    # 30 examples, global batch 8 (4 per rank), 2 epochs = 8 steps, a checkpoint every 3 steps
+    _torchrun(2, str(WORKER), str(full), "romebert-sdgr", "4", "1", "0.1", "3", "0")
+    ckpt = full / "checkpoints" / "stage0-step0000003"
+    assert ckpt.is_dir(), sorted(p.name for p in (full / "checkpoints").iterdir())
+    assert len(json.loads((ckpt / "trainer_state.json").read_text())["rank_rng"]) == 2
+    # the run "died" after step 3 (mid-epoch 1): only that checkpoint survives
+    shutil.copytree(ckpt, resumed / "checkpoints" / ckpt.name)
+    _torchrun(2, str(WORKER), str(resumed), "romebert-sdgr", "4", "1", "0.1", "3", "1")
+    for rank in (0, 1):
+        a = load_file(str(full / f"rank{rank}.safetensors"))
+        b = load_file(str(resumed / f"rank{rank}.safetensors"))
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"rank {rank}: {key} differs after resume"

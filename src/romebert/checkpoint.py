@@ -42,7 +42,8 @@ class TrainerState:
     batches_done: int = 0  # batches of ``epoch`` already consumed
     global_step: int = 0  # optimizer steps taken in this stage
     stage_done: bool = False
-    rng: dict = field(default_factory=dict)
+    rng: dict = field(default_factory=dict)  # the writing process's (rank 0's) RNG states
+    rank_rng: list = field(default_factory=list)  # data parallel: every rank's RNG states, in rank order
 
 
 def capture_rng() -> dict:

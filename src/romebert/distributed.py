@@ -13,6 +13,7 @@ module reads. Plain ``python -m romebert`` runs as one process.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -51,6 +52,21 @@ class DistContext:
         if self.enabled:
             for t in module.state_dict().values():
                 dist.broadcast(t, src=0)
+
+    def all_gather_json(self, obj: object, device: torch.device | str = "cpu") -> list:
+        """Every rank's JSON-able ``obj``, in rank order (sent as UTF-8 JSON bytes: no pickle)."""
+        if not self.enabled:
+            return [obj]
+        data = json.dumps(obj).encode("utf-8")
+        size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size)
+        longest = int(max(s.item() for s in sizes))
+        buf = torch.zeros(longest, dtype=torch.uint8, device=device)
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+        bufs = [torch.empty_like(buf) for _ in range(self.world_size)]
+        dist.all_gather(bufs, buf)
+        return [json.loads(bytes(b[: int(s.item())].cpu().tolist()).decode("utf-8")) for b, s in zip(bufs, sizes)]
 
     def barrier(self) -> None:
         if self.enabled:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from romebert.errors import RomebertError
-from romebert.modeling import MultiExitModel
+from romebert.modeling import MultiExitModel, pool_weights
 from romebert.policies import ExitPolicy, PolicyState
 
 Batch = tuple[Tensor, Tensor | None, Tensor | None]  # input_ids [n, T], attention_mask, token_type_ids
@@ -53,6 +53,7 @@ class _Group:
 
     hidden: Tensor  # [g, T, H]: input of the next layer
     mask: Tensor  # [g, T] 2-D attention mask
+    weights: Tensor | None  # [g, T] mean-pooling weights (pool_weights(mask)); None for cls pooling
     rows: Tensor  # [g] CPU int64: output row of each row
     extent: Tensor  # [g] CPU int64: last real column + 1
     state: PolicyState
@@ -81,11 +82,17 @@ class EarlyExitEngine:
             if min(temperatures) <= 0:
                 raise RomebertError(f"temperatures must be positive, got {temperatures}")
         self.temperatures = temperatures
+        # Looked up once: module attribute access costs microseconds, and batch size 1 pays it per layer.
+        self._num_layers = model.num_layers
+        self._exits = list(model.exits)
+        self._probe = model.exits[0].classifier.weight  # a Parameter keeps its identity across .to(device)
+        self._regression = model.config.is_regression
+        self._mean_pooling = model.config.pooling == "mean"
         # Fail early: the policy rejects regression for criteria it cannot apply, or bad thresholds.
         policy.init_state(0, model.num_layers, model.config.is_regression)
 
     # ------------------------------------------------------------------------------------ one batch
-    @torch.no_grad()
+    @torch.inference_mode()
     def run(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
     ) -> EngineOutput:
@@ -96,20 +103,21 @@ class EarlyExitEngine:
             return EngineOutput(out, exit_layer, 0)
         group = self._embed(input_ids, attention_mask, token_type_ids, offset=0)
         shapes: list[tuple[int, int]] = []
-        for i in range(self.model.num_layers):
+        for i in range(self._num_layers):
             group = self._layer(i, group, out, exit_layer, shapes)
             if group is None:
                 break
         return EngineOutput(out, exit_layer, sum(b for b, _ in shapes), shapes)
 
     # ----------------------------------------------------------------------------------- many batches
-    @torch.no_grad()
+    @torch.inference_mode()
     def run_stream(self, batches: Iterable[Batch], batch_size: int | None = None) -> EngineOutput:
         """Early exit over several padded batches, results in their concatenated order.
 
         Every layer call runs ``batch_size`` rows (default: the first batch's size) gathered from any
-        input batch, except at most one smaller call per layer once the input is used up. Decisions
-        equal :meth:`run`'s on each batch. Memory: about ``batch_size`` waiting rows per layer.
+        input batch (the shortest waiting rows first, so little padding), except at most one smaller
+        call per layer once the input is used up. Decisions equal :meth:`run`'s on each batch. Memory:
+        under ``2 * batch_size`` waiting rows per layer.
         """
         batches = list(batches)
         sizes = [_check(ids, mask) for ids, mask, _ in batches]
@@ -120,7 +128,7 @@ class EarlyExitEngine:
         bs = batch_size or max(sizes[0], 1)
         if bs < 1:
             raise RomebertError(f"batch_size must be >= 1, got {bs}")
-        num_layers = self.model.num_layers
+        num_layers = self._num_layers
         queues: list[deque[_Group]] = [deque() for _ in range(num_layers)]
         waiting = [0] * num_layers  # rows queued per layer
         shapes: list[tuple[int, int]] = []
@@ -157,12 +165,12 @@ class EarlyExitEngine:
     # ------------------------------------------------------------------------------------- internals
     @property
     def device(self) -> torch.device:
-        return self.model.exits[0].classifier.weight.device  # cheaper than next(model.parameters())
+        return self._probe.device
 
     def _outputs(self, n: int) -> tuple[Tensor, Tensor]:
         device = self.device
         out = torch.zeros(n, self.model.config.num_labels, dtype=torch.float32, device=device)
-        return out, torch.full((n,), self.model.num_layers, dtype=torch.int64)
+        return out, torch.full((n,), self._num_layers, dtype=torch.int64)
 
     def _embed(self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None, offset: int):
         """A group of freshly embedded rows, trailing all-padding columns cut off."""
@@ -181,21 +189,22 @@ class EarlyExitEngine:
         ids, mask = input_ids.to(device), attention_mask.to(device)
         types = token_type_ids.to(device) if token_type_ids is not None else None
         hidden = self.model.embed(ids, types)  # [n, T, H]
-        state = self.policy.init_state(n, self.model.num_layers, self.model.config.is_regression, device)
-        return _Group(hidden, mask, torch.arange(offset, offset + n), extent, state)
+        state = self.policy.init_state(n, self._num_layers, self._regression, device)
+        weights = pool_weights(mask, hidden.dtype) if self._mean_pooling else None
+        return _Group(hidden, mask, weights, torch.arange(offset, offset + n), extent, state)
 
     def _layer(
         self, i: int, g: _Group, out: Tensor, exit_layer: Tensor, shapes: list[tuple[int, int]]
     ) -> _Group | None:
         """Run layer ``i`` and exit head ``i`` on ``g``; write the leavers; return the rest (or None)."""
         model = self.model
-        last = i == model.num_layers - 1
+        last = i == self._num_layers - 1
         if not g.has_layer_mask:  # rebuilt only when rows or columns changed
             g.layer_mask, g.has_layer_mask = model.attention_mask(g.hidden, g.mask), True
         hidden = model.run_layer(i, g.hidden, g.layer_mask)  # [b, T, H]
         b = len(g)
         shapes.append((b, hidden.shape[1]))
-        logits = model.exits[i](hidden, g.mask).float()  # [b, C]
+        logits = self._exits[i](hidden, g.mask, g.weights).float()  # [b, C]
         if self.temperatures is not None:
             logits = logits / self.temperatures[i]
         if last:  # the final head takes everyone left; no decision needed
@@ -205,7 +214,7 @@ class EarlyExitEngine:
             leave = exit_mask.cpu()  # [b] bool: the one host sync of this layer
             n_leave = int(leave.sum())
             if n_leave == 0:
-                return _Group(hidden, g.mask, g.rows, g.extent, state, g.layer_mask, True)
+                return _Group(hidden, g.mask, g.weights, g.rows, g.extent, state, g.layer_mask, True)
         if leave is None or n_leave == b:
             out.index_copy_(0, g.rows.to(out.device), logits)
             exit_layer.index_fill_(0, g.rows, i + 1)
@@ -221,6 +230,7 @@ class EarlyExitEngine:
         return _Group(
             hidden[:, :cols].index_select(0, keep_dev),  # [b', T', H]
             g.mask[:, :cols].index_select(0, keep_dev),  # [b', T']
+            _rows(g.weights, keep_dev, cols),
             g.rows[keep],
             extent,
             self.policy.select(state, keep_dev),
@@ -238,37 +248,53 @@ def _check(input_ids: Tensor, attention_mask: Tensor | None) -> int:
 
 
 def _take(queue: deque[_Group], k: int) -> _Group:
-    """Pop the first ``k`` queued rows (splitting a group if needed) as one group, padded to one width."""
-    parts: list[_Group] = []
-    need = k
-    while need and queue:
-        g = queue.popleft()
-        if len(g) > need:  # split: the tail goes back to the front of the queue
-            queue.appendleft(_slice(g, need, len(g)))
-            g = _slice(g, 0, need)
-        parts.append(g)
-        need -= len(g)
+    """Pop ``k`` queued rows as one group: the ``k`` shortest, so a batch mixes rows of similar length.
+
+    Rows of one layer's queue come from input batches of different lengths; taking the shortest
+    (rather than the oldest) keeps the padding of the merged batch small. The rest stays queued.
+    """
+    if len(queue) == 1 and len(queue[0]) <= k:
+        return queue.popleft()
+    parts = list(queue)
+    queue.clear()
+    extent = torch.cat([p.extent for p in parts])  # [m] CPU
+    order = torch.argsort(extent, stable=True)
+    take, rest = order[:k], order[k:]
     if len(parts) == 1:
-        return parts[0]
-    cols = int(max(int(p.extent.max()) for p in parts))
+        merged = parts[0]
+    else:
+        cols = int(extent.max())
+        merged = _Group(
+            torch.cat([_width(p.hidden, cols) for p in parts]),  # [m, T, H]
+            torch.cat([_width(p.mask, cols) for p in parts]),  # [m, T]
+            torch.cat([_width(p.weights, cols) for p in parts]) if parts[0].weights is not None else None,
+            torch.cat([p.rows for p in parts]),
+            extent,
+            PolicyState.cat([p.state for p in parts]),
+        )
+    if rest.numel():
+        queue.append(_select(merged, rest))
+    return _select(merged, take)
+
+
+def _select(g: _Group, index: Tensor) -> _Group:
+    """Rows ``index`` (CPU int64) of ``g``, trailing all-padding columns cut off."""
+    extent = g.extent[index]
+    cols = int(extent.max())
+    index_dev = index.to(g.hidden.device)
     return _Group(
-        torch.cat([_width(p.hidden, cols) for p in parts]),  # [k, T, H]
-        torch.cat([_width(p.mask, cols) for p in parts]),  # [k, T]
-        torch.cat([p.rows for p in parts]),
-        torch.cat([p.extent for p in parts]),
-        PolicyState.cat([p.state for p in parts]),
+        g.hidden[:, :cols].index_select(0, index_dev),
+        g.mask[:, :cols].index_select(0, index_dev),
+        _rows(g.weights, index_dev, cols),
+        g.rows[index],
+        extent,
+        g.state.select(index_dev),
     )
 
 
-def _slice(g: _Group, start: int, stop: int) -> _Group:
-    cols = int(g.extent[start:stop].max())
-    return _Group(
-        g.hidden[start:stop, :cols].contiguous(),
-        g.mask[start:stop, :cols].contiguous(),
-        g.rows[start:stop],
-        g.extent[start:stop],
-        g.state.slice(start, stop),
-    )
+def _rows(x: Tensor | None, index: Tensor, cols: int) -> Tensor | None:
+    """Rows ``index`` of ``x`` [g, T] cut to ``cols`` columns (None stays None)."""
+    return None if x is None else x[:, :cols].index_select(0, index)
 
 
 def _width(x: Tensor, cols: int) -> Tensor:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
@@ -84,6 +85,16 @@ class MultiExitConfig:
         return cls(**data)
 
 
+def pool_weights(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Masked-mean weights [B, T] from a 0/1 mask [B, T]: 1 / (real tokens) on real tokens, 0 on padding.
+
+    Computed once per batch and shared by every exit, so mean pooling is one batched matrix-vector
+    product per exit (at batch size 1 the per-op overhead, not the arithmetic, is what costs).
+    """
+    m = mask.to(dtype)
+    return m / m.sum(1, keepdim=True).clamp_min(1.0)
+
+
 class ExitHead(nn.Module):
     """pooler (Linear + tanh) -> dropout -> classifier, the structure of BERT's classification head."""
 
@@ -94,14 +105,19 @@ class ExitHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
 
-    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        # hidden [B, T, H], mask [B, T] (1 = token) -> logits [B, C]
+    def forward(self, hidden: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
+        # hidden [B, T, H], mask [B, T] (1 = token), weights [B, T] from pool_weights(mask) -> logits [B, C]
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:
-            m = mask.to(hidden.dtype).unsqueeze(-1)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-        return self.classifier(self.dropout(torch.tanh(self.pooler(pooled))))
+            if weights is None:
+                weights = pool_weights(mask, hidden.dtype)
+            pooled = torch.bmm(weights.unsqueeze(1), hidden).squeeze(1)  # [B, H]
+        # Functional calls, dropout only when training: the engine runs this after every layer.
+        x = torch.tanh(F.linear(pooled, self.pooler.weight, self.pooler.bias))
+        if self.training:
+            x = self.dropout(x)
+        return F.linear(x, self.classifier.weight, self.classifier.bias)
 
 
 class MultiExitModel(nn.Module):
@@ -266,10 +282,11 @@ class MultiExitModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_backbone):
             hidden = self.embed(input_ids, token_type_ids)
             layer_mask = self.attention_mask(hidden, attention_mask)
+        weights = pool_weights(attention_mask, hidden.dtype) if self.config.pooling == "mean" else None
         for i, head in enumerate(self.exits):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_backbone):
                 hidden = self.run_layer(i, hidden, layer_mask)
-            logits.append(head(hidden, attention_mask))
+            logits.append(head(hidden, attention_mask, weights))
         return torch.stack(logits)
 
     # ----------------------------------------------------------------------------------------------

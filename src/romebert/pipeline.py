@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 from romebert.data import Collator, Example, encode, label_set, load_hub_glue, read_custom, read_split
 from romebert.errors import RomebertError
 from romebert.evaluation import collect_logits, dataset_labels
-from romebert.exits import REFERENCE_THRESHOLDS, per_exit_metrics, predictions, sweep
+from romebert.exits import REFERENCE_THRESHOLDS, _is_policy, _preds_from_logits, per_exit_metrics, sweep
 from romebert.modeling import MultiExitModel, default_backbone
 from romebert.plots import plot_per_exit, plot_speedup
 from romebert.reports import write_json, write_per_exit_csv, write_submission, write_sweep_csv
@@ -298,12 +298,35 @@ def predict_run(
         else:
             examples = read_split(task, data.data_dir, split)
         dataset = encode(examples, tokenizer, None, data.max_seq_length)
-        logits = collect_logits(model, dataset, Collator(tokenizer), batch_size)
-        preds, layers = predictions(logits, threshold, task)
+        preds, layers = _early_exit_predictions(model, dataset, Collator(tokenizer), batch_size, threshold, task)
         write_submission(out_dir / name, preds, task)
         np.save(out_dir / (Path(name).stem + ".exit_layers.npy"), layers)
         written.append({"file": str(out_dir / name), "rows": len(preds), "mean_exit_layer": float(layers.mean())})
     return written
+
+
+def _early_exit_predictions(
+    model, dataset, collator, batch_size: int, threshold, task
+) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, exit layers) in dataset order, by real early exit: each input runs only the
+    layers up to its exit (:class:`~romebert.engine.EarlyExitEngine`); the decisions are those the
+    offline sweep takes from cached logits (``threshold``: an entropy threshold or a policy)."""
+    from romebert.engine import EarlyExitEngine
+    from romebert.policies import get_policy
+
+    policy = threshold if _is_policy(threshold) else get_policy("entropy", threshold)
+    engine = EarlyExitEngine(model, policy)
+    order = np.argsort(np.asarray(dataset.lengths), kind="stable")  # length-sorted batches: little padding
+    batches = []
+    for start in range(0, len(dataset), batch_size):
+        b = collator([dataset[int(i)] for i in order[start : start + batch_size]])
+        batches.append((b["input_ids"], b["attention_mask"], b.get("token_type_ids")))
+    out = engine.run_stream(batches, batch_size)
+    logits = np.zeros((len(dataset), model.config.num_labels), dtype=np.float32)
+    layers = np.zeros(len(dataset), dtype=np.int64)
+    logits[order] = out.logits.cpu().numpy()
+    layers[order] = out.exit_layer.numpy()
+    return _preds_from_logits(logits, task.is_regression), layers
 
 
 def _override(data: DataSpec, override: dict | None) -> DataSpec:

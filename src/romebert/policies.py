@@ -69,11 +69,6 @@ class PolicyState:
         rows = {k: v.index_select(0, keep) for k, v in self.rows.items()}
         return PolicyState(self.num_layers, self.regression, self.thresholds, rows)
 
-    def slice(self, start: int, stop: int) -> PolicyState:
-        """The state of rows ``start:stop``."""
-        rows = {k: v[start:stop] for k, v in self.rows.items()}
-        return PolicyState(self.num_layers, self.regression, self.thresholds, rows)
-
     @staticmethod
     def cat(states: Sequence[PolicyState]) -> PolicyState:
         """The rows of several states of one policy at the same layer, stacked in order."""

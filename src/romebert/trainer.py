@@ -8,6 +8,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from transformers import get_linear_schedule_with_warmup
 from romebert.checkpoint import (
     CHECKPOINT_DIR,
     TrainerState,
+    capture_rng,
     list_checkpoints,
     load_latest,
     read_state,
@@ -211,8 +213,26 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def _save(self, optimizer, scheduler, state: TrainerState) -> None:
+        # Every rank's RNG goes into rank 0's checkpoint (ranks draw different dropout masks), so a
+        # resumed data-parallel run continues exactly; one small collective per save.
+        rank_rng = self.dist.all_gather_json(capture_rng(), self.device) if self.dist.enabled else []
         if self.dist.is_main:
+            state.rank_rng = rank_rng
             save_checkpoint(self.output_dir, self.model, optimizer, scheduler, state, self.args.save_total_limit)
+
+    def _restore_rng(self, state: TrainerState) -> None:
+        saved_world = len(state.rank_rng) or 1
+        if saved_world != self.dist.world_size and self.dist.is_main:
+            warnings.warn(
+                f"checkpoint step {state.global_step} was written by {saved_world} process(es), resuming on "
+                f"{self.dist.world_size}: data order and optimizer continue, dropout masks differ from an "
+                "uninterrupted run",
+                stacklevel=2,
+            )
+        if len(state.rank_rng) == self.dist.world_size:
+            restore_rng(state.rank_rng[self.dist.rank])
+        else:
+            restore_rng(state.rng)
 
     def train(self, resume: bool = False) -> dict:
         """Run every stage of the method; returns a summary (wall time per stage, steps, last loss).
@@ -244,7 +264,7 @@ class Trainer:
                 summary["resumed_from_step"] = {"stage": stage.name, "step": state.global_step}
                 if state.stage_done:
                     continue
-                restore_rng(state.rng)
+                self._restore_rng(state)
             else:
                 set_seed(args.seed + stage_index + 1000 * self.dist.rank)  # ranks draw different dropout masks
                 optimizer, scheduler = self._make_optim(stage_index)
