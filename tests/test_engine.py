@@ -158,6 +158,20 @@ def test_stream_refill_equals_offline_decisions(setup, criterion, input_bs, batc
     assert len(out.shapes) <= -(-out.layer_work // batch_size) + LAYERS
 
 
+@pytest.mark.parametrize("batch_size", [1, 7])
+def test_run_dataset_returns_results_in_dataset_order(setup, batch_size):
+    """Length-sorted batches inside, dataset order outside (the data here is in random length order)."""
+    model, data, cached, policies = setup
+    policy = policies["entropy"]
+    ref_layers, ref_logits = policy.decide(cached)
+    out = EarlyExitEngine(model, policy).run_dataset(data, COLLATE, batch_size)
+    assert sorted(data.lengths) != list(data.lengths)  # the order really differs from the batching order
+    assert np.array_equal(out.exit_layer.numpy(), ref_layers)
+    assert np.allclose(out.logits.numpy(), ref_logits, atol=1e-4)
+    with pytest.raises(RomebertError, match="batch_size"):
+        EarlyExitEngine(model, policy).run_dataset(data, COLLATE, 0)
+
+
 def test_stream_with_per_exit_thresholds_temperatures_and_padding(setup):
     model, data, cached, _ = setup
     temps = [0.7, 1.3, 1.0, 2.0]

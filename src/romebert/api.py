@@ -216,18 +216,8 @@ class EarlyExitClassifier:
             raise RomebertError(f"batch_size must be >= 1, got {batch_size}")
         engine = self.engine(criterion, threshold, calibrated, **policy_kwargs)
         dataset = encode(_examples(texts), self.tokenizer, None, self.max_seq_length)
-        n, c = len(dataset), self.model.config.num_labels
-        logits = np.zeros((n, c), dtype=np.float32)
-        layers = np.zeros(n, dtype=np.int64)
-        # Length-sorted batches (little padding); the engine refills each layer's batch across them.
-        order = np.argsort(np.asarray(dataset.lengths), kind="stable")
-        batches = []
-        for start in range(0, n, batch_size):
-            b = self.collator([dataset[int(i)] for i in order[start : start + batch_size]])
-            batches.append((b["input_ids"], b["attention_mask"], b.get("token_type_ids")))
-        out = engine.run_stream(batches, batch_size)
-        logits[order] = out.logits.cpu().numpy()  # back to input order
-        layers[order] = out.exit_layer.numpy()
+        out = engine.run_dataset(dataset, self.collator, batch_size)
+        logits, layers = out.logits.cpu().numpy(), out.exit_layer.numpy()
         if self.label_names is None:
             labels: list[str | float] = [float(v) for v in logits[:, 0]]
             probs = None

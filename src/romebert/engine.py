@@ -12,7 +12,8 @@ else is tensor ops over the batch, so batch size 1 takes the same path with litt
 :meth:`EarlyExitEngine.run` serves one batch. :meth:`EarlyExitEngine.run_stream` serves many: the
 survivors of a layer wait in a per-layer queue until a full batch of them can run the next layer
 together, so deep layers do not run on a handful of rows (the batch stays large and the hardware busy).
-Both make exactly the same per-sample decisions.
+Both make exactly the same per-sample decisions. :meth:`EarlyExitEngine.run_dataset` feeds an encoded
+dataset to ``run_stream`` in length-sorted batches and returns the results in dataset order.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -161,6 +163,25 @@ class EarlyExitEngine:
                 queues[layer + 1].append(survivors)
                 waiting[layer + 1] += len(survivors)
         return EngineOutput(out, exit_layer, sum(b for b, _ in shapes), shapes)
+
+    def run_dataset(self, dataset, collator, batch_size: int = 32) -> EngineOutput:
+        """Early exit over an encoded dataset (``romebert.data.encode``), results in dataset order.
+
+        Inputs go in length-sorted batches (little padding) through :meth:`run_stream`, and the results
+        are scattered back to the dataset's order.
+        """
+        if batch_size < 1:
+            raise RomebertError(f"batch_size must be >= 1, got {batch_size}")
+        order = torch.from_numpy(np.argsort(np.asarray(dataset.lengths), kind="stable"))
+        batches = []
+        for start in range(0, len(dataset), batch_size):
+            b = collator([dataset[int(i)] for i in order[start : start + batch_size]])
+            batches.append((b["input_ids"], b["attention_mask"], b.get("token_type_ids")))
+        out = self.run_stream(batches, batch_size)
+        logits, exit_layer = torch.empty_like(out.logits), torch.empty_like(out.exit_layer)
+        logits[order.to(logits.device)] = out.logits
+        exit_layer[order] = out.exit_layer
+        return EngineOutput(logits, exit_layer, out.layer_work, out.shapes)
 
     # ------------------------------------------------------------------------------------- internals
     @property

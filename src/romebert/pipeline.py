@@ -315,17 +315,8 @@ def _early_exit_predictions(
     from romebert.policies import get_policy
 
     policy = threshold if _is_policy(threshold) else get_policy("entropy", threshold)
-    engine = EarlyExitEngine(model, policy)
-    order = np.argsort(np.asarray(dataset.lengths), kind="stable")  # length-sorted batches: little padding
-    batches = []
-    for start in range(0, len(dataset), batch_size):
-        b = collator([dataset[int(i)] for i in order[start : start + batch_size]])
-        batches.append((b["input_ids"], b["attention_mask"], b.get("token_type_ids")))
-    out = engine.run_stream(batches, batch_size)
-    logits = np.zeros((len(dataset), model.config.num_labels), dtype=np.float32)
-    layers = np.zeros(len(dataset), dtype=np.int64)
-    logits[order] = out.logits.cpu().numpy()
-    layers[order] = out.exit_layer.numpy()
+    out = EarlyExitEngine(model, policy).run_dataset(dataset, collator, batch_size)
+    logits, layers = out.logits.cpu().numpy(), out.exit_layer.numpy()
     return _preds_from_logits(logits, task.is_regression), layers
 
 
