@@ -212,8 +212,6 @@ class EarlyExitClassifier:
         Inputs are batched by length (less padding), run with :meth:`EarlyExitEngine.run_stream` (every
         layer call gets ``batch_size`` rows while enough remain) and scattered back to input order.
         """
-        if batch_size < 1:
-            raise RomebertError(f"batch_size must be >= 1, got {batch_size}")
         engine = self.engine(criterion, threshold, calibrated, **policy_kwargs)
         dataset = encode(_examples(texts), self.tokenizer, None, self.max_seq_length)
         out = engine.run_dataset(dataset, self.collator, batch_size)

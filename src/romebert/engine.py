@@ -241,21 +241,11 @@ class EarlyExitEngine:
             exit_layer.index_fill_(0, g.rows, i + 1)
             return None
         gone = leave.nonzero().squeeze(1)  # [g'] CPU
-        keep = (~leave).nonzero().squeeze(1)  # [b - g'] CPU
-        gone_dev, keep_dev = gone.to(hidden.device), keep.to(hidden.device)
+        gone_dev = gone.to(hidden.device)
         out.index_copy_(0, g.rows[gone].to(out.device), logits.index_select(0, gone_dev))
         exit_layer.index_fill_(0, g.rows[gone], i + 1)
-        extent = g.extent[keep]
-        # Cut trailing columns that are padding for every remaining row, then drop the rows.
-        cols = int(extent.max())
-        return _Group(
-            hidden[:, :cols].index_select(0, keep_dev),  # [b', T', H]
-            g.mask[:, :cols].index_select(0, keep_dev),  # [b', T']
-            _rows(g.weights, keep_dev, cols),
-            g.rows[keep],
-            extent,
-            self.policy.select(state, keep_dev),
-        )
+        # The rest go on, trailing columns that are padding for every one of them cut off.
+        return _select(_Group(hidden, g.mask, g.weights, g.rows, g.extent, state), (~leave).nonzero().squeeze(1))
 
 
 def _check(input_ids: Tensor, attention_mask: Tensor | None) -> int:

@@ -23,11 +23,13 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from romebert.data import Collator, Example, encode, label_set, load_hub_glue, read_custom, read_split
+from romebert.engine import EarlyExitEngine
 from romebert.errors import RomebertError
 from romebert.evaluation import collect_logits, dataset_labels
 from romebert.exits import REFERENCE_THRESHOLDS, _is_policy, _preds_from_logits, per_exit_metrics, sweep
 from romebert.modeling import MultiExitModel, default_backbone
 from romebert.plots import plot_per_exit, plot_speedup
+from romebert.policies import get_policy
 from romebert.reports import write_json, write_per_exit_csv, write_submission, write_sweep_csv
 from romebert.tasks import TaskSpec, custom_task, get_task
 from romebert.trainer import Trainer, TrainingArguments, resolve_device, set_seed
@@ -311,9 +313,6 @@ def _early_exit_predictions(
     """(predictions, exit layers) in dataset order, by real early exit: each input runs only the
     layers up to its exit (:class:`~romebert.engine.EarlyExitEngine`); the decisions are those the
     offline sweep takes from cached logits (``threshold``: an entropy threshold or a policy)."""
-    from romebert.engine import EarlyExitEngine
-    from romebert.policies import get_policy
-
     policy = threshold if _is_policy(threshold) else get_policy("entropy", threshold)
     out = EarlyExitEngine(model, policy).run_dataset(dataset, collator, batch_size)
     logits, layers = out.logits.cpu().numpy(), out.exit_layer.numpy()
