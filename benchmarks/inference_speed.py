@@ -47,7 +47,7 @@ from romebert.data import Collator, encode, read_split  # noqa: E402
 from romebert.engine import EarlyExitEngine  # noqa: E402
 from romebert.evaluation import collect_logits, dataset_labels  # noqa: E402
 from romebert.exits import layer_stats  # noqa: E402
-from romebert.modeling import MultiExitModel  # noqa: E402
+from romebert.modeling import MultiExitModel, pool_weights  # noqa: E402
 from romebert.policies import get_policy  # noqa: E402
 from romebert.tasks import get_task  # noqa: E402
 
@@ -55,20 +55,34 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------------- set-up
-def load(run: str | None):
+def load(run: str | None, size: str = "minilm"):
     """(model, tokenizer, max_seq_length, description)."""
     if run:
         from romebert.pipeline import load_run
 
         model, tokenizer, data = load_run(run, "cpu")
         return model.eval(), tokenizer, data.max_seq_length, f"trained run {run}"
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from romebert.modeling import default_backbone
+    from romebert.modeling import MultiExitConfig, default_backbone
 
     torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(default_backbone())
+    if size == "base":
+        # BERT-base's shape (12 layers, hidden 768) with random weights: no such checkpoint is on this
+        # machine, and the engine's cost per layer relative to the layer's own cost is what is measured.
+        cfg = AutoConfig.for_model(
+            "bert",
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+        )
+        model = MultiExitModel.from_config(cfg, MultiExitConfig(num_labels=2, pooling="mean"))
+        return model.eval(), tokenizer, 128, "BERT-base-sized (12 layers, hidden 768), random weights and exits"
     model = MultiExitModel.from_backbone(default_backbone(), num_labels=2, pooling="mean")
-    return model.eval(), AutoTokenizer.from_pretrained(default_backbone()), 128, "packaged MiniLM-L6, random exits"
+    return model.eval(), tokenizer, 128, "packaged MiniLM-L6, random exits"
 
 
 def machine() -> dict:
@@ -92,7 +106,8 @@ def machine() -> dict:
 
 
 # ----------------------------------------------------------------------------------- the three paths
-@torch.no_grad()
+# Every path runs under inference_mode, as the engine does (it is a little cheaper than no_grad).
+@torch.inference_mode()
 def full_forward(model: MultiExitModel, batch: dict) -> torch.Tensor:
     """A plain classifier: every layer, the final head only."""
     hidden = model.embed(batch["input_ids"], batch.get("token_type_ids"))
@@ -102,7 +117,7 @@ def full_forward(model: MultiExitModel, batch: dict) -> torch.Tensor:
     return model.exits[-1](hidden, batch["attention_mask"])
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def oracle_forward(model: MultiExitModel, batch: dict, exit_layer: int) -> torch.Tensor:
     """One sample whose exit layer is known in advance: exactly that many layers and one head.
 
@@ -115,17 +130,19 @@ def oracle_forward(model: MultiExitModel, batch: dict, exit_layer: int) -> torch
     return model.exits[exit_layer - 1](hidden, batch["attention_mask"])
 
 
-@torch.no_grad()
-def oracle_heads_forward(model: MultiExitModel, batch: dict, exit_layer: int) -> None:
-    """The oracle plus every exit head up to the exit: what deciding online costs at least."""
+@torch.inference_mode()
+def oracle_heads_forward(model: MultiExitModel, heads: list, batch: dict, exit_layer: int) -> None:
+    """The oracle plus every exit head up to the exit, run as the engine runs them (``inference_fn``,
+    pooling weights shared): what deciding online costs at least, before any decision is taken."""
     hidden = model.embed(batch["input_ids"], batch.get("token_type_ids"))
     layer_mask = model.attention_mask(hidden, batch["attention_mask"])
+    weights = pool_weights(batch["attention_mask"], hidden.dtype) if model.config.pooling == "mean" else None
     for i in range(exit_layer):
         hidden = model.run_layer(i, hidden, layer_mask)
-        model.exits[i](hidden, batch["attention_mask"])
+        heads[i](hidden, weights)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def naive_forward(model: MultiExitModel, batch: dict, policy) -> np.ndarray:
     """The peer approach: all layers and all heads, then exits picked from the logits."""
     logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))  # [L, B, C]
@@ -210,6 +227,7 @@ def bench_batch_size(
     triples = [(b["input_ids"], b["attention_mask"], b.get("token_type_ids")) for _, b in batches]
     engines = {name: EarlyExitEngine(model, p) for name, p in policies.items()}
     mid = list(policies)[len(policies) // 2]  # the naive path's cost does not depend on the threshold
+    heads = [h.inference_fn() for h in model.exits]
 
     # every path: (chunk of batch indices) -> None
     paths = {
@@ -225,7 +243,7 @@ def bench_batch_size(
             ]
             if name == mid:
                 paths[f"heads@{name}"] = lambda js, lay=lay: [
-                    oracle_heads_forward(model, batches[j][1], int(lay[batches[j][0][0]])) for j in js
+                    oracle_heads_forward(model, heads, batches[j][1], int(lay[batches[j][0][0]])) for j in js
                 ]
         if refill:
             paths[f"refill@{name}"] = lambda js, e=e: e.run_stream([triples[j] for j in js], bs)
@@ -278,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         help="trained run folder (default: runs/quickstart-sst2 when present)",
     )
     p.add_argument("--random-exits", action="store_true", help="ignore --run: packaged backbone, random exits")
+    p.add_argument(
+        "--size",
+        choices=["minilm", "base"],
+        default="minilm",
+        help="with --random-exits: the packaged MiniLM, or a random model of BERT-base's shape",
+    )
     p.add_argument("--data-dir", default=None, help="GLUE folder with SST-2/dev.tsv (default: ../shared/glue)")
     p.add_argument("--criterion", default="entropy")
     p.add_argument("--patience", type=int, default=2, help="patience-confidence: k")
@@ -308,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
 
     run = None if ns.random_exits else ns.run
-    model, tokenizer, max_len, what = load(run)
+    model, tokenizer, max_len, what = load(run, ns.size)
     task = get_task("SST-2")
     data_dir = ns.data_dir or str(ROOT.parent / "shared" / "glue")
     examples = read_split(task, data_dir, "dev")

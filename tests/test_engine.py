@@ -303,3 +303,32 @@ def test_engine_errors(setup):
         engine.run(torch.ones(3, dtype=torch.long))
     empty = engine.run(torch.zeros(0, 5, dtype=torch.long))
     assert empty.logits.shape == (0, 3) and empty.layer_work == 0
+
+
+def test_row_extent_handles_right_and_left_padding_and_empty_rows():
+    from romebert.engine import _extent
+
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 0], [0, 0, 0, 0, 0]])
+    assert _extent(mask).tolist() == [3, 5, 4, 0]  # last real column + 1; left padding is never trimmed
+
+
+def test_engine_follows_the_model_to_another_dtype_and_new_weights(setup):
+    # The engine caches views of the exit heads' weights; moving the model (here to float64) replaces
+    # them, and the engine must notice rather than run the stale float32 copies.
+    _, data, _, _ = setup
+    model = _model(seed=3)
+    engine = EarlyExitEngine(model, get_policy("entropy", 0.0))  # never exits early: every row at layer L
+    batch = COLLATE([data[i] for i in range(6)])
+    args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    before = engine.run(*args).logits
+    model.double()
+    after = engine.run(*args)
+    with torch.inference_mode():
+        expected = model(*args)[-1]  # [B, C] float64
+    assert after.logits.dtype == torch.float32
+    assert torch.allclose(after.logits, expected.float(), atol=1e-6)
+    assert torch.allclose(before, after.logits, atol=1e-4)  # the same model, in another precision
+    with torch.no_grad():
+        model.exits[-1].classifier.bias.add_(1.0)  # in place: the cached views see it
+    shifted = engine.run(*args).logits
+    assert torch.allclose(shifted, after.logits + 1.0, atol=1e-6)

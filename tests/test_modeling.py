@@ -5,7 +5,7 @@ import torch
 from transformers import ElectraConfig, RobertaConfig
 
 from romebert.errors import RomebertError
-from romebert.modeling import CONFIG_NAME, WEIGHTS_NAME, MultiExitConfig, MultiExitModel
+from romebert.modeling import CONFIG_NAME, WEIGHTS_NAME, MultiExitConfig, MultiExitModel, pool_weights
 
 from conftest import tiny_model
 
@@ -135,3 +135,21 @@ def test_frozen_backbone_builds_no_graph_through_the_encoder():
     out[0].sum().backward()
     assert all(p.grad is None for p in model.backbone.parameters())
     assert model.exits[0].classifier.weight.grad is not None
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_inference_fn_equals_the_head_bit_for_bit(pooling):
+    # The engine decides with inference_fn, the offline sweep with forward: equal logits, equal decisions.
+    model = tiny_model(layers=2, pooling=pooling).eval()
+    ids, mask = _padded_batch()
+    hidden = torch.randn(3, ids.shape[1], model.backbone.config.hidden_size)
+    weights = pool_weights(mask, hidden.dtype) if pooling == "mean" else None
+    with torch.inference_mode():
+        for head in model.exits:
+            assert torch.equal(head.inference_fn()(hidden, weights), head(hidden, mask))
+    head = model.exits[0]
+    fn = head.inference_fn()
+    with torch.no_grad():  # in-place weight updates show through the cached views
+        head.classifier.weight.mul_(2.0)
+        head.pooler.bias.add_(1.0)
+        assert torch.equal(fn(hidden, weights), head(hidden, mask))

@@ -1,13 +1,16 @@
 """Batched early-exit inference: run layer by layer and drop the samples that have left.
 
 After layer i, only the rows still in the batch go through exit head i; the policy decides who leaves;
-the leavers' logits are written to the output rows they came from (``index_copy_``), and the hidden
-states, the 2-D mask, the policy state and the row map are compacted with ``index_select``. Trailing
-columns that are padding for every remaining row are cut off, so a batch also gets shorter as its long
-samples leave. The loop stops as soon as no row is left.
+the leavers' logits are kept with the output rows they came from (scattered into input order once, at
+the end), and the hidden states, the 2-D mask, the policy state and the row map are compacted with
+``index_select``. Trailing columns that are padding for every remaining row are cut off, so a batch
+also gets shorter as its long samples leave. The loop stops as soon as no row is left.
 
 One host synchronisation per layer (the exit mask is read once, to size the compaction); everything
-else is tensor ops over the batch, so batch size 1 takes the same path with little overhead.
+else is tensor ops over the batch, so batch size 1 takes the same path with little overhead. Host-side
+bookkeeping (row map, row lengths) is numpy, and the path between two layers is kept to a few calls:
+right after a layer, whose weights have pushed code and data out of the CPU caches, each distinct call
+costs 10-50 us instead of the 1-5 us a warm micro-benchmark shows (``benchmarks/inference_speed.py``).
 
 :meth:`EarlyExitEngine.run` serves one batch. :meth:`EarlyExitEngine.run_stream` serves many: the
 survivors of a layer wait in a per-layer queue until a full batch of them can run the next layer
@@ -56,8 +59,8 @@ class _Group:
     hidden: Tensor  # [g, T, H]: input of the next layer
     mask: Tensor  # [g, T] 2-D attention mask
     weights: Tensor | None  # [g, T] mean-pooling weights (pool_weights(mask)); None for cls pooling
-    rows: Tensor  # [g] CPU int64: output row of each row
-    extent: Tensor  # [g] CPU int64: last real column + 1
+    rows: np.ndarray  # [g] int64: output row of each row
+    extent: np.ndarray  # [g] int64: last real column + 1
     state: PolicyState
     layer_mask: Tensor | None = None  # the backbone's mask for (hidden, mask), once built
     has_layer_mask: bool = False  # (None is a valid mask: "no padding")
@@ -86,8 +89,9 @@ class EarlyExitEngine:
         self.temperatures = temperatures
         # Looked up once: module attribute access costs microseconds, and batch size 1 pays it per layer.
         self._num_layers = model.num_layers
-        self._exits = list(model.exits)
         self._probe = model.exits[0].classifier.weight  # a Parameter keeps its identity across .to(device)
+        self._heads_at: tuple[int, torch.device] | None = None  # (storage, device) the head closures see
+        self._heads: list = []
         self._regression = model.config.is_regression
         self._mean_pooling = model.config.pooling == "mean"
         # Fail early: the policy rejects regression for criteria it cannot apply, or bad thresholds.
@@ -100,16 +104,17 @@ class EarlyExitEngine:
     ) -> EngineOutput:
         """Early-exit logits and exit layers for one padded batch ``input_ids`` [N, T]."""
         n = _check(input_ids, attention_mask)
-        out, exit_layer = self._outputs(n)
         if n == 0:
-            return EngineOutput(out, exit_layer, 0)
+            return self._assemble(0, [], [])
+        self._prepare()
         group = self._embed(input_ids, attention_mask, token_type_ids, offset=0)
         shapes: list[tuple[int, int]] = []
+        done: list[_Done] = []
         for i in range(self._num_layers):
-            group = self._layer(i, group, out, exit_layer, shapes)
+            group = self._layer(i, group, done, shapes)
             if group is None:
                 break
-        return EngineOutput(out, exit_layer, sum(b for b, _ in shapes), shapes)
+        return self._assemble(n, done, shapes)
 
     # ----------------------------------------------------------------------------------- many batches
     @torch.inference_mode()
@@ -124,16 +129,17 @@ class EarlyExitEngine:
         batches = list(batches)
         sizes = [_check(ids, mask) for ids, mask, _ in batches]
         n = sum(sizes)
-        out, exit_layer = self._outputs(n)
         if n == 0:
-            return EngineOutput(out, exit_layer, 0)
+            return self._assemble(0, [], [])
         bs = batch_size or max(sizes[0], 1)
         if bs < 1:
             raise RomebertError(f"batch_size must be >= 1, got {bs}")
+        self._prepare()
         num_layers = self._num_layers
         queues: list[deque[_Group]] = [deque() for _ in range(num_layers)]
         waiting = [0] * num_layers  # rows queued per layer
         shapes: list[tuple[int, int]] = []
+        done: list[_Done] = []
         offsets = [0]
         for s in sizes:
             offsets.append(offsets[-1] + s)
@@ -158,11 +164,11 @@ class EarlyExitEngine:
                 layer = pending[0]
             group = _take(queues[layer], bs)
             waiting[layer] -= len(group)
-            survivors = self._layer(layer, group, out, exit_layer, shapes)
+            survivors = self._layer(layer, group, done, shapes)
             if survivors is not None:
                 queues[layer + 1].append(survivors)
                 waiting[layer + 1] += len(survivors)
-        return EngineOutput(out, exit_layer, sum(b for b, _ in shapes), shapes)
+        return self._assemble(n, done, shapes)
 
     def run_dataset(self, dataset, collator, batch_size: int = 32) -> EngineOutput:
         """Early exit over an encoded dataset (``romebert.data.encode``), results in dataset order.
@@ -188,10 +194,27 @@ class EarlyExitEngine:
     def device(self) -> torch.device:
         return self._probe.device
 
-    def _outputs(self, n: int) -> tuple[Tensor, Tensor]:
-        device = self.device
-        out = torch.zeros(n, self.model.config.num_labels, dtype=torch.float32, device=device)
-        return out, torch.full((n,), self._num_layers, dtype=torch.int64)
+    def _prepare(self) -> None:
+        """(Re)build the exit heads' closures when the weights moved (``model.to``) since last time."""
+        at = (self._probe.data_ptr(), self._probe.device)
+        if at != self._heads_at:
+            self._heads = [head.inference_fn() for head in self.model.exits]
+            self._heads_at = at
+
+    def _assemble(self, n: int, done: list[_Done], shapes: list[tuple[int, int]]) -> EngineOutput:
+        """Every row's logits and exit layer, in input order."""
+        work = sum(b for b, _ in shapes)
+        if len(done) == 1:  # one batch that left together (always so at batch size 1): already in order
+            rows, logits, layer = done[0]
+            if np.array_equal(rows, np.arange(n)):
+                return EngineOutput(logits, torch.from_numpy(np.full(n, layer, dtype=np.int64)), work, shapes)
+        out = torch.empty(n, self.model.config.num_labels, dtype=torch.float32, device=self.device)
+        exit_layer = np.empty(n, dtype=np.int64)
+        if done:
+            rows = np.concatenate([d[0] for d in done])
+            exit_layer[rows] = np.concatenate([np.full(len(d[0]), d[2], dtype=np.int64) for d in done])
+            out.index_copy_(0, torch.from_numpy(rows).to(out.device), torch.cat([d[1] for d in done]))
+        return EngineOutput(out, torch.from_numpy(exit_layer), work, shapes)
 
     def _embed(self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None, offset: int):
         """A group of freshly embedded rows, trailing all-padding columns cut off."""
@@ -199,53 +222,79 @@ class EarlyExitEngine:
         n, width = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-            extent = torch.full((n,), width, dtype=torch.int64)
+            extent = np.full(n, width, dtype=np.int64)
         else:
-            # Extent of each row = last real column + 1 (host side: it sizes every later trim).
-            extent = (attention_mask.detach().to("cpu", torch.bool) * torch.arange(1, width + 1)).amax(1)  # [n]
+            extent = _extent(_host(attention_mask.detach()).numpy())  # [n]
         cols = max(int(extent.max()), 1)
         if cols < width:
             input_ids, attention_mask = input_ids[:, :cols], attention_mask[:, :cols]
             token_type_ids = token_type_ids[:, :cols] if token_type_ids is not None else None
-        ids, mask = input_ids.to(device), attention_mask.to(device)
-        types = token_type_ids.to(device) if token_type_ids is not None else None
+        ids, mask = _on(input_ids, device), _on(attention_mask, device)
+        types = _on(token_type_ids, device) if token_type_ids is not None else None
         hidden = self.model.embed(ids, types)  # [n, T, H]
         state = self.policy.init_state(n, self._num_layers, self._regression, device)
         weights = pool_weights(mask, hidden.dtype) if self._mean_pooling else None
-        return _Group(hidden, mask, weights, torch.arange(offset, offset + n), extent, state)
+        return _Group(hidden, mask, weights, np.arange(offset, offset + n, dtype=np.int64), extent, state)
 
-    def _layer(
-        self, i: int, g: _Group, out: Tensor, exit_layer: Tensor, shapes: list[tuple[int, int]]
-    ) -> _Group | None:
-        """Run layer ``i`` and exit head ``i`` on ``g``; write the leavers; return the rest (or None)."""
+    def _layer(self, i: int, g: _Group, done: list[_Done], shapes: list[tuple[int, int]]) -> _Group | None:
+        """Run layer ``i`` and exit head ``i`` on ``g``; record the leavers in ``done``; return the rest."""
         model = self.model
-        last = i == self._num_layers - 1
         if not g.has_layer_mask:  # rebuilt only when rows or columns changed
             g.layer_mask, g.has_layer_mask = model.attention_mask(g.hidden, g.mask), True
         hidden = model.run_layer(i, g.hidden, g.layer_mask)  # [b, T, H]
         b = len(g)
         shapes.append((b, hidden.shape[1]))
-        logits = self._exits[i](hidden, g.mask, g.weights).float()  # [b, C]
+        logits = self._heads[i](hidden, g.weights)  # [b, C]
+        if logits.dtype != torch.float32:  # (a no-op .float() still costs a dispatch per layer)
+            logits = logits.float()
         if self.temperatures is not None:
             logits = logits / self.temperatures[i]
-        if last:  # the final head takes everyone left; no decision needed
+        if i == self._num_layers - 1:  # the final head takes everyone left; no decision needed
+            done.append((g.rows, logits, i + 1))
+            return None
+        exit_mask, state = self.policy.step(i, logits, g.state)
+        # The one host sync of this layer. After a layer every distinct call costs 10-50 us, not the
+        # 1-5 us of a warm loop (the layer's weights have pushed code and data out of the caches), so
+        # batch size 1 reads its single flag with one call.
+        if b == 1:
+            n_leave = int(exit_mask.item())
             leave = None
         else:
-            exit_mask, state = self.policy.step(i, logits, g.state)
-            leave = exit_mask.cpu()  # [b] bool: the one host sync of this layer
-            n_leave = int(leave.sum())
-            if n_leave == 0:
-                return _Group(hidden, g.mask, g.weights, g.rows, g.extent, state, g.layer_mask, True)
-        if leave is None or n_leave == b:
-            out.index_copy_(0, g.rows.to(out.device), logits)
-            exit_layer.index_fill_(0, g.rows, i + 1)
+            leave = _host(exit_mask).numpy()  # [b] bool
+            n_leave = int(np.count_nonzero(leave))
+        if n_leave == 0:
+            g.hidden, g.state = hidden, state  # same rows, same columns: the masks stay valid
+            return g
+        if n_leave == b:
+            done.append((g.rows, logits, i + 1))
             return None
-        gone = leave.nonzero().squeeze(1)  # [g'] CPU
-        gone_dev = gone.to(hidden.device)
-        out.index_copy_(0, g.rows[gone].to(out.device), logits.index_select(0, gone_dev))
-        exit_layer.index_fill_(0, g.rows[gone], i + 1)
+        assert leave is not None  # b > 1 here
+        gone = np.flatnonzero(leave)
+        done.append((g.rows[gone], logits.index_select(0, torch.from_numpy(gone).to(logits.device)), i + 1))
         # The rest go on, trailing columns that are padding for every one of them cut off.
-        return _select(_Group(hidden, g.mask, g.weights, g.rows, g.extent, state), (~leave).nonzero().squeeze(1))
+        return _select(_Group(hidden, g.mask, g.weights, g.rows, g.extent, state), np.flatnonzero(~leave))
+
+
+_Done = tuple[np.ndarray, Tensor, int]  # rows that left together: (output rows, logits [k, C], exit layer)
+
+
+def _host(x: Tensor) -> Tensor:
+    """``x`` on the CPU (no call at all when it is there already: each call costs at batch size 1)."""
+    return x if x.device.type == "cpu" else x.cpu()
+
+
+def _on(x: Tensor, device: torch.device) -> Tensor:
+    return x if x.device == device else x.to(device)
+
+
+def _extent(mask: np.ndarray) -> np.ndarray:
+    """Last real column + 1 of each row of a 0/1 mask [n, T] (0 for an all-padding row), int64.
+
+    numpy, not torch: on a handful of host values a numpy op costs a microsecond, a torch op several.
+    """
+    real = mask != 0
+    width = real.shape[1]
+    return np.where(real.any(1), width - real[:, ::-1].argmax(1), 0).astype(np.int64)
 
 
 def _check(input_ids: Tensor, attention_mask: Tensor | None) -> int:
@@ -268,8 +317,8 @@ def _take(queue: deque[_Group], k: int) -> _Group:
         return queue.popleft()
     parts = list(queue)
     queue.clear()
-    extent = torch.cat([p.extent for p in parts])  # [m] CPU
-    order = torch.argsort(extent, stable=True)
+    extent = np.concatenate([p.extent for p in parts])  # [m]
+    order = np.argsort(extent, kind="stable")
     take, rest = order[:k], order[k:]
     if len(parts) == 1:
         merged = parts[0]
@@ -279,20 +328,20 @@ def _take(queue: deque[_Group], k: int) -> _Group:
             torch.cat([_width(p.hidden, cols) for p in parts]),  # [m, T, H]
             torch.cat([_width(p.mask, cols) for p in parts]),  # [m, T]
             torch.cat([_width(p.weights, cols) for p in parts]) if parts[0].weights is not None else None,
-            torch.cat([p.rows for p in parts]),
+            np.concatenate([p.rows for p in parts]),
             extent,
             PolicyState.cat([p.state for p in parts]),
         )
-    if rest.numel():
+    if rest.size:
         queue.append(_select(merged, rest))
     return _select(merged, take)
 
 
-def _select(g: _Group, index: Tensor) -> _Group:
-    """Rows ``index`` (CPU int64) of ``g``, trailing all-padding columns cut off."""
+def _select(g: _Group, index: np.ndarray) -> _Group:
+    """Rows ``index`` (int64) of ``g``, trailing all-padding columns cut off."""
     extent = g.extent[index]
     cols = int(extent.max())
-    index_dev = index.to(g.hidden.device)
+    index_dev = torch.from_numpy(index).to(g.hidden.device)
     return _Group(
         g.hidden[:, :cols].index_select(0, index_dev),
         g.mask[:, :cols].index_select(0, index_dev),

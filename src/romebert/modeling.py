@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
@@ -107,17 +107,39 @@ class ExitHead(nn.Module):
 
     def forward(self, hidden: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
         # hidden [B, T, H], mask [B, T] (1 = token), weights [B, T] from pool_weights(mask) -> logits [B, C]
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            if weights is None:
-                weights = pool_weights(mask, hidden.dtype)
-            pooled = torch.bmm(weights.unsqueeze(1), hidden).squeeze(1)  # [B, H]
-        # Functional calls, dropout only when training: the engine runs this after every layer.
-        x = torch.tanh(F.linear(pooled, self.pooler.weight, self.pooler.bias))
+        if self.pooling == "mean" and weights is None:
+            weights = pool_weights(mask, hidden.dtype)
+        pooled = _pool(hidden, weights if self.pooling == "mean" else None)  # [B, H]
+        # addmm, not F.linear: the same arithmetic (F.linear calls addmm) with less dispatch, and the
+        # same ops as inference_fn, so the engine's logits equal these bit for bit.
+        x = torch.addmm(self.pooler.bias, pooled, self.pooler.weight.t()).tanh()
         if self.training:
             x = self.dropout(x)
-        return F.linear(x, self.classifier.weight, self.classifier.bias)
+        return torch.addmm(self.classifier.bias, x, self.classifier.weight.t())
+
+    def inference_fn(self) -> Callable[[Tensor, Tensor | None], Tensor]:
+        """Eval-mode ``forward`` as a closure ``(hidden, weights) -> logits`` over cached weight views.
+
+        The engine runs a head after every layer; at batch size 1 the module call, attribute lookups
+        and transposes cost about as much as the arithmetic. The views share the parameters' storage
+        (in-place updates show through); rebuild after moving the model to another device.
+        """
+        wp, bp = self.pooler.weight.t(), self.pooler.bias  # [H, H], [H]
+        wc, bc = self.classifier.weight.t(), self.classifier.bias  # [H, C], [C]
+        mean = self.pooling == "mean"
+
+        def run(hidden: Tensor, weights: Tensor | None) -> Tensor:
+            pooled = _pool(hidden, weights if mean else None)
+            return torch.addmm(bc, torch.addmm(bp, pooled, wp).tanh_(), wc)
+
+        return run
+
+
+def _pool(hidden: Tensor, weights: Tensor | None) -> Tensor:
+    """[B, T, H] -> [B, H]: first token (weights None) or the masked mean (weights [B, T])."""
+    if weights is None:
+        return hidden[:, 0]
+    return torch.bmm(weights.unsqueeze(1), hidden).squeeze(1)
 
 
 class MultiExitModel(nn.Module):

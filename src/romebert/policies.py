@@ -86,13 +86,13 @@ def entropy_t(logits: Tensor) -> Tensor:
     class of probability 0 contribute 0 (not nan), while NaN logits still give NaN (never an exit).
     Few ops on purpose: this runs after every layer of the engine.
     """
-    p = torch.softmax(logits.double(), dim=-1)
+    p = torch.softmax(logits, dim=-1, dtype=torch.float64)  # cast, then softmax: one op
     return torch.special.xlogy(p, p).sum(-1).neg_().clamp_min_(0.0)
 
 
 def maxprob_t(logits: Tensor) -> Tensor:
     """Largest softmax probability over the last axis, float64."""
-    return torch.softmax(logits.double(), dim=-1).amax(-1)
+    return torch.softmax(logits, dim=-1, dtype=torch.float64).amax(-1)
 
 
 def _change(x: Tensor, prev: Tensor) -> Tensor:
@@ -201,7 +201,7 @@ class EntropyPolicy(ExitPolicy):
         if not state.regression:
             # entropy < t, as -sum(p log p) < t <=> sum(p log p) > -t (negation is exact): two ops fewer
             # on the engine's per-layer path; NaN still never exits.
-            p = torch.softmax(logits.double(), dim=-1)
+            p = torch.softmax(logits, dim=-1, dtype=torch.float64)
             return torch.special.xlogy(p, p).sum(-1) > -t
         x = logits.double()
         prev = state.rows.get("prev")
