@@ -489,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
         "thresholds": picked,
         "seconds_total": time.perf_counter() - t_start,
     }
+    one = collator([dataset[int(np.argsort(dataset.lengths)[n // 2])]])  # a sentence of median length
+    info["call_costs"] = call_costs(model, one, policies[list(policies)[0]])
+    for name, c in info["call_costs"].items():
+        warm = f", warm loop {c['warm_loop_us']:.1f} us" if "warm_loop_us" in c else ""
+        print(f"batch size 1, {name}: {c['after_a_layer_us']:.1f} us after a layer{warm}", flush=True)
     if not ns.no_calibration and rest:
         info["calibration"] = calibration_report(model, tokenizer, collator, rest, task, max_len, cached, labels)
     info["seconds_total"] = time.perf_counter() - t_start
@@ -518,6 +523,46 @@ def _table(rows: list[dict]) -> str:
             + f"{r.get('exit_counts', '-')} |"
         )
     return "\n".join(lines)
+
+
+def call_costs(model: MultiExitModel, batch: dict, policy, repeats: int = 300) -> dict:
+    """Microseconds of the calls the engine makes between two layers, timed right after a layer and
+    in a warm loop. The difference is why a hot-loop micro-benchmark underestimates the engine's cost:
+    a layer streams megabytes of weights through the caches and pushes out the code and data the next
+    small call needs."""
+    heads = [h.inference_fn() for h in model.exits]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    calls = {
+        "exit head (pooling, pooler, classifier)": lambda h, w, lg, st: heads[0](h, w),
+        "policy step": lambda h, w, lg, st: policy.step(0, lg, st),
+        "one small torch op (logits > 0)": lambda h, w, lg, st: lg > 0,
+    }
+    out = {}
+    with torch.inference_mode():
+        hidden = model.embed(ids, batch.get("token_type_ids"))
+        layer_mask = model.attention_mask(hidden, mask)
+        weights = pool_weights(mask, hidden.dtype) if model.config.pooling == "mean" else None
+        logits = heads[0](hidden, weights)
+        state = policy.init_state(ids.shape[0], model.num_layers, model.config.is_regression)
+        for name, f in calls.items():
+            after = []
+            for r in range(repeats):
+                h = model.run_layer(r % model.num_layers, hidden, layer_mask)
+                t0 = time.perf_counter_ns()
+                f(h, weights, logits, state)
+                after.append(time.perf_counter_ns() - t0)
+            for _ in range(100):
+                f(hidden, weights, logits, state)
+            t0 = time.perf_counter_ns()
+            for _ in range(repeats):
+                f(hidden, weights, logits, state)
+            warm = (time.perf_counter_ns() - t0) / repeats
+            out[name] = {"after_a_layer_us": statistics.median(after) / 1e3, "warm_loop_us": warm / 1e3}
+        t0 = time.perf_counter_ns()
+        for r in range(repeats):
+            model.run_layer(r % model.num_layers, hidden, layer_mask)
+        out["one encoder layer (for scale)"] = {"after_a_layer_us": (time.perf_counter_ns() - t0) / repeats / 1e3}
+    return out
 
 
 def calibration_report(model, tokenizer, collator, fit_examples, task, max_len, cached, labels) -> dict:
@@ -600,6 +645,22 @@ def write_outputs(out: Path, info: dict, rows: list[dict]) -> None:
         + ".",
         "",
     ]
+    costs = info.get("call_costs")
+    if costs:
+        md += [
+            "Cost of the calls the engine makes between two layers (batch size 1, one sentence of median "
+            "length; median over repeats): timed right after an encoder layer, as the engine runs them, "
+            "and in a warm loop, as a micro-benchmark would. A layer streams its weights through the "
+            "caches, so the next small call finds its code and data gone; this, not arithmetic, is most "
+            "of the engine's cost per layer at batch size 1.",
+            "",
+            "| call | after a layer (us) | warm loop (us) |",
+            "|---|---|---|",
+        ]
+        for name, c in costs.items():
+            warm = f"{c['warm_loop_us']:.1f}" if "warm_loop_us" in c else "-"
+            md.append(f"| {name} | {c['after_a_layer_us']:.1f} | {warm} |")
+        md.append("")
     cal = info.get("calibration")
     if cal:
         md += [

@@ -332,3 +332,21 @@ def test_engine_follows_the_model_to_another_dtype_and_new_weights(setup):
         model.exits[-1].classifier.bias.add_(1.0)  # in place: the cached views see it
     shifted = engine.run(*args).logits
     assert torch.allclose(shifted, after.logits + 1.0, atol=1e-6)
+
+
+def test_host_side_pooling_weights_and_mask_shortcut_match_the_model(setup):
+    # The engine builds mean-pooling weights from its host copy of the mask and skips the backbone's
+    # mask builder for groups without padding; both must give exactly what the model itself uses.
+    from romebert.modeling import pool_weights
+
+    model, data, _, _ = setup
+    engine = EarlyExitEngine(model, get_policy("entropy", 0.0))
+    engine._prepare()
+    batch = COLLATE([data[i] for i in range(5)])
+    group = engine._embed(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], offset=0)
+    assert torch.equal(group.weights, pool_weights(group.mask, torch.float32))
+    assert group.count.tolist() == batch["attention_mask"].sum(1).tolist()
+    one = COLLATE([data[0]])
+    hidden = model.embed(one["input_ids"], one["token_type_ids"])
+    assert model.attention_mask(hidden, one["attention_mask"], padded=False) is None
+    assert model.attention_mask(hidden, one["attention_mask"]) is None  # what the backbone gives too

@@ -61,6 +61,7 @@ class _Group:
     weights: Tensor | None  # [g, T] mean-pooling weights (pool_weights(mask)); None for cls pooling
     rows: np.ndarray  # [g] int64: output row of each row
     extent: np.ndarray  # [g] int64: last real column + 1
+    count: np.ndarray  # [g] int64: real tokens (== extent for every row: no padding left in the group)
     state: PolicyState
     layer_mask: Tensor | None = None  # the backbone's mask for (hidden, mask), once built
     has_layer_mask: bool = False  # (None is a valid mask: "no padding")
@@ -206,7 +207,7 @@ class EarlyExitEngine:
         work = sum(b for b, _ in shapes)
         if len(done) == 1:  # one batch that left together (always so at batch size 1): already in order
             rows, logits, layer = done[0]
-            if np.array_equal(rows, np.arange(n)):
+            if n == 1 or np.array_equal(rows, np.arange(n)):
                 return EngineOutput(logits, torch.from_numpy(np.full(n, layer, dtype=np.int64)), work, shapes)
         out = torch.empty(n, self.model.config.num_labels, dtype=torch.float32, device=self.device)
         exit_layer = np.empty(n, dtype=np.int64)
@@ -222,25 +223,38 @@ class EarlyExitEngine:
         n, width = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-            extent = np.full(n, width, dtype=np.int64)
+            extent = count = np.full(n, width, dtype=np.int64)
+            real = None
         else:
-            extent = _extent(_host(attention_mask.detach()).numpy())  # [n]
+            real = _host(attention_mask.detach()).numpy() != 0  # [n, T] bool
+            extent, count = _extent(real), real.sum(1)
         cols = max(int(extent.max()), 1)
         if cols < width:
             input_ids, attention_mask = input_ids[:, :cols], attention_mask[:, :cols]
             token_type_ids = token_type_ids[:, :cols] if token_type_ids is not None else None
+            real = real[:, :cols] if real is not None else None
         ids, mask = _on(input_ids, device), _on(attention_mask, device)
         types = _on(token_type_ids, device) if token_type_ids is not None else None
         hidden = self.model.embed(ids, types)  # [n, T, H]
         state = self.policy.init_state(n, self._num_layers, self._regression, device)
-        weights = pool_weights(mask, hidden.dtype) if self._mean_pooling else None
-        return _Group(hidden, mask, weights, np.arange(offset, offset + n, dtype=np.int64), extent, state)
+        weights = None
+        if self._mean_pooling:
+            if real is not None and hidden.dtype == torch.float32:
+                # pool_weights on the host copy: the same float32 arithmetic (one exact sum, one
+                # correctly rounded division), so the same bits, without four torch calls.
+                m = real.astype(np.float32)
+                weights = _on(torch.from_numpy(m / np.maximum(m.sum(1, keepdims=True), np.float32(1.0))), device)
+            else:
+                weights = pool_weights(mask, hidden.dtype)
+        rows = np.arange(offset, offset + n, dtype=np.int64)
+        return _Group(hidden, mask, weights, rows, extent, count.astype(np.int64), state)
 
     def _layer(self, i: int, g: _Group, done: list[_Done], shapes: list[tuple[int, int]]) -> _Group | None:
         """Run layer ``i`` and exit head ``i`` on ``g``; record the leavers in ``done``; return the rest."""
         model = self.model
         if not g.has_layer_mask:  # rebuilt only when rows or columns changed
-            g.layer_mask, g.has_layer_mask = model.attention_mask(g.hidden, g.mask), True
+            padded = bool((g.count < g.hidden.shape[1]).any())  # from host-side lengths: no device sync
+            g.layer_mask, g.has_layer_mask = model.attention_mask(g.hidden, g.mask, padded), True
         hidden = model.run_layer(i, g.hidden, g.layer_mask)  # [b, T, H]
         b = len(g)
         shapes.append((b, hidden.shape[1]))
@@ -272,7 +286,7 @@ class EarlyExitEngine:
         gone = np.flatnonzero(leave)
         done.append((g.rows[gone], logits.index_select(0, torch.from_numpy(gone).to(logits.device)), i + 1))
         # The rest go on, trailing columns that are padding for every one of them cut off.
-        return _select(_Group(hidden, g.mask, g.weights, g.rows, g.extent, state), np.flatnonzero(~leave))
+        return _select(_Group(hidden, g.mask, g.weights, g.rows, g.extent, g.count, state), np.flatnonzero(~leave))
 
 
 _Done = tuple[np.ndarray, Tensor, int]  # rows that left together: (output rows, logits [k, C], exit layer)
@@ -288,13 +302,12 @@ def _on(x: Tensor, device: torch.device) -> Tensor:
 
 
 def _extent(mask: np.ndarray) -> np.ndarray:
-    """Last real column + 1 of each row of a 0/1 mask [n, T] (0 for an all-padding row), int64.
+    """Last real column + 1 of each row of a bool mask [n, T] (0 for an all-padding row), int64.
 
     numpy, not torch: on a handful of host values a numpy op costs a microsecond, a torch op several.
     """
-    real = mask != 0
-    width = real.shape[1]
-    return np.where(real.any(1), width - real[:, ::-1].argmax(1), 0).astype(np.int64)
+    width = mask.shape[1]
+    return np.where(mask.any(1), width - mask[:, ::-1].argmax(1), 0).astype(np.int64)
 
 
 def _check(input_ids: Tensor, attention_mask: Tensor | None) -> int:
@@ -330,6 +343,7 @@ def _take(queue: deque[_Group], k: int) -> _Group:
             torch.cat([_width(p.weights, cols) for p in parts]) if parts[0].weights is not None else None,
             np.concatenate([p.rows for p in parts]),
             extent,
+            np.concatenate([p.count for p in parts]),
             PolicyState.cat([p.state for p in parts]),
         )
     if rest.size:
@@ -348,6 +362,7 @@ def _select(g: _Group, index: np.ndarray) -> _Group:
         _rows(g.weights, index_dev, cols),
         g.rows[index],
         extent,
+        g.count[index],
         g.state.select(index_dev),
     )
 
