@@ -106,12 +106,17 @@ def machine() -> dict:
 
 
 # ----------------------------------------------------------------------------------- the three paths
-# Every path runs under inference_mode, as the engine does (it is a little cheaper than no_grad).
+# Every path runs under inference_mode, as the engine does (it is a little cheaper than no_grad), and
+# skips the backbone's mask builder for unpadded batches, as the engine does from its host-side lengths.
+def _padded(batch: dict) -> bool:
+    return not bool(batch["attention_mask"].all())
+
+
 @torch.inference_mode()
 def full_forward(model: MultiExitModel, batch: dict) -> torch.Tensor:
     """A plain classifier: every layer, the final head only."""
     hidden = model.embed(batch["input_ids"], batch.get("token_type_ids"))
-    layer_mask = model.attention_mask(hidden, batch["attention_mask"])
+    layer_mask = model.attention_mask(hidden, batch["attention_mask"], _padded(batch))
     for i in range(model.num_layers):
         hidden = model.run_layer(i, hidden, layer_mask)
     return model.exits[-1](hidden, batch["attention_mask"])
@@ -124,7 +129,7 @@ def oracle_forward(model: MultiExitModel, batch: dict, exit_layer: int) -> torch
     No early-exit implementation can beat it; the engine's distance to it is the engine's own cost.
     """
     hidden = model.embed(batch["input_ids"], batch.get("token_type_ids"))
-    layer_mask = model.attention_mask(hidden, batch["attention_mask"])
+    layer_mask = model.attention_mask(hidden, batch["attention_mask"], _padded(batch))
     for i in range(exit_layer):
         hidden = model.run_layer(i, hidden, layer_mask)
     return model.exits[exit_layer - 1](hidden, batch["attention_mask"])
@@ -135,7 +140,7 @@ def oracle_heads_forward(model: MultiExitModel, heads: list, batch: dict, exit_l
     """The oracle plus every exit head up to the exit, run as the engine runs them (``inference_fn``,
     pooling weights shared): what deciding online costs at least, before any decision is taken."""
     hidden = model.embed(batch["input_ids"], batch.get("token_type_ids"))
-    layer_mask = model.attention_mask(hidden, batch["attention_mask"])
+    layer_mask = model.attention_mask(hidden, batch["attention_mask"], _padded(batch))
     weights = pool_weights(batch["attention_mask"], hidden.dtype) if model.config.pooling == "mean" else None
     for i in range(exit_layer):
         hidden = model.run_layer(i, hidden, layer_mask)
