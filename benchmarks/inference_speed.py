@@ -48,7 +48,7 @@ from romebert.engine import EarlyExitEngine  # noqa: E402
 from romebert.evaluation import collect_logits, dataset_labels  # noqa: E402
 from romebert.exits import layer_stats  # noqa: E402
 from romebert.modeling import MultiExitModel, pool_weights  # noqa: E402
-from romebert.policies import get_policy  # noqa: E402
+from romebert.policies import ExitPolicy, get_policy  # noqa: E402
 from romebert.tasks import get_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +154,39 @@ def naive_forward(model: MultiExitModel, batch: dict, policy) -> np.ndarray:
     return policy.decide(logits, regression=model.config.is_regression)[0]
 
 
+class ReplayPolicy(ExitPolicy):
+    """Benchmark only: each row leaves at a given layer, replayed from another model's real decisions.
+
+    A random model of BERT-base's shape has no meaningful exits; replaying the trained small model's
+    exits (scaled to the depth) keeps what matters for speed: which sentences leave early, and so the
+    link between length and exit. Exits are fed with :meth:`load` in the order the engine starts its
+    rows. A step still computes the entropy of its logits, so it costs what the entropy criterion costs
+    (plus one comparison).
+    """
+
+    name = "replay"
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+        self._queue = np.zeros(0, dtype=np.int64)
+
+    def load(self, layers: np.ndarray) -> None:
+        self._queue = np.asarray(layers, dtype=np.int64)
+
+    def _init_rows(self, n: int, device) -> dict[str, torch.Tensor]:
+        if n == 0:  # the engine's constructor checks the policy with an empty state
+            return {}
+        take, self._queue = self._queue[:n], self._queue[n:]
+        if take.size != n:
+            raise RuntimeError("replay: more rows than loaded exits")
+        return {"target": torch.from_numpy(take).to(device)}
+
+    def _step(self, layer: int, logits: torch.Tensor, state) -> torch.Tensor:
+        p = torch.softmax(logits, dim=-1, dtype=torch.float64)
+        torch.special.xlogy(p, p).sum(-1)  # the entropy criterion's work, result unused
+        return state.rows["target"] == layer + 1
+
+
 # ------------------------------------------------------------------------------------------ FLOPs
 def layer_flops(cfg, b: int, t: int) -> float:
     """One encoder layer on [b, t]: Q, K, V, O projections, the FFN, and the two attention matmuls."""
@@ -216,12 +249,23 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def bench_batch_size(
-    model, dataset, collator, bs: int, policies: dict, repeats: int, order: str, refill: bool, oracle: dict | None
+    model,
+    dataset,
+    collator,
+    bs: int,
+    policies: dict,
+    repeats: int,
+    order: str,
+    refill: bool,
+    oracle: dict | None,
+    replay: dict | None = None,
+    naive_policy=None,
 ) -> dict:
     """Time every path over the whole set at batch size ``bs``; per-path times, decisions and shapes.
 
     Paths are interleaved in rotating order, per batch at batch size 1 (a noisy machine then slows all
-    paths alike) and per pass otherwise (``run_stream`` needs the whole stream).
+    paths alike) and per pass otherwise (``run_stream`` needs the whole stream). ``replay``: per policy
+    name, the exit layer of every row, for :class:`ReplayPolicy` policies.
     """
     n = len(dataset)
     idx = np.argsort(np.asarray(dataset.lengths), kind="stable") if order == "sorted" else np.arange(n)
@@ -234,13 +278,28 @@ def bench_batch_size(
     mid = list(policies)[len(policies) // 2]  # the naive path's cost does not depend on the threshold
     heads = [h.inference_fn() for h in model.exits]
 
+    naive_policy = naive_policy or policies[mid]
+
+    def feed(name: str, js: list[int]) -> None:
+        """Replay: queue the exits of these batches' rows, in the order the engine will start them."""
+        if replay is not None:
+            policies[name].load(np.concatenate([replay[name][batches[j][0]] for j in js]))
+
+    def run_one(e: EarlyExitEngine, name: str, j: int):
+        feed(name, [j])
+        return e.run(*triples[j])
+
+    def run_all(e: EarlyExitEngine, name: str, js: list[int]):
+        feed(name, js)
+        return e.run_stream([triples[j] for j in js], bs)
+
     # every path: (chunk of batch indices) -> None
     paths = {
         "full": lambda js: [full_forward(model, batches[j][1]) for j in js],
-        "naive": lambda js: [naive_forward(model, batches[j][1], policies[mid]) for j in js],
+        "naive": lambda js: [naive_forward(model, batches[j][1], naive_policy) for j in js],
     }
     for name, e in engines.items():
-        paths[f"engine@{name}"] = lambda js, e=e: [e.run(*triples[j]) for j in js]
+        paths[f"engine@{name}"] = lambda js, e=e, name=name: [run_one(e, name, j) for j in js]
         if oracle is not None:  # batch size 1: one row per batch
             lay = oracle[name]
             paths[f"oracle@{name}"] = lambda js, lay=lay: [
@@ -251,7 +310,7 @@ def bench_batch_size(
                     oracle_heads_forward(model, heads, batches[j][1], int(lay[batches[j][0][0]])) for j in js
                 ]
         if refill:
-            paths[f"refill@{name}"] = lambda js, e=e: e.run_stream([triples[j] for j in js], bs)
+            paths[f"refill@{name}"] = lambda js, e=e, name=name: run_all(e, name, js)
     warm = list(range(max(1, min(len(batches), 64 // bs))))
     for f in paths.values():  # warm-up: allocator, thread pool, first-call paths
         f(warm)
@@ -301,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         help="trained run folder (default: runs/quickstart-sst2 when present)",
     )
     p.add_argument("--random-exits", action="store_true", help="ignore --run: packaged backbone, random exits")
+    p.add_argument(
+        "--replay-from",
+        default=str(default_run) if default_run.is_dir() else None,
+        help="with --size base: replay this trained run's exits (default: runs/quickstart-sst2 when present)",
+    )
     p.add_argument(
         "--size",
         choices=["minilm", "base"],
@@ -373,6 +437,31 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
+    # A random model of BERT-base's shape: replay the trained small model's exits on the same sentences.
+    replay, naive_policy = None, None
+    if ns.size == "base" and ns.random_exits and ns.replay_from:
+        src, src_tokenizer, src_len, _ = load(ns.replay_from)
+        if num_layers % src.num_layers:
+            raise SystemExit(f"--replay-from: {src.num_layers} layers do not divide {num_layers}")
+        src_set = encode(examples, src_tokenizer, task.labels, src_len)
+        src_cached = collect_logits(src, src_set, Collator(src_tokenizer))
+        scale = num_layers // src.num_layers
+        replay, naive_policy = {}, policies[list(policies)[len(policies) // 2]]
+        for s in targets:
+            name = f"{s:g}x"
+            thr, row = choose_threshold(src_cached, labels, task, ns.criterion, target_speedup=s, **policy_kw)
+            replay[name] = get_policy(ns.criterion, thr, **policy_kw).decide(src_cached)[0] * scale  # [N]
+            policies[name] = ReplayPolicy()
+            picked[name] = {
+                "threshold": thr,
+                "replayed_from": ns.replay_from,
+                "dev_metric": row["metric"],
+                "final_metric": row["final_metric"],
+                "layer_speedup_on_timed_set": row["speedup"],
+            }
+            print(f"target {name}: exits replayed from {ns.replay_from} (threshold {thr:.5g}) x{scale}", flush=True)
+        what += f"; exits replayed from the trained run {ns.replay_from} (its exit k -> layer {scale}k)"
+
     b8 = collator([dataset[i] for i in range(min(8, n))])
     flop_check = measured_flops(model, b8)
     analytic8 = num_layers * layer_flops(cfg, *b8["input_ids"].shape) + head_flops(cfg, *b8["input_ids"].shape, 2)
@@ -391,8 +480,13 @@ def main(argv: list[str] | None = None) -> int:
         snap = cpu_snapshot()
         n_bs = min(n, ns.examples_bs1) if bs == 1 else n
         ds, logits_bs = type(dataset)(dataset.features[:n_bs]), cached[:, :n_bs]
-        oracle = {name: p.decide(logits_bs)[0] for name, p in policies.items()} if bs == 1 else None
-        r = bench_batch_size(model, ds, collator, bs, policies, ns.repeats, ns.order, bs > 1, oracle)
+        offline = {  # every policy's decisions on the cached logits (replayed exits as given)
+            name: replay[name][:n_bs] if replay is not None else p.decide(logits_bs)[0] for name, p in policies.items()
+        }
+        oracle = offline if bs == 1 else None
+        r = bench_batch_size(
+            model, ds, collator, bs, policies, ns.repeats, ns.order, bs > 1, oracle, replay, naive_policy
+        )
         med = {k: statistics.median(v) for k, v in r["times"].items()}
         full_flops = sum(num_layers * layer_flops(cfg, b, t) + head_flops(cfg, b, t, 2) for b, t in r["batch_shapes"])
         naive_flops = sum(
@@ -438,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         for key, (layers, shapes) in r["decisions"].items():
             mode, name = key.split("@")
-            ref, _ = policies[name].decide(logits_bs)
+            ref = offline[name]
             lstats = layer_stats(layers, num_layers)
             e_flops = sum(layer_flops(cfg, b, t) + head_flops(cfg, b, t, 2) for b, t in shapes)
             rows.append(
@@ -495,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_total": time.perf_counter() - t_start,
     }
     one = collator([dataset[int(np.argsort(dataset.lengths)[n // 2])]])  # a sentence of median length
-    info["call_costs"] = call_costs(model, one, policies[list(policies)[0]])
+    info["call_costs"] = call_costs(model, one, naive_policy or policies[list(policies)[0]])  # a real criterion
     for name, c in info["call_costs"].items():
         warm = f", warm loop {c['warm_loop_us']:.1f} us" if "warm_loop_us" in c else ""
         print(f"batch size 1, {name}: {c['after_a_layer_us']:.1f} us after a layer{warm}", flush=True)
@@ -613,6 +707,7 @@ def write_outputs(out: Path, info: dict, rows: list[dict]) -> None:
         md.append(
             f"- {name}: threshold {p['threshold']:.5g}, layer speed-up {p['layer_speedup_on_timed_set']:.3f}, "
             f"accuracy {p['dev_metric']:.4f} (final exit {p['final_metric']:.4f})"
+            + (f" — of {p['replayed_from']}, whose exits are replayed" if "replayed_from" in p else "")
         )
     md += [
         "",
