@@ -112,14 +112,10 @@ def _padded(batch: dict) -> bool:
     return not bool(batch["attention_mask"].all())
 
 
-@torch.inference_mode()
-def full_forward(model: MultiExitModel, batch: dict) -> torch.Tensor:
-    """A plain classifier: every layer, the final head only."""
+def _embedded(model: MultiExitModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(embeddings [B, T, H], the backbone's layer mask) of a batch: where every path starts."""
     hidden = model.embed(batch["input_ids"], batch.get("token_type_ids"))
-    layer_mask = model.attention_mask(hidden, batch["attention_mask"], _padded(batch))
-    for i in range(model.num_layers):
-        hidden = model.run_layer(i, hidden, layer_mask)
-    return model.exits[-1](hidden, batch["attention_mask"])
+    return hidden, model.attention_mask(hidden, batch["attention_mask"], _padded(batch))
 
 
 @torch.inference_mode()
@@ -128,19 +124,22 @@ def oracle_forward(model: MultiExitModel, batch: dict, exit_layer: int) -> torch
 
     No early-exit implementation can beat it; the engine's distance to it is the engine's own cost.
     """
-    hidden = model.embed(batch["input_ids"], batch.get("token_type_ids"))
-    layer_mask = model.attention_mask(hidden, batch["attention_mask"], _padded(batch))
+    hidden, layer_mask = _embedded(model, batch)
     for i in range(exit_layer):
         hidden = model.run_layer(i, hidden, layer_mask)
     return model.exits[exit_layer - 1](hidden, batch["attention_mask"])
+
+
+def full_forward(model: MultiExitModel, batch: dict) -> torch.Tensor:
+    """A plain classifier: every layer, the final head only."""
+    return oracle_forward(model, batch, model.num_layers)
 
 
 @torch.inference_mode()
 def oracle_heads_forward(model: MultiExitModel, heads: list, batch: dict, exit_layer: int) -> None:
     """The oracle plus every exit head up to the exit, run as the engine runs them (``inference_fn``,
     pooling weights shared): what deciding online costs at least, before any decision is taken."""
-    hidden = model.embed(batch["input_ids"], batch.get("token_type_ids"))
-    layer_mask = model.attention_mask(hidden, batch["attention_mask"], _padded(batch))
+    hidden, layer_mask = _embedded(model, batch)
     weights = pool_weights(batch["attention_mask"], hidden.dtype) if model.config.pooling == "mean" else None
     for i in range(exit_layer):
         hidden = model.run_layer(i, hidden, layer_mask)
@@ -638,8 +637,7 @@ def call_costs(model: MultiExitModel, batch: dict, policy, repeats: int = 300) -
     }
     out = {}
     with torch.inference_mode():
-        hidden = model.embed(ids, batch.get("token_type_ids"))
-        layer_mask = model.attention_mask(hidden, mask)
+        hidden, layer_mask = _embedded(model, batch)
         weights = pool_weights(mask, hidden.dtype) if model.config.pooling == "mean" else None
         logits = heads[0](hidden, weights)
         state = policy.init_state(ids.shape[0], model.num_layers, model.config.is_regression)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from romebert.errors import RomebertError
-from romebert.modeling import MultiExitModel, pool_weights
+from romebert.modeling import MultiExitModel, pool_weights, pool_weights_host
 from romebert.policies import ExitPolicy, PolicyState
 
 Batch = tuple[Tensor, Tensor | None, Tensor | None]  # input_ids [n, T], attention_mask, token_type_ids
@@ -61,7 +61,7 @@ class _Group:
     weights: Tensor | None  # [g, T] mean-pooling weights (pool_weights(mask)); None for cls pooling
     rows: np.ndarray  # [g] int64: output row of each row
     extent: np.ndarray  # [g] int64: last real column + 1
-    count: np.ndarray  # [g] int64: real tokens (== extent for every row: no padding left in the group)
+    count: np.ndarray  # [g] int64: real tokens (every row's count == the width: the group has no padding)
     state: PolicyState
     layer_mask: Tensor | None = None  # the backbone's mask for (hidden, mask), once built
     has_layer_mask: bool = False  # (None is a valid mask: "no padding")
@@ -240,10 +240,7 @@ class EarlyExitEngine:
         weights = None
         if self._mean_pooling:
             if real is not None and hidden.dtype == torch.float32:
-                # pool_weights on the host copy: the same float32 arithmetic (one exact sum, one
-                # correctly rounded division), so the same bits, without four torch calls.
-                m = real.astype(np.float32)
-                weights = _on(torch.from_numpy(m / np.maximum(m.sum(1, keepdims=True), np.float32(1.0))), device)
+                weights = _on(pool_weights_host(real), device)
             else:
                 weights = pool_weights(mask, hidden.dtype)
         rows = np.arange(offset, offset + n, dtype=np.int64)

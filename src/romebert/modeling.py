@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
@@ -95,6 +96,14 @@ def pool_weights(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return m / m.sum(1, keepdim=True).clamp_min(1.0)
 
 
+def pool_weights_host(real: np.ndarray) -> Tensor:
+    """``pool_weights`` (float32) of a host bool mask [B, T], computed in numpy: the same arithmetic
+    (an exact sum, one correctly rounded division), so the same bits, without four torch calls (the
+    engine builds these per batch, where each torch call costs microseconds)."""
+    m = real.astype(np.float32)
+    return torch.from_numpy(m / np.maximum(m.sum(1, keepdims=True), np.float32(1.0)))
+
+
 class ExitHead(nn.Module):
     """pooler (Linear + tanh) -> dropout -> classifier, the structure of BERT's classification head."""
 
@@ -157,6 +166,7 @@ class MultiExitModel(nn.Module):
             )
         self.config = config
         self.backbone = backbone
+        self._unpadded_none: bool | None = None  # see _unpadded_mask_is_none
         pretrained_pooler = getattr(backbone, "pooler", None)
         # The backbone's own pooler is never called (each exit has its own copy); dropping it keeps the
         # parameter list free of weights that get no gradient.
@@ -289,14 +299,13 @@ class MultiExitModel(nn.Module):
 
     def _unpadded_mask_is_none(self) -> bool:
         """Whether this backbone's mask builder gives None for an all-ones mask (checked once)."""
-        known = self.__dict__.get("_unpadded_none")
-        if known is None:
+        if self._unpadded_none is None:
             hidden = torch.zeros(1, 2, self.backbone.config.hidden_size)
             built = create_bidirectional_mask(
                 config=self.backbone.config, inputs_embeds=hidden, attention_mask=torch.ones(1, 2, dtype=torch.long)
             )
-            known = self.__dict__["_unpadded_none"] = built is None
-        return known
+            self._unpadded_none = built is None
+        return self._unpadded_none
 
     def run_layer(self, index: int, hidden: Tensor, layer_mask: Tensor | None) -> Tensor:
         """Apply encoder layer ``index`` (0-based) to hidden [B, T, H]."""
