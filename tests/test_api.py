@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
+from fakes import FakeTask, fake_metrics
 
 from romebert.api import EarlyExitClassifier, choose_threshold, pick_from_sweep
 from romebert.calibration import CALIBRATION_FILE, apply_temperatures
@@ -166,31 +166,16 @@ def test_pick_from_sweep_errors():
         pick_from_sweep(SWEEP, 0.90)
 
 
-@dataclass(frozen=True)
-class FakeTask:
-    name: str = "fake"
-    labels: tuple[str, ...] | None = ("0", "1")
-    metric: str = "acc"
-
-    @property
-    def is_regression(self) -> bool:
-        return False
-
-
-def _acc(task, preds, labels):
-    return {"acc": float(np.mean(np.asarray(preds) == np.asarray(labels)))}
-
-
 def test_choose_threshold_from_logits_matches_its_sweep():
     rng = np.random.default_rng(0)
     logits = (rng.normal(size=(4, 300, 2)) * np.array([1.0, 2.0, 3.0, 4.0])[:, None, None]).astype(np.float32)
     labels = logits[-1].argmax(-1)
     grid = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7]
-    rows = sweep(logits, labels, FakeTask(), grid, metric_fn=_acc)
-    t, row = choose_threshold(logits, labels, FakeTask(), target_speedup=1.5, thresholds=grid, metric_fn=_acc)
+    rows = sweep(logits, labels, FakeTask(), grid, metric_fn=fake_metrics)
+    t, row = choose_threshold(logits, labels, FakeTask(), target_speedup=1.5, thresholds=grid, metric_fn=fake_metrics)
     assert t == pick_from_sweep(rows, 1.0, target_speedup=1.5)["threshold"]
     assert row["final_metric"] == 1.0 and row["criterion"] == "entropy"
-    t, row = choose_threshold(logits, labels, FakeTask(), "maxprob", max_metric_drop=0.05, metric_fn=_acc)
+    t, row = choose_threshold(logits, labels, FakeTask(), "maxprob", max_metric_drop=0.05, metric_fn=fake_metrics)
     assert 1.0 - row["metric"] <= 0.05 + 1e-9 and row["speedup"] > 1.0
     layers, _ = get_policy("maxprob", t).decide(logits)
     assert 4 * 300 / layers.sum() == pytest.approx(row["speedup"])

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
+from fakes import FakeTask, fake_metrics
 
 from romebert.calibration import apply_temperatures
 from romebert.data import Collator, EncodedDataset
@@ -20,21 +19,6 @@ from conftest import tiny_model
 
 LAYERS = 4
 COLLATE = Collator(pad_token_id=0)
-
-
-@dataclass(frozen=True)
-class FakeTask:
-    name: str = "fake"
-    labels: tuple[str, ...] | None = ("a", "b", "c")
-    metric: str = "acc"
-
-    @property
-    def is_regression(self) -> bool:
-        return self.labels is None
-
-
-def fake_metrics(task, preds, labels):
-    return {"acc": float(np.mean(np.asarray(preds) == np.asarray(labels)))}
 
 
 def _model(num_labels: int = 3, pooling: str = "mean", seed: int = 0):
@@ -131,7 +115,7 @@ def test_engine_equals_offline_decisions(setup, criterion, batch_size):
     assert len(np.unique(layers)) >= 2
     if batch_size == 32:  # and the offline sweep's row for this policy agrees
         labels = ref_logits.argmax(-1)
-        row = sweep(cached, labels, FakeTask(), [policy], metric_fn=fake_metrics)[0]
+        row = sweep(cached, labels, FakeTask(labels=("0", "1", "2")), [policy], metric_fn=fake_metrics)[0]
         assert row["counts"] == np.bincount(layers - 1, minlength=LAYERS).tolist()
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
+from fakes import FakeTask, fake_metrics
 
 from romebert.errors import RomebertError
 from romebert.exits import entropy, exit_decisions, predictions, sweep
@@ -21,21 +20,6 @@ from romebert.policies import (
     entropy_t,
     get_policy,
 )
-
-
-@dataclass(frozen=True)
-class FakeTask:
-    name: str = "SST-2"
-    labels: tuple[str, ...] | None = ("0", "1", "2")
-    metric: str = "acc"
-
-    @property
-    def is_regression(self) -> bool:
-        return self.labels is None
-
-
-def fake_metrics(task, preds, labels):
-    return {"acc": float(np.mean(np.asarray(preds) == np.asarray(labels)))}
 
 
 def _random_logits(seed: int, layers: int = 5, n: int = 200, c: int = 3, scale: float = 3.0) -> np.ndarray:
@@ -204,7 +188,7 @@ def test_get_policy_and_errors():
 def test_sweep_and_predictions_accept_every_criterion():
     logits = _random_logits(7, layers=4)
     labels = np.argmax(logits[-1], axis=-1)
-    task = FakeTask()
+    task = FakeTask(labels=("0", "1", "2"))
     for criterion in CRITERIA:
         grid = default_thresholds(criterion, num_layers=4)
         policies = [get_policy(criterion, t) for t in grid]

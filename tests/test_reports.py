@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fakes import FakeTask
 
 from romebert.errors import RomebertError
 from romebert.reports import (
@@ -20,27 +20,13 @@ from romebert.reports import (
     write_sweep_csv,
 )
 
-
-@dataclass(frozen=True)
-class FakeTask:
-    """Stand-in for romebert.tasks.TaskSpec."""
-
-    name: str
-    labels: tuple[str, ...] | None
-    test_files: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def is_regression(self) -> bool:
-        return self.labels is None
-
-
-SST2 = FakeTask("SST-2", ("0", "1"), (("test", "SST-2.tsv"),))
+SST2 = FakeTask("SST-2", ("0", "1"), test_files=(("test", "SST-2.tsv"),))
 MNLI = FakeTask(
     "MNLI",
     ("contradiction", "entailment", "neutral"),
-    (("test_matched", "MNLI-m.tsv"), ("test_mismatched", "MNLI-mm.tsv")),
+    test_files=(("test_matched", "MNLI-m.tsv"), ("test_mismatched", "MNLI-mm.tsv")),
 )
-STSB = FakeTask("STS-B", None, (("test", "STS-B.tsv"),))
+STSB = FakeTask("STS-B", None, test_files=(("test", "STS-B.tsv"),))
 
 
 def _no_temp_left(d: Path) -> None:

@@ -602,7 +602,7 @@ def _figure_names(splits: list[str], split: str) -> dict[str, str]:
 
 def write_report(comp: Comparison, records: list[dict], env: dict, wall: float) -> dict[str, Any]:
     """report.json, report.md and the figures; returns the JSON object."""
-    from romebert.reports import _atomic_write_text, write_json
+    from romebert.reports import write_atomic, write_json
 
     cfg, out, task = comp.cfg, comp.out, comp.task
     agg = aggregate(comp, records)
@@ -638,7 +638,7 @@ def write_report(comp: Comparison, records: list[dict], env: dict, wall: float) 
         "notes": notes,
     }
     write_json(out / "report.json", report)
-    _atomic_write_text(out / "report.md", render_markdown(comp, report))
+    write_atomic(out / "report.md", render_markdown(comp, report))
     print(
         f"report: {out / 'report.md'}, {out / 'report.json'}, figures "
         + ", ".join(str(out / n) for names in figures.values() for n in names.values())
@@ -876,16 +876,7 @@ def plot_per_exit_panels(path: Path, comp: Comparison, agg: dict, split: str) ->
             if m == PLAIN:
                 last = col[-1]
                 if last and last["mean"] is not None:
-                    ax.plot(
-                        [n_layers],
-                        [100 * last["mean"]],
-                        linestyle="none",
-                        marker="*",
-                        markersize=12,
-                        color="black",
-                        label="plain (last layer)",
-                        zorder=5,
-                    )
+                    _plain_star(ax, n_layers, last["mean"])
                 continue
             xs = np.arange(1, len(col) + 1)
             ys = np.array([100 * c["mean"] if c and c["mean"] is not None else np.nan for c in col])
@@ -903,6 +894,20 @@ def plot_per_exit_panels(path: Path, comp: Comparison, agg: dict, split: str) ->
     _save(fig, path)
 
 
+def _plain_star(ax, x: float, value: float) -> None:
+    """The plain classifier (last layer only) as one black star at ``x``; ``value`` a fraction."""
+    ax.plot(
+        [x],
+        [100 * value],
+        linestyle="none",
+        marker="*",
+        markersize=12,
+        color="black",
+        label="plain (last layer)",
+        zorder=5,
+    )
+
+
 def plot_speedup_panels(path: Path, comp: Comparison, agg: dict, records: list[dict], split: str) -> None:
     """Metric against layer speed-up: each seed's curve interpolated on a common grid, mean ± std band."""
     from romebert.plots import _save
@@ -918,16 +923,7 @@ def plot_speedup_panels(path: Path, comp: Comparison, agg: dict, records: list[d
             if m == PLAIN:
                 e = agg["speedup"][split].get(pooling, {}).get(PLAIN)
                 if e and e["final"]["mean"] is not None:
-                    ax.plot(
-                        [1.0],
-                        [100 * e["final"]["mean"]],
-                        linestyle="none",
-                        marker="*",
-                        markersize=12,
-                        color="black",
-                        label="plain (last layer)",
-                        zorder=5,
-                    )
+                    _plain_star(ax, 1.0, e["final"]["mean"])
                 continue
             curves = [
                 speedup_curve([(p["speedup"], p["metric"]) for p in r["splits"][split]["sweep"]])

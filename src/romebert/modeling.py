@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.masking_utils import create_bidirectional_mask
 
 from romebert.errors import RomebertError
+from romebert.reports import write_atomic
 
 CONFIG_NAME = "romebert_config.json"
 BACKBONE_CONFIG_NAME = "config.json"
@@ -62,7 +63,7 @@ class MultiExitConfig:
         return self.num_labels == 1
 
     def save(self, path: str | Path) -> None:
-        _atomic_write_text(Path(path), json.dumps(asdict(self), indent=2) + "\n")
+        write_atomic(Path(path), json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> MultiExitConfig:
@@ -227,7 +228,7 @@ class MultiExitModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / CONFIG_NAME)
-        _atomic_write_text(directory / BACKBONE_CONFIG_NAME, self.backbone.config.to_json_string())
+        write_atomic(directory / BACKBONE_CONFIG_NAME, self.backbone.config.to_json_string())
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt", "romebert_format_version": str(FORMAT_VERSION)})
@@ -354,9 +355,3 @@ class MultiExitModel(nn.Module):
     def early_exit_parameters(self) -> list[nn.Parameter]:
         """Exits 1..L-1 (everything DeeBERT's second stage trains)."""
         return [p for head in self.exits[:-1] for p in head.parameters()]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

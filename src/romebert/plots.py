@@ -8,11 +8,10 @@ fractions and are plotted as percent.
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -20,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from romebert.errors import RomebertError
+from romebert.reports import write_atomic
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -29,28 +29,10 @@ def _pct(v: float | None) -> float:
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
-    """Save as PNG atomically (temp file in the same directory, then os.replace)."""
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".png")
-    except OSError as e:
-        raise RomebertError(f"cannot write {target}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            FigureCanvasAgg(fig).print_png(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; match a plain open()
-        os.replace(tmp, target)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise RomebertError(f"cannot write {target}: {e.strerror or e}") from None
-        raise
+    """Save as PNG atomically (rendered in memory, then written by :func:`romebert.reports.write_atomic`)."""
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf)
+    write_atomic(path, buf.getvalue())
 
 
 def _new_axes(title: str, xlabel: str, metric_name: str) -> tuple[Figure, Axes]:

@@ -100,6 +100,17 @@ def _change(x: Tensor, prev: Tensor) -> Tensor:
     return (x - prev).abs().amax(-1)
 
 
+def _small_change_streak(logits: Tensor, rows: dict[str, Tensor], tolerance: float) -> Tensor:
+    """Regression patience: consecutive exits (up to this one) whose change from the previous exit is
+    below ``tolerance``, [b] int64; updates ``rows["prev"]`` (the caller stores the count)."""
+    x = logits.double()
+    prev = rows.get("prev")
+    rows["prev"] = x
+    if prev is None:
+        return torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    return torch.where(_change(x, prev) < tolerance, rows["count"] + 1, 0)
+
+
 class ExitPolicy:
     """Base class: subclasses set ``name`` and implement ``_step``."""
 
@@ -240,13 +251,7 @@ class PatiencePolicy(ExitPolicy):
     def _step(self, layer: int, logits: Tensor, state: PolicyState) -> Tensor:
         rows = state.rows
         if state.regression:
-            x = logits.double()
-            prev = rows.get("prev")
-            rows["prev"] = x
-            if prev is None:
-                count = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-            else:
-                count = torch.where(_change(x, prev) < self.tolerance, rows["count"] + 1, 0)
+            count = _small_change_streak(logits, rows, self.tolerance)
         else:
             pred = logits.argmax(-1)
             prev = rows.get("prev")
@@ -280,13 +285,7 @@ class PatienceConfidencePolicy(ExitPolicy):
         rows = state.rows
         t = state.thresholds[layer]
         if state.regression:
-            x = logits.double()
-            prev = rows.get("prev")
-            rows["prev"] = x
-            if prev is None:
-                count = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-            else:
-                count = torch.where(_change(x, prev) < t, rows["count"] + 1, 0)
+            count = _small_change_streak(logits, rows, t)
         else:
             confident = entropy_t(logits) < t if self.confidence == "entropy" else maxprob_t(logits) >= t
             pred = logits.argmax(-1)

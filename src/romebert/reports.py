@@ -28,17 +28,23 @@ _STSB_NAMES = {"sts-b", "stsb"}
 _STSB_RANGE = (0.0, 5.0)
 
 
-def _atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` (UTF-8, ``\\n`` newlines) to ``path`` atomically."""
+def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
+    """Write ``data`` (text as UTF-8, ``\\n`` newlines kept) to ``path`` atomically.
+
+    A temp file in the target directory is written, fsynced and renamed over ``path``, so a reader
+    (or a run interrupted mid-write) sees the old file or the new one, never half of it. Parent
+    directories are created; failures are one-line :class:`RomebertError`s naming the file.
+    """
     target = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     except OSError as e:
         raise RomebertError(f"cannot write {target}: {e.strerror or e}") from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         # mkstemp creates the file 0600; give it the permissions a plain open() would have.
@@ -87,7 +93,7 @@ def to_jsonable(obj: Any) -> Any:
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented, strict JSON, atomically (numpy types converted)."""
     text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n"
-    _atomic_write_text(path, text)
+    write_atomic(path, text)
 
 
 def _cell(v: Any) -> Any:
@@ -115,7 +121,7 @@ def _write_csv(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> 
     w.writerow(columns)
     for row in rows:
         w.writerow([_cell(row.get(c)) for c in columns])
-    _atomic_write_text(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def write_sweep_csv(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> None:
@@ -173,7 +179,7 @@ def write_submission(path: str | os.PathLike[str], preds: Sequence[Any] | np.nda
                 f"(got {int(arr.min())}..{int(arr.max())})"
             )
         lines += [f"{i}\t{labels[int(p)]}" for i, p in enumerate(arr.tolist())]
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")
 
 
 def submission_files(task: Any) -> list[tuple[str, str]]:
