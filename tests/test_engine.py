@@ -294,6 +294,34 @@ def test_row_extent_handles_right_and_left_padding_and_empty_rows():
 
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 0], [0, 0, 0, 0, 0]])
     assert _extent(mask != 0).tolist() == [3, 5, 4, 5]  # last real column + 1; left padding is never trimmed
+    # batch size 1 reads its one row in plain Python: the same lengths, row by row
+    from romebert.engine import _row_lengths
+
+    assert [_row_lengths(row) for row in mask.tolist()] == [(3, 3), (5, 5), (4, 2), (5, 0)]
+
+
+def test_one_row_groups_use_the_same_lengths_and_pooling_weights(setup):
+    # A single row takes a cheaper host path (plain Python, cached weights for unpadded rows); its
+    # group must hold exactly what the batched path computes for that row.
+    from romebert.modeling import pool_weights
+
+    model, _, _, _ = setup
+    engine = EarlyExitEngine(model, get_policy("entropy", 0.0))
+    engine._prepare()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    # right padding is trimmed away (no padding left); left padding stays
+    for mask_row, expect_padded in (([1] * 5, False), ([1, 1, 1, 0, 0], False), ([0, 1, 1, 1, 0], True)):
+        mask = torch.tensor([mask_row])
+        one = engine._embed(ids, mask, None, offset=0)
+        many = engine._embed(torch.cat([ids, ids]), torch.cat([mask, mask]), None, offset=0)
+        assert one.padded is expect_padded
+        assert one.extent.tolist() == many.extent[:1].tolist() and one.count.tolist() == many.count[:1].tolist()
+        assert torch.equal(one.weights, many.weights[:1])
+        assert torch.equal(one.weights, pool_weights(one.mask, torch.float32))
+    for width in (1, 3, 7, 100):  # cached uniform weights: 1/width rounded once, as pool_weights does
+        w = engine._uniform_weights(width, torch.device("cpu"))
+        assert torch.equal(w, pool_weights(torch.ones(1, width, dtype=torch.long), torch.float32))
+        assert engine._uniform_weights(width, torch.device("cpu")) is w
 
 
 def test_engine_follows_the_model_to_another_dtype_and_new_weights(setup):

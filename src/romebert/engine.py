@@ -63,6 +63,7 @@ class _Group:
     extent: np.ndarray  # [g] int64: last real column + 1
     count: np.ndarray  # [g] int64: real tokens (every row's count == the width: the group has no padding)
     state: PolicyState
+    padded: bool | None = None  # whether any row has padding (None: not known yet, computed from count)
     layer_mask: Tensor | None = None  # the backbone's mask for (hidden, mask), once built
     has_layer_mask: bool = False  # (None is a valid mask: "no padding")
 
@@ -95,6 +96,7 @@ class EarlyExitEngine:
         self._heads: list = []
         self._regression = model.config.is_regression
         self._mean_pooling = model.config.pooling == "mean"
+        self._uniform: dict[tuple[int, torch.device], Tensor] = {}  # see _uniform_weights
         # Fail early: the policy rejects regression for criteria it cannot apply, or bad thresholds.
         policy.init_state(0, model.num_layers, model.config.is_regression)
 
@@ -208,7 +210,7 @@ class EarlyExitEngine:
         if len(done) == 1:  # one batch that left together (always so at batch size 1): already in order
             rows, logits, layer = done[0]
             if n == 1 or np.array_equal(rows, np.arange(n)):
-                return EngineOutput(logits, torch.from_numpy(np.full(n, layer, dtype=np.int64)), work, shapes)
+                return EngineOutput(logits, torch.full((n,), layer, dtype=torch.int64), work, shapes)
         out = torch.empty(n, self.model.config.num_labels, dtype=torch.float32, device=self.device)
         exit_layer = np.empty(n, dtype=np.int64)
         if done:
@@ -221,14 +223,21 @@ class EarlyExitEngine:
         """A group of freshly embedded rows, trailing all-padding columns cut off."""
         device = self.device
         n, width = input_ids.shape
+        one_row = None  # (extent, count) of a single row, read in plain Python
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
             extent = count = np.full(n, width, dtype=np.int64)
             real = None
+        elif n == 1:
+            # Batch size 1 (serving): one host read and plain Python, where the numpy path below costs
+            # about 200 us in cold calls per request.
+            one_row = _row_lengths(_host(attention_mask).tolist()[0])
+            extent, count = np.array(one_row[:1]), np.array(one_row[1:])
+            real = None
         else:
             real = _host(attention_mask).numpy() != 0  # [n, T] bool (masks are integer: no grad to detach)
             extent, count = _extent(real), real.sum(1)
-        cols = max(int(extent.max()), 1)
+        cols = max(int(extent.max()), 1) if one_row is None else max(one_row[0], 1)
         if cols < width:
             input_ids, attention_mask = input_ids[:, :cols], attention_mask[:, :cols]
             token_type_ids = token_type_ids[:, :cols] if token_type_ids is not None else None
@@ -237,20 +246,32 @@ class EarlyExitEngine:
         types = _on(token_type_ids, device) if token_type_ids is not None else None
         hidden = self.model.embed(ids, types)  # [n, T, H]
         state = self.policy.init_state(n, self._num_layers, self._regression, device)
+        padded = None if one_row is None else one_row[1] < cols
         weights = None
         if self._mean_pooling:
-            if real is not None and hidden.dtype == torch.float32:
+            if padded is False and hidden.dtype == torch.float32:
+                weights = self._uniform_weights(cols, device)
+            elif real is not None and hidden.dtype == torch.float32:
                 weights = _on(pool_weights_host(real), device)
             else:
                 weights = pool_weights(mask, hidden.dtype)
         rows = np.arange(offset, offset + n, dtype=np.int64)
-        return _Group(hidden, mask, weights, rows, extent, count, state)
+        return _Group(hidden, mask, weights, rows, extent, count, state, padded)
+
+    def _uniform_weights(self, cols: int, device: torch.device) -> Tensor:
+        """``pool_weights`` (float32) of one unpadded row of ``cols`` tokens, cached per width: the same
+        bits (1/cols rounded once to float32), without a call per request. Never written to."""
+        key = (cols, device)
+        w = self._uniform.get(key)
+        if w is None:
+            w = self._uniform[key] = torch.full((1, cols), float(np.float32(1) / np.float32(cols)), device=device)
+        return w
 
     def _layer(self, i: int, g: _Group, done: list[_Done], shapes: list[tuple[int, int]]) -> _Group | None:
         """Run layer ``i`` and exit head ``i`` on ``g``; record the leavers in ``done``; return the rest."""
         model = self.model
         if not g.has_layer_mask:  # rebuilt only when rows or columns changed
-            padded = bool((g.count < g.hidden.shape[1]).any())  # from host-side lengths: no device sync
+            padded = g.padded if g.padded is not None else bool((g.count < g.hidden.shape[1]).any())  # host-side
             g.layer_mask, g.has_layer_mask = model.attention_mask(g.hidden, g.mask, padded), True
         hidden = model.run_layer(i, g.hidden, g.layer_mask)  # [b, T, H]
         b = len(g)
@@ -305,6 +326,16 @@ def _extent(mask: np.ndarray) -> np.ndarray:
     numpy, not torch: on a handful of host values a numpy call costs a microsecond, a torch call several.
     """
     return mask.shape[1] - mask[:, ::-1].argmax(1)
+
+
+def _row_lengths(row: list[int]) -> tuple[int, int]:
+    """(last real column + 1, real tokens) of one mask row; ``_extent``'s convention for a row
+    without a real token (full width)."""
+    count = extent = 0
+    for j, v in enumerate(row):
+        if v:
+            count, extent = count + 1, j + 1
+    return (extent if count else len(row)), count
 
 
 def _check(input_ids: Tensor, attention_mask: Tensor | None) -> int:
