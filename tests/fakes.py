@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from romebert.tasks import SplitSpec, TaskSpec
+
 
 @dataclass(frozen=True)
-class FakeTask:
-    """Stand-in for romebert.tasks.TaskSpec with the attributes exits, sweeps and writers use."""
+class FakeTask(TaskSpec):
+    """A :class:`~romebert.tasks.TaskSpec` with test defaults: a binary task named SST-2, without
+    files, scored by :func:`fake_metrics`. Give fields by keyword."""
 
     name: str = "SST-2"
+    directory: str = "SST-2"
     labels: tuple[str, ...] | None = ("0", "1")
     metric: str = "acc"
     metrics: tuple[str, ...] = ("acc", "err")
+    splits: dict[str, SplitSpec] = field(default_factory=dict)
+    eval_splits: tuple[str, ...] = ("dev",)
     test_files: tuple[tuple[str, str], ...] = (("test", "SST-2.tsv"),)
-
-    @property
-    def is_regression(self) -> bool:
-        return self.labels is None
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.labels is None else len(self.labels)
+    hub_name: str | None = None
 
 
 def fake_metrics(task: FakeTask, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -20,13 +20,13 @@ from romebert.reports import (
     write_sweep_csv,
 )
 
-SST2 = FakeTask("SST-2", ("0", "1"), test_files=(("test", "SST-2.tsv"),))
+SST2 = FakeTask(name="SST-2", labels=("0", "1"), test_files=(("test", "SST-2.tsv"),))
 MNLI = FakeTask(
-    "MNLI",
-    ("contradiction", "entailment", "neutral"),
+    name="MNLI",
+    labels=("contradiction", "entailment", "neutral"),
     test_files=(("test_matched", "MNLI-m.tsv"), ("test_mismatched", "MNLI-mm.tsv")),
 )
-STSB = FakeTask("STS-B", None, test_files=(("test", "STS-B.tsv"),))
+STSB = FakeTask(name="STS-B", labels=None, test_files=(("test", "STS-B.tsv"),))
 
 
 def _no_temp_left(d: Path) -> None:

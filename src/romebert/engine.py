@@ -223,21 +223,22 @@ class EarlyExitEngine:
         """A group of freshly embedded rows, trailing all-padding columns cut off."""
         device = self.device
         n, width = input_ids.shape
-        one_row = None  # (extent, count) of a single row, read in plain Python
+        real = padded = None  # host bool mask [n, T] (numpy path); whether padding is left (one row)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
             extent = count = np.full(n, width, dtype=np.int64)
-            real = None
+            cols = max(width, 1)
         elif n == 1:
             # Batch size 1 (serving): one host read and plain Python, where the numpy path below costs
             # about 200 us in cold calls per request.
-            one_row = _row_lengths(_host(attention_mask).tolist()[0])
-            extent, count = np.array(one_row[:1]), np.array(one_row[1:])
-            real = None
+            last, real_tokens = _row_lengths(_host(attention_mask).tolist()[0])
+            extent, count = np.array([last]), np.array([real_tokens])
+            cols = max(last, 1)
+            padded = real_tokens < cols
         else:
             real = _host(attention_mask).numpy() != 0  # [n, T] bool (masks are integer: no grad to detach)
             extent, count = _extent(real), real.sum(1)
-        cols = max(int(extent.max()), 1) if one_row is None else max(one_row[0], 1)
+            cols = max(int(extent.max()), 1)
         if cols < width:
             input_ids, attention_mask = input_ids[:, :cols], attention_mask[:, :cols]
             token_type_ids = token_type_ids[:, :cols] if token_type_ids is not None else None
@@ -246,10 +247,9 @@ class EarlyExitEngine:
         types = _on(token_type_ids, device) if token_type_ids is not None else None
         hidden = self.model.embed(ids, types)  # [n, T, H]
         state = self.policy.init_state(n, self._num_layers, self._regression, device)
-        padded = None if one_row is None else one_row[1] < cols
         weights = None
         if self._mean_pooling:
-            if padded is False and hidden.dtype == torch.float32:
+            if padded is False and hidden.dtype == torch.float32:  # one unpadded row
                 weights = self._uniform_weights(cols, device)
             elif real is not None and hidden.dtype == torch.float32:
                 weights = _on(pool_weights_host(real), device)
