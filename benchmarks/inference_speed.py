@@ -598,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     one = collator([dataset[int(np.argsort(dataset.lengths)[n // 2])]])  # a sentence of median length
     info["call_costs"] = call_costs(model, one, naive_policy or policies[list(policies)[0]])  # a real criterion
+    info["exit_head_share"] = head_share(model)
     for name, c in info["call_costs"].items():
         warm = f", warm loop {c['warm_loop_us']:.1f} us" if "warm_loop_us" in c else ""
         print(f"batch size 1, {name}: {c['after_a_layer_us']:.1f} us after a layer{warm}", flush=True)
@@ -639,10 +640,15 @@ def call_costs(model: MultiExitModel, batch: dict, policy, repeats: int = 300) -
     small call needs."""
     heads = [h.inference_fn() for h in model.exits]
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    pooler = model.exits[0].pooler
+    wp, bp = pooler.weight.t(), pooler.bias
     calls = {
         "exit head (pooling, pooler, classifier)": lambda h, w, lg, st: heads[0](h, w),
         "policy step": lambda h, w, lg, st: policy.step(0, lg, st),
         "one small torch op (logits > 0)": lambda h, w, lg, st: lg > 0,
+        f"the head's pooler matmul alone ([1, H] x [H, H], {wp.numel() * wp.element_size() // 1024} KiB of weights)": (
+            lambda h, w, lg, st: torch.addmm(bp, h[:, 0], wp)
+        ),
     }
     out = {}
     with torch.inference_mode():
@@ -664,11 +670,29 @@ def call_costs(model: MultiExitModel, batch: dict, policy, repeats: int = 300) -
                 f(hidden, weights, logits, state)
             warm = (time.perf_counter_ns() - t0) / repeats
             out[name] = {"after_a_layer_us": statistics.median(after) / 1e3, "warm_loop_us": warm / 1e3}
-        t0 = time.perf_counter_ns()
+        # The calls between two layers also slow the next layer down (its code and data were pushed
+        # out in turn): time layers right after another layer, and right after a head + policy step.
+        plain, decided = [], []
         for r in range(repeats):
-            model.run_layer(r % model.num_layers, hidden, layer_mask)
-        out["one encoder layer (for scale)"] = {"after_a_layer_us": (time.perf_counter_ns() - t0) / repeats / 1e3}
+            h = model.run_layer(r % model.num_layers, hidden, layer_mask)
+            t0 = time.perf_counter_ns()
+            h = model.run_layer((r + 1) % model.num_layers, h, layer_mask)
+            plain.append(time.perf_counter_ns() - t0)
+            policy.step(0, heads[0](h, weights), state)[0].item()
+            t0 = time.perf_counter_ns()
+            model.run_layer((r + 2) % model.num_layers, h, layer_mask)
+            decided.append(time.perf_counter_ns() - t0)
+        out["one encoder layer, right after another layer"] = {"after_a_layer_us": statistics.median(plain) / 1e3}
+        out["one encoder layer, right after an exit head + policy step"] = {
+            "after_a_layer_us": statistics.median(decided) / 1e3
+        }
     return out
+
+
+def head_share(model: MultiExitModel) -> float:
+    """An exit head's parameters over an encoder layer's (pooler H x H + classifier against 12 H^2):
+    what every decision reads on top of the layer itself."""
+    return sum(p.numel() for p in model.exits[0].parameters()) / sum(p.numel() for p in model.layers[0].parameters())
 
 
 def calibration_report(model, tokenizer, collator, fit_examples, task, max_len, cached, labels) -> dict:
@@ -770,7 +794,7 @@ def write_outputs(out: Path, info: dict, rows: list[dict]) -> None:
         for name, c in costs.items():
             warm = f"{c['warm_loop_us']:.1f}" if "warm_loop_us" in c else "-"
             md.append(f"| {name} | {c['after_a_layer_us']:.1f} | {warm} |")
-        md.append("")
+        md += ["", *_decision_cost(costs, info.get("exit_head_share")), ""]
     cal = info.get("calibration")
     if cal:
         md += [
@@ -787,6 +811,29 @@ def write_outputs(out: Path, info: dict, rows: list[dict]) -> None:
             )
         md.append("")
     out.with_suffix(".md").write_text("\n".join(md))
+
+
+def _decision_cost(costs: dict, share: float | None) -> list[str]:
+    """What one online decision costs at batch size 1, from the call costs above."""
+    after = {name.split(" (")[0]: c["after_a_layer_us"] for name, c in costs.items()}
+    head, step, small = after["exit head"], after["policy step"], after["one small torch op"]
+    plain = after["one encoder layer, right after another layer"]
+    slowed = after["one encoder layer, right after an exit head + policy step"] - plain
+    per_layer = head + step - small  # the policy step's first-call cost is paid by the head
+    text = (
+        f"One decision at batch size 1 costs about {per_layer:.0f} us, {per_layer / plain:.1%} of a layer "
+        f"({plain:.0f} us): the head and the policy step ({head:.0f} + {step:.0f} us), less one first-call "
+        f"cost ({small:.0f} us) that the step does not pay again right after the head. A layer right after "
+        f"a decision took {slowed:+.0f} us against one right after another layer. The engine pays a "
+        "decision at every layer a sample passes; the oracle pays one head, at the exit."
+    )
+    if share is not None:
+        text += (
+            f" Much of it is memory, not overhead: an exit head holds {share:.1%} of a layer's parameters "
+            "(its H x H pooler against the layer's 12 H^2), read afresh after every layer (the pooler "
+            "matmul row: after a layer against warm)."
+        )
+    return [text]
 
 
 def _targets(rows: list[dict]) -> list[str]:
