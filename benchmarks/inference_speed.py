@@ -794,7 +794,7 @@ def write_outputs(out: Path, info: dict, rows: list[dict]) -> None:
         for name, c in costs.items():
             warm = f"{c['warm_loop_us']:.1f}" if "warm_loop_us" in c else "-"
             md.append(f"| {name} | {c['after_a_layer_us']:.1f} | {warm} |")
-        md += ["", *_decision_cost(costs, info.get("exit_head_share")), ""]
+        md += ["", *_decision_cost(costs, info.get("exit_head_share"), rows), ""]
     cal = info.get("calibration")
     if cal:
         md += [
@@ -813,8 +813,9 @@ def write_outputs(out: Path, info: dict, rows: list[dict]) -> None:
     out.with_suffix(".md").write_text("\n".join(md))
 
 
-def _decision_cost(costs: dict, share: float | None) -> list[str]:
-    """What one online decision costs at batch size 1, from the call costs above."""
+def _decision_cost(costs: dict, share: float | None, rows: list[dict]) -> list[str]:
+    """What one online decision costs at batch size 1, from the call costs above, and how much of the
+    engine's distance to the oracle it accounts for."""
     after = {name.split(" (")[0]: c["after_a_layer_us"] for name, c in costs.items()}
     head, step, small = after["exit head"], after["policy step"], after["one small torch op"]
     plain = after["one encoder layer, right after another layer"]
@@ -833,7 +834,41 @@ def _decision_cost(costs: dict, share: float | None) -> list[str]:
             "(its H x H pooler against the layer's 12 H^2), read afresh after every layer (the pooler "
             "matmul row: after a layer against warm)."
         )
-    return [text]
+    lines = [text]
+    # Engine ~ oracle + every decision taken - the one head the oracle runs as well. A row decides
+    # at each layer it passes but the last (the final head takes everyone left).
+    oracle = {
+        r["path"].split(" (")[0].removeprefix("oracle @ "): r
+        for r in rows
+        if r["batch_size"] == 1 and r["path"].startswith("oracle @") and "every exit head" not in r["path"]
+    }
+    full = next((r["ms_per_example"] for r in rows if r["batch_size"] == 1 and r["path"] == "full"), None)
+    predicted, measured, decisions, budget = [], [], [], []
+    for r in rows:
+        target = r["path"].removeprefix("engine @ ")
+        if r["batch_size"] != 1 or target == r["path"] or target not in oracle or "exit_counts" not in r:
+            continue
+        counts = r["exit_counts"]
+        d = sum(c * min(k + 1, len(counts) - 1) for k, c in enumerate(counts)) / sum(counts)
+        decisions.append(f"{d:.2f}")
+        predicted.append(f"{oracle[target]['ms_per_example'] + (d * per_layer - head) / 1e3:.2f}")
+        measured.append(f"{r['ms_per_example']:.2f}")
+        if full is not None:  # the time a 0.9 ratio allows, shared among the decisions
+            allowed = full / (0.9 * r["layer_speedup"]) - oracle[target]["ms_per_example"]
+            budget.append(f"{(allowed * 1e3 + head) / d:.0f}")
+    if predicted:
+        lines += [
+            "",
+            f"Oracle time + decisions per sentence ({' / '.join(decisions)}) x this cost - the one head the "
+            f"oracle runs too predicts {' / '.join(predicted)} ms per sentence for the engine at batch size 1; "
+            f"it measured {' / '.join(measured)} ms.",
+        ]
+        if budget:
+            lines[-1] += (
+                f" A ratio of 0.9 would allow {' / '.join(budget)} us per decision, head included "
+                f"(this exit head alone: {head:.0f} us)."
+            )
+    return lines
 
 
 def _targets(rows: list[dict]) -> list[str]:
