@@ -633,6 +633,14 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# call_costs' rows that _decision_cost reads
+HEAD_CALL = "exit head (pooling, pooler, classifier)"
+STEP_CALL = "policy step"
+SMALL_CALL = "one small torch op (logits > 0)"
+LAYER_CALL = "one encoder layer, right after another layer"
+LAYER_AFTER_DECISION = "one encoder layer, right after an exit head + policy step"
+
+
 def call_costs(model: MultiExitModel, batch: dict, policy, repeats: int = 300) -> dict:
     """Microseconds of the calls the engine makes between two layers, timed right after a layer and
     in a warm loop. The difference is why a hot-loop micro-benchmark underestimates the engine's cost:
@@ -643,9 +651,9 @@ def call_costs(model: MultiExitModel, batch: dict, policy, repeats: int = 300) -
     pooler = model.exits[0].pooler
     wp, bp = pooler.weight.t(), pooler.bias
     calls = {
-        "exit head (pooling, pooler, classifier)": lambda h, w, lg, st: heads[0](h, w),
-        "policy step": lambda h, w, lg, st: policy.step(0, lg, st),
-        "one small torch op (logits > 0)": lambda h, w, lg, st: lg > 0,
+        HEAD_CALL: lambda h, w, lg, st: heads[0](h, w),
+        STEP_CALL: lambda h, w, lg, st: policy.step(0, lg, st),
+        SMALL_CALL: lambda h, w, lg, st: lg > 0,
         f"the head's pooler matmul alone ([1, H] x [H, H], {wp.numel() * wp.element_size() // 1024} KiB of weights)": (
             lambda h, w, lg, st: torch.addmm(bp, h[:, 0], wp)
         ),
@@ -682,10 +690,8 @@ def call_costs(model: MultiExitModel, batch: dict, policy, repeats: int = 300) -
             t0 = time.perf_counter_ns()
             model.run_layer((r + 2) % model.num_layers, h, layer_mask)
             decided.append(time.perf_counter_ns() - t0)
-        out["one encoder layer, right after another layer"] = {"after_a_layer_us": statistics.median(plain) / 1e3}
-        out["one encoder layer, right after an exit head + policy step"] = {
-            "after_a_layer_us": statistics.median(decided) / 1e3
-        }
+        out[LAYER_CALL] = {"after_a_layer_us": statistics.median(plain) / 1e3}
+        out[LAYER_AFTER_DECISION] = {"after_a_layer_us": statistics.median(decided) / 1e3}
     return out
 
 
@@ -816,10 +822,10 @@ def write_outputs(out: Path, info: dict, rows: list[dict]) -> None:
 def _decision_cost(costs: dict, share: float | None, rows: list[dict]) -> list[str]:
     """What one online decision costs at batch size 1, from the call costs above, and how much of the
     engine's distance to the oracle it accounts for."""
-    after = {name.split(" (")[0]: c["after_a_layer_us"] for name, c in costs.items()}
-    head, step, small = after["exit head"], after["policy step"], after["one small torch op"]
-    plain = after["one encoder layer, right after another layer"]
-    slowed = after["one encoder layer, right after an exit head + policy step"] - plain
+    after = {name: c["after_a_layer_us"] for name, c in costs.items()}
+    head, step, small = after[HEAD_CALL], after[STEP_CALL], after[SMALL_CALL]
+    plain = after[LAYER_CALL]
+    slowed = after[LAYER_AFTER_DECISION] - plain
     per_layer = head + step - small  # the policy step's first-call cost is paid by the head
     text = (
         f"One decision at batch size 1 costs about {per_layer:.0f} us, {per_layer / plain:.1%} of a layer "
@@ -837,16 +843,11 @@ def _decision_cost(costs: dict, share: float | None, rows: list[dict]) -> list[s
     lines = [text]
     # Engine ~ oracle + every decision taken - the one head the oracle runs as well. A row decides
     # at each layer it passes but the last (the final head takes everyone left).
-    oracle = {
-        r["path"].split(" (")[0].removeprefix("oracle @ "): r
-        for r in rows
-        if r["batch_size"] == 1 and r["path"].startswith("oracle @") and "every exit head" not in r["path"]
-    }
+    oracle = _by_target(rows, 1, "oracle @")
     full = next((r["ms_per_example"] for r in rows if r["batch_size"] == 1 and r["path"] == "full"), None)
     predicted, measured, decisions, budget = [], [], [], []
-    for r in rows:
-        target = r["path"].removeprefix("engine @ ")
-        if r["batch_size"] != 1 or target == r["path"] or target not in oracle or "exit_counts" not in r:
+    for target, r in _by_target(rows, 1, "engine @").items():
+        if target not in oracle or "exit_counts" not in r:
             continue
         counts = r["exit_counts"]
         d = sum(c * min(k + 1, len(counts) - 1) for k, c in enumerate(counts)) / sum(counts)
@@ -871,18 +872,21 @@ def _decision_cost(costs: dict, share: float | None, rows: list[dict]) -> list[s
     return lines
 
 
+def _by_target(rows: list[dict], bs: int, prefix: str) -> dict[str, dict]:
+    """The rows of one path at batch size ``bs``, by target speed-up ("2x"), in the table's order.
+    ``prefix``: "engine @", "engine + refill @" or "oracle @" (the oracle without the extra heads)."""
+    return {
+        r["path"].removeprefix(prefix).split(" (")[0]: r
+        for r in rows
+        if r["batch_size"] == bs and r["path"].startswith(prefix) and "every exit head" not in r["path"]
+    }
+
+
 def _targets(rows: list[dict]) -> list[str]:
     """The issue's targets (ratio >= 0.9 at batch size 1, >= 0.8 at batch size 32) against this run."""
 
     def values(bs: int, prefix: str, field: str = "ratio") -> str:
-        vals = [
-            r[field]
-            for r in rows
-            if r["batch_size"] == bs
-            and r["path"].startswith(prefix)
-            and "every exit head" not in r["path"]
-            and field in r
-        ]
+        vals = [r[field] for r in _by_target(rows, bs, prefix).values() if field in r]
         return " / ".join(f"{v:.2f}" for v in vals) if vals else "-"
 
     return [
