@@ -59,6 +59,43 @@ def test_save_pretrained_round_trip(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_regression_target_scaling_round_trips_and_the_engine_applies_it(tmp_path):
+    from romebert.engine import EarlyExitEngine
+    from romebert.policies import get_policy
+
+    model = tiny_model(num_labels=1, layers=2, pooling="mean").eval()
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        raw = model(ids, mask)
+        model.fit_target_scaling([1.0, 3.0, 5.0, 7.0])  # mean 4, std sqrt(5)
+        scaled = model(ids, mask)
+    assert model.config.target_scaling == pytest.approx((4.0, 5.0**0.5))
+    assert torch.allclose(scaled, raw * 5.0**0.5 + 4.0, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    loaded = MultiExitModel.from_pretrained(tmp_path).eval()
+    assert loaded.config == model.config
+    out = EarlyExitEngine(loaded, get_policy("entropy", 0.0)).run(ids, mask)  # threshold 0: the final head
+    assert torch.allclose(out.logits, scaled[-1], atol=1e-5)
+
+
+def test_a_version_1_config_without_target_scaling_still_loads(tmp_path):
+    tiny_model(num_labels=1).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del cfg["target_mean"], cfg["target_std"]
+    cfg["format_version"] = 1
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(cfg))
+    assert MultiExitModel.from_pretrained(tmp_path).config.target_scaling is None
+
+
+def test_bad_target_scaling_in_a_config_names_the_file(tmp_path):
+    tiny_model(num_labels=1).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    cfg["target_mean"], cfg["target_std"] = 2.0, -1.0
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(RomebertError, match=rf"{CONFIG_NAME}: target_std must be a positive number"):
+        MultiExitModel.from_pretrained(tmp_path)
+
+
 def test_truncated_weights_give_a_one_line_error(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     data = (tmp_path / WEIGHTS_NAME).read_bytes()

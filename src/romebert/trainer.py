@@ -244,6 +244,10 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             args.save(self.output_dir / "training_args.json")
+        if self.model.config.is_regression and self.model.config.target_scaling is None:
+            # Deterministic in the data, so a resumed run (a fresh model) gets the same scaling.
+            ds = self.train_dataset
+            self.model.fit_target_scaling(np.asarray([ds[i]["labels"] for i in range(len(ds))], dtype=np.float64))
         self.model.to(self.device)
         self.dist.broadcast_module(self.model)
         resumed = load_latest(self.output_dir, self.model, self._make_optim) if resume else None
