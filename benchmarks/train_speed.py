@@ -25,13 +25,14 @@ import transformers
 from romebert.data import Collator, encode, read_split
 from romebert.modeling import MultiExitModel, default_backbone
 from romebert.tasks import get_task
-from romebert.trainer import Trainer, TrainingArguments
+from romebert.trainer import Trainer
+from romebert.training_args import TrainingArguments
 
 PLAIN = "plain"
 
 
 def _time_one(method: str, dataset, collator, backbone: str, task, args: argparse.Namespace, group: bool) -> float:
-    model = MultiExitModel.from_backbone(backbone, num_labels=task.num_labels, pooling="mean")
+    model = MultiExitModel.from_backbone(backbone, num_labels=task.num_labels, pooling="mean", task=task.name)
     with TemporaryDirectory() as tmp:
         targs = TrainingArguments(
             output_dir=tmp,

@@ -11,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_trainer import _dataset  # noqa: E402
 
 from romebert.data import Collator  # noqa: E402
-from romebert.trainer import Trainer, TrainingArguments  # noqa: E402
+from romebert.trainer import Trainer  # noqa: E402
+from romebert.training_args import TrainingArguments  # noqa: E402
 
 from conftest import tiny_model  # noqa: E402
 
@@ -31,6 +32,7 @@ def main(
         gradient_accumulation_steps=accum,
         progress=False,
         group_by_length=True,
+        gr_anchor="exits",
         device="cpu",
     )
     trainer = Trainer(model, args, _dataset(n=30, seed=1), Collator(pad_token_id=0))

@@ -11,19 +11,17 @@ import numpy as np
 import pytest
 import torch
 
+from romebert.batching import LengthGroupedSampler, make_dataloader, set_epoch
 from romebert.data import (
     Collator,
     EncodedDataset,
     Example,
-    LengthGroupedSampler,
     encode,
     label_ids,
     label_set,
     load_hub_glue,
-    make_dataloader,
     read_custom,
     read_split,
-    set_epoch,
 )
 from romebert.errors import RomebertError
 from romebert.tasks import get_task

@@ -8,7 +8,8 @@ from romebert.data import Collator, EncodedDataset
 from romebert.errors import RomebertError
 from romebert.evaluation import collect_logits
 from romebert.methods import METHODS
-from romebert.trainer import Trainer, TrainingArguments, find_latest_checkpoint
+from romebert.trainer import Trainer, find_latest_checkpoint
+from romebert.training_args import TrainingArguments
 
 from conftest import tiny_model
 
@@ -34,7 +35,7 @@ def _train(tmp_path, name, method="romebert-sdgr", dataset=None, **kw):
         progress=False,
         group_by_length=False,
         log_every=1,
-        **kw,
+        **{"gr_anchor": "exits", **kw},
     )
     summary = Trainer(model, args, dataset or _dataset(), Collator(pad_token_id=0)).train()
     return model, summary
@@ -99,7 +100,7 @@ def test_regression_learns_with_every_method(tmp_path, method):
     model = tiny_model(num_labels=1, layers=2, pooling="mean", dropout=0.0, seed=0)
     args = TrainingArguments(
         output_dir=str(tmp_path / method), method=method, epochs=3, learning_rate=1e-4, batch_size=16,
-        progress=False, save_total_limit=0,
+        progress=False, save_total_limit=0, gr_anchor="exits",
     )  # fmt: skip
     Trainer(model, args, train, Collator(pad_token_id=0)).train()
     labels = np.array([f["labels"] for f in dev.features])
@@ -156,10 +157,86 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a full disk
     model = tiny_model(layers=3, dropout=0.0, seed=99)
     args = TrainingArguments(
-        output_dir=str(tmp_path / "c"), epochs=2, learning_rate=1e-3, progress=False, group_by_length=False
+        output_dir=str(tmp_path / "c"),
+        epochs=2,
+        learning_rate=1e-3,
+        progress=False,
+        group_by_length=False,
+        gr_anchor="exits",
     )
     with pytest.warns(UserWarning, match="skipping checkpoint .*step0000004"):
         summary = Trainer(model, args, _dataset(), Collator(pad_token_id=0)).train(resume=True)
     assert summary["resumed_from_step"] == {"stage": "joint", "step": 2}
     for p, q in zip(model.parameters(), reference.parameters()):
         assert torch.equal(p, q)  # epoch 2 replayed from the epoch-1 checkpoint gives the same weights
+
+
+def _replay_stage_one(tmp_path, method, name):
+    """The model after ``method``'s first stage alone, from the same seed."""
+    from romebert import methods
+
+    original = methods.METHODS[method]
+    methods.METHODS[method] = original[:1]
+    try:
+        return _train(tmp_path, name, method=method)[0]
+    finally:
+        methods.METHODS[method] = original
+
+
+def test_the_mixed_method_fine_tunes_then_trains_everything_jointly(tmp_path):
+    model, summary = _train(tmp_path, "mixed", method="mixed")
+    assert [s["stage"] for s in summary["stages"]] == ["finetune", "joint"]
+    after_one = _replay_stage_one(tmp_path, "mixed", "mixed-1")
+    start = tiny_model(layers=3, dropout=0.0, seed=7)  # what _train starts from
+    last = f"exits.{model.num_layers - 1}."
+    for (name, p1), p0 in zip(after_one.named_parameters(), start.parameters()):
+        trained_in_one = name.startswith("backbone.") or name.startswith(last)
+        if not trained_in_one:
+            assert torch.equal(p1, p0), f"stage one changed {name}"
+        elif p1.ndim == 2 and "embeddings" not in name:
+            assert not torch.equal(p1, p0), f"stage one left {name} unchanged"
+    for (name, p2), p1 in zip(model.named_parameters(), after_one.parameters()):
+        if p2.ndim == 2 and "embeddings" not in name:  # embeddings: only the rows of seen tokens move
+            assert not torch.equal(p2, p1), f"the joint stage left {name} unchanged"
+
+
+def _stage_two_grad_norms(tmp_path, name, clip_frozen):
+    _train(tmp_path, name, method="deebert", clip_frozen_gradients=clip_frozen, max_grad_norm=1e-3)
+    rows = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+    return [r["grad_norm"] for r in rows if r["stage"] == "exits"]
+
+
+def test_deebert_stage_two_clips_over_the_encoder_gradients_only_with_the_preset_option(tmp_path):
+    exits_only = _stage_two_grad_norms(tmp_path, "a", clip_frozen=False)
+    with_encoder = _stage_two_grad_norms(tmp_path, "b", clip_frozen=True)
+    # the first stage-two step starts from the same weights: the encoder's gradients add to the norm
+    assert with_encoder[0] > exits_only[0] * 1.01
+    # and the encoder still does not move in stage two
+    model, _ = _train(tmp_path, "c", method="deebert", clip_frozen_gradients=True)
+    ref = _replay_stage_one(tmp_path, "deebert", "c-1")
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if name.startswith("backbone."):
+            assert torch.equal(p, q), name
+
+
+def test_weight_decay_spares_biases_and_norms_unless_asked():
+    from romebert.trainer import make_optimizer
+
+    model = tiny_model()
+    params = list(model.parameters())
+    groups = make_optimizer(params, TrainingArguments(output_dir="x", weight_decay=0.01)).param_groups
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(p) for p in params if p.ndim == 2}  # every weight matrix, no bias, no LayerNorm
+    everything = make_optimizer(params, TrainingArguments(output_dir="x", weight_decay=0.01, decay_bias_and_norm=True))
+    assert [len(g["params"]) for g in everything.param_groups] == [len(params)]
+
+
+def test_gr_anchor_auto_is_resolved_from_the_models_task_or_refused(tmp_path):
+    model = tiny_model(layers=2)
+    args = TrainingArguments(output_dir=str(tmp_path / "a"), progress=False)  # romebert-sdgr, gr_anchor auto
+    with pytest.raises(RomebertError, match="gr_anchor 'auto' .* names no task"):
+        Trainer(model, args, _dataset(), Collator(pad_token_id=0))
+    model.config.task = "QQP"
+    assert Trainer(model, args, _dataset(), Collator(pad_token_id=0)).args.gr_anchor == "final"
+    model.config.task = "RTE"
+    assert Trainer(model, args, _dataset(), Collator(pad_token_id=0)).args.gr_anchor == "exits"

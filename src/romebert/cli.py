@@ -8,10 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from romebert import __version__
+from romebert import __version__, options
 from romebert.errors import RomebertError
 from romebert.exits import REFERENCE_THRESHOLDS
-from romebert.methods import METHODS
 
 DEFAULT_THRESHOLD = 0.15
 # romebert.policies.CRITERIA, spelled out so that building the parser does not import torch.
@@ -27,101 +26,37 @@ def _thresholds(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"--thresholds must be comma-separated numbers, got {text!r}") from None
 
 
+# Data options that only training uses (evaluate and predict read them from the run).
+_TRAINING_DATA = ("max_seq_length", "max_train_examples", "subset_seed")
+
+
 def _add_data_args(p: argparse.ArgumentParser, for_training: bool) -> None:
+    from romebert.data import DataSpec
+
     g = p.add_argument_group("data (a GLUE task, or your own CSV/TSV files)")
-    g.add_argument("--task", help="GLUE task: CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI")
-    g.add_argument("--data-dir", help="GLUE folder in the classic layout (<dir>/<TASK>/train.tsv ...)")
-    g.add_argument("--hub", action="store_true", help="load GLUE from the Hugging Face hub (needs romebert[hub])")
-    for split in ("train", "dev", "test"):
-        g.add_argument(f"--{split}-file", help=f"your own {split} CSV/TSV with a header row")
-    g.add_argument("--text-column", dest="text_a", help="custom data: column of the (first) text")
-    g.add_argument("--text-pair-column", dest="text_b", help="custom data: column of the second text, if any")
-    g.add_argument("--label-column", help="custom data: column of the label")
-    g.add_argument("--labels", help="custom data: comma-separated label set (default: read from the train file)")
-    g.add_argument("--regression", action="store_true", help="custom data: the label is a number")
-    g.add_argument("--metric", help="custom data: accuracy, f1, mcc, pearson or spearman")
-    if for_training:
-        g.add_argument("--max-seq-length", type=int, default=128)
-        g.add_argument("--max-train-examples", type=int, help="train on a seeded random subset of this many examples")
-        g.add_argument("--subset-seed", type=int, default=0)
+    options.add_arguments(g, DataSpec, exclude=() if for_training else _TRAINING_DATA)
 
 
 def _data_spec(ns: argparse.Namespace):
-    from romebert.pipeline import DataSpec
+    from romebert.data import DataSpec
+    from romebert.training_args import preset_values
 
-    return DataSpec(
-        task=ns.task,
-        data_dir=ns.data_dir,
-        hub=ns.hub,
-        train_file=ns.train_file,
-        dev_file=ns.dev_file,
-        test_file=ns.test_file,
-        text_a=ns.text_a,
-        text_b=ns.text_b,
-        label_column=ns.label_column,
-        labels=ns.labels.split(",") if ns.labels else None,
-        regression=ns.regression,
-        metric=ns.metric,
-        max_seq_length=getattr(ns, "max_seq_length", 128),
-        max_train_examples=getattr(ns, "max_train_examples", None),
-        subset_seed=getattr(ns, "subset_seed", 0),
-    )
+    return DataSpec(**{**preset_values(getattr(ns, "preset", None), DataSpec), **options.values(ns, DataSpec)})
 
 
 def _data_override(ns: argparse.Namespace) -> dict:
     """Data flags given to evaluate / predict replace what the run was trained with."""
-    keys = ("task", "data_dir", "train_file", "dev_file", "test_file")
-    out = {k: getattr(ns, k) for k in keys if getattr(ns, k, None) is not None}
-    if getattr(ns, "hub", False):
-        out["hub"] = True
-    return out
+    from romebert.data import DataSpec
+
+    return options.values(ns, DataSpec)
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from romebert.trainer import TrainingArguments as T
+    from romebert.training_args import TrainingArguments
 
-    d = T.__dataclass_fields__
-    g = p.add_argument_group("training (defaults are the reference's)")
-    g.add_argument("--output-dir", "-o", required=True, help="run folder (created)")
-    g.add_argument("--method", default=d["method"].default, choices=sorted(METHODS))
-    g.add_argument(
-        "--model", dest="backbone", help="backbone: hub name or local folder (default: packaged all-MiniLM-L6-v2)"
-    )
-    g.add_argument(
-        "--pooling",
-        default="mean",
-        choices=["cls", "mean"],
-        help="what each exit pools: first token (the reference) or masked mean (default)",
-    )
-    g.add_argument("--epochs", type=float, default=d["epochs"].default)
-    g.add_argument("--learning-rate", "--lr", type=float, default=d["learning_rate"].default)
-    g.add_argument("--batch-size", type=int, default=d["batch_size"].default)
-    g.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    g.add_argument("--weight-decay", type=float, default=d["weight_decay"].default)
-    g.add_argument("--warmup-ratio", type=float, default=d["warmup_ratio"].default)
-    g.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"].default)
-    g.add_argument("--seed", type=int, default=d["seed"].default)
-    g.add_argument("--gamma", type=float, default=d["gamma"].default, help="distillation weight")
-    g.add_argument("--temperature", type=float, default=d["temperature"].default)
-    g.add_argument(
-        "--kd-reduction",
-        default="mean",
-        choices=["mean", "batchmean"],
-        help="KL reduction: element-wise mean (reference) or batch mean (textbook)",
-    )
-    g.add_argument(
-        "--gr-anchor",
-        default="auto",
-        choices=["auto", "exits", "final"],
-        help="GR anchor loss A (auto: final for MNLI/QQP, exits otherwise, as the reference)",
-    )
-    g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false")
-    g.add_argument("--log-every", type=int, default=d["log_every"].default)
+    g = p.add_argument_group("training (defaults are the reference's, except pooling and group-by-length)")
+    options.add_arguments(g, TrainingArguments)
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
-    g.add_argument("--save-steps", type=int, default=0, help="also checkpoint every N optimizer steps")
-    g.add_argument(
-        "--save-total-limit", type=int, default=d["save_total_limit"].default, help="complete checkpoints to keep"
-    )
 
 
 def _add_criterion_args(p: argparse.ArgumentParser) -> None:
@@ -184,30 +119,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _training_arguments(ns: argparse.Namespace):
-    from romebert.trainer import TrainingArguments
+    from romebert.training_args import TrainingArguments
 
-    return TrainingArguments(
-        output_dir=ns.output_dir,
-        method=ns.method,
-        epochs=ns.epochs,
-        learning_rate=ns.learning_rate,
-        batch_size=ns.batch_size,
-        gradient_accumulation_steps=ns.gradient_accumulation_steps,
-        weight_decay=ns.weight_decay,
-        warmup_ratio=ns.warmup_ratio,
-        max_grad_norm=ns.max_grad_norm,
-        seed=ns.seed,
-        gamma=ns.gamma,
-        temperature=ns.temperature,
-        kd_reduction=ns.kd_reduction,
-        gr_anchor=ns.gr_anchor,
-        group_by_length=ns.group_by_length,
-        log_every=ns.log_every,
-        save_steps=ns.save_steps,
-        save_total_limit=ns.save_total_limit,
-        device=ns.device,
-        progress=not ns.quiet,
-    )
+    given = options.values(ns, TrainingArguments)
+    preset = given.pop("preset", None)
+    return TrainingArguments.from_preset(preset, **given, device=ns.device, progress=not ns.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,13 +163,91 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help=f"threshold for the test files (entropy: {DEFAULT_THRESHOLD})")
     _add_criterion_args(p)
 
-    from romebert.compare import add_compare_args
-
     p = sub.add_parser("compare", help="train methods x poolings x seeds on one task and write one report")
     _add_data_args(p, for_training=True)
-    add_compare_args(p)
+    _add_compare_args(p)
     _add_common(p)
     return parser
+
+
+def _add_compare_args(p: argparse.ArgumentParser) -> None:
+    """Flags of ``romebert compare`` other than the data and common ones."""
+    from romebert import compare as c
+    from romebert.training_args import TrainingArguments
+
+    g = p.add_argument_group("comparison")
+    g.add_argument("--output-dir", "-o", required=True, help="comparison folder (runs/, report.md, ...)")
+    g.add_argument(
+        "--methods",
+        type=options.csv(str, "--methods"),
+        default=list(c.DEFAULT_METHODS),
+        help=f"comma-separated (default: {','.join(c.DEFAULT_METHODS)})",
+    )
+    g.add_argument(
+        "--seeds",
+        type=options.csv(int, "--seeds"),
+        default=list(c.DEFAULT_SEEDS),
+        help=f"comma-separated training seeds (default: {','.join(map(str, c.DEFAULT_SEEDS))})",
+    )
+    g.add_argument(
+        "--poolings",
+        type=options.csv(str, "--poolings"),
+        help=f"exit poolings to compare (default: {','.join(c.DEFAULT_POOLINGS)}; with --preset, the preset's)",
+    )
+    g.add_argument(
+        "--include-plain",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also train plain fine-tuning, the training-cost baseline (default: on)",
+    )
+    g.add_argument(
+        "--speedups",
+        type=options.csv(float, "--speedups"),
+        default=list(c.DEFAULT_SPEEDUPS),
+        help="layer speed-ups at which to read the metric (default: 1.5,2,3)",
+    )
+    g.add_argument(
+        "--thresholds",
+        type=options.csv(float, "--thresholds"),
+        default=None,
+        help="entropy thresholds to sweep (default: the reference grid plus a 0.025 grid up to 1.2)",
+    )
+    g.add_argument("--notes", help="Markdown file for the report's 'Reading' section")
+    g.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs; train nothing")
+    t = p.add_argument_group("training (every run; defaults are the reference's, except pooling and grouping)")
+    options.add_arguments(t, TrainingArguments, exclude=c.COMPARE_VARIES)
+
+
+def _compare_config(ns: argparse.Namespace):
+    """A :class:`~romebert.compare.CompareConfig` from parsed ``romebert compare`` arguments."""
+    import shlex
+
+    from romebert import compare as c
+    from romebert.training_args import TrainingArguments
+
+    given = options.values(ns, TrainingArguments, exclude=c.COMPARE_VARIES)
+    preset = given.pop("preset", None)
+    training = TrainingArguments.from_preset(preset, output_dir=".", **given)
+    poolings = ns.poolings or ([training.pooling] if preset else list(c.DEFAULT_POOLINGS))
+    prog = Path(sys.argv[0]).name if sys.argv else ""
+    return c.CompareConfig(
+        data=_data_spec(ns),
+        output_dir=ns.output_dir,
+        training=training,
+        methods=[m.lower() for m in ns.methods],
+        seeds=ns.seeds,
+        poolings=poolings,
+        include_plain=ns.include_plain,
+        thresholds=ns.thresholds if ns.thresholds is not None else list(c.COMPARE_THRESHOLDS),
+        speedups=ns.speedups,
+        eval_batch_size=ns.eval_batch_size,
+        device=ns.device,
+        progress=not ns.quiet,
+        notes=ns.notes,
+        report_only=ns.report_only,
+        # only a real command line is worth recording (not pytest's when main() is called in a test)
+        invocation=shlex.join(["romebert", *sys.argv[1:]]) if prog in ("romebert", "__main__.py") else None,
+    )
 
 
 def _print_eval(results: dict) -> None:
@@ -276,12 +270,12 @@ def _print_eval(results: dict) -> None:
 def _cmd_train(ns) -> dict:
     from romebert.pipeline import train_run
 
-    summary = train_run(_data_spec(ns), _training_arguments(ns), ns.backbone, ns.pooling, ns.resume)
+    summary = train_run(_data_spec(ns), _training_arguments(ns), ns.resume)
     if not summary["is_main_process"]:
         return summary
     print(
-        f"trained {ns.method} on {summary['num_train_examples']} examples in {summary['seconds']:.0f} s; "
-        f"model in {summary['model_dir']}/, loss log in {Path(ns.output_dir) / 'train_log.jsonl'}"
+        f"trained {summary['method']} on {summary['num_train_examples']} examples in {summary['seconds']:.0f} s; "
+        f"model in {summary['model_dir']}/, loss log in {Path(summary['model_dir']).parent / 'train_log.jsonl'}"
     )
     return summary
 
@@ -330,10 +324,12 @@ def _cmd_run(ns) -> None:
     t0 = time.perf_counter()
     if not _cmd_train(ns)["is_main_process"]:
         return  # other ranks of a multi-process launch only help train; rank 0 evaluates
+    from romebert.data import DataSpec
+
     ns.run = ns.output_dir
-    for key in ("task", "data_dir", "train_file", "dev_file", "test_file"):
-        setattr(ns, key, None)  # evaluate / predict read the data description the run saved
-    ns.hub = False
+    for f in options.option_fields(DataSpec):  # evaluate / predict read the data description the run saved
+        if hasattr(ns, f.name):
+            delattr(ns, f.name)
     results = _cmd_evaluate(ns)
     written = _cmd_predict(ns) if _has_test(ns.run) else []
     print(f"done in {time.perf_counter() - t0:.0f} s. Outputs:")
@@ -355,9 +351,9 @@ def _has_test(run: str) -> bool:
 
 
 def _cmd_compare(ns) -> dict:
-    from romebert.compare import config_from_args, run_compare
+    from romebert.compare import run_compare
 
-    return run_compare(config_from_args(ns, _data_spec(ns)))
+    return run_compare(_compare_config(ns))
 
 
 COMMANDS = {

@@ -20,7 +20,7 @@ as the training-cost baseline; only its last exit means anything.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import os
@@ -41,9 +41,11 @@ from romebert import __version__
 from romebert.errors import RomebertError
 from romebert.exits import REFERENCE_THRESHOLDS
 from romebert.methods import get_method
+from romebert.options import command_args, option_fields
+from romebert.training_args import POOLINGS, TrainingArguments
 
-if TYPE_CHECKING:  # pipeline pulls in transformers; the CLI imports this module to build its parser
-    from romebert.pipeline import DataSpec
+if TYPE_CHECKING:
+    from romebert.data import DataSpec
 
 PLAIN = "plain"
 DEFAULT_METHODS: tuple[str, ...] = ("deebert", "deebert-sd", "romebert-sd", "romebert-sdgr")
@@ -57,25 +59,10 @@ COMPARE_THRESHOLDS: tuple[float, ...] = tuple(
     sorted({*REFERENCE_THRESHOLDS, *(round(0.025 * k, 3) for k in range(1, 49))})
 )
 META_FILE = "compare_run.json"
-# TrainingArguments fields a comparison sets for every run (method, seed and output_dir vary per run).
-TRAINING_FIELDS: tuple[str, ...] = (
-    "epochs",
-    "learning_rate",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "weight_decay",
-    "warmup_ratio",
-    "max_grad_norm",
-    "gamma",
-    "temperature",
-    "kd_reduction",
-    "gr_anchor",
-    "group_by_length",
-    "log_every",
-)
-# What a reused run must share with the comparison (a whitelist: fields added to TrainingArguments later,
-# such as checkpoint frequency, must not make finished runs unusable).
-_TRAINING_FINGERPRINT = ("method", "seed", "adam_epsilon", *(f for f in TRAINING_FIELDS if f != "log_every"))
+# TrainingArguments fields that need not match for a finished run to be reused: where it was written and
+# how it was logged or checkpointed; the backbone and pooling are compared through run.json.
+_NOT_FINGERPRINTED = ("output_dir", "preset", "backbone", "pooling", "log_every", "save_steps", "save_total_limit",
+                      "device", "progress")  # fmt: skip
 _DATA_FINGERPRINT = (
     "task",
     "hub",
@@ -138,16 +125,16 @@ def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class CompareConfig:
-    """Everything a comparison needs; ``training`` holds TrainingArguments fields (TRAINING_FIELDS)."""
+    """Everything a comparison needs. ``training`` is the template of every run's TrainingArguments
+    (its output_dir, method, seed and pooling are set per run)."""
 
     data: DataSpec
     output_dir: str
-    backbone: str | None = None
+    training: TrainingArguments = field(default_factory=lambda: TrainingArguments(output_dir="."))
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
     poolings: list[str] = field(default_factory=lambda: list(DEFAULT_POOLINGS))
     include_plain: bool = True
-    training: dict[str, Any] = field(default_factory=dict)
     thresholds: list[float] = field(default_factory=lambda: list(COMPARE_THRESHOLDS))
     speedups: list[float] = field(default_factory=lambda: list(DEFAULT_SPEEDUPS))
     eval_batch_size: int = 64
@@ -163,9 +150,6 @@ class CompareConfig:
         return ([PLAIN] if self.include_plain and PLAIN not in self.methods else []) + list(self.methods)
 
     def validate(self) -> None:
-        from romebert.modeling import POOLINGS
-        from romebert.trainer import TrainingArguments
-
         if not self.methods:
             raise RomebertError("--methods: give at least one method")
         for m in self.methods:
@@ -179,10 +163,6 @@ class CompareConfig:
             raise RomebertError(f"--speedups must be positive, got {self.speedups}")
         if not self.thresholds:
             raise RomebertError("--thresholds: give at least one threshold")
-        unknown = set(self.training) - set(TRAINING_FIELDS)
-        if unknown:
-            raise RomebertError(f"unknown training settings {sorted(unknown)}")
-        TrainingArguments(output_dir=".", **self.training)  # its own checks (positive epochs, ...)
         if self.notes is not None and not Path(self.notes).is_file():
             raise RomebertError(f"--notes {self.notes}: no such file")
         self.data.validate()
@@ -227,12 +207,11 @@ class Comparison:
 
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.backbone = cfg.backbone or default_backbone()
+        self.backbone = cfg.training.backbone or default_backbone()
         self.task = cfg.data.task_spec()
         self.splits = cfg.data.eval_splits()
-        gr_anchor = cfg.training.get("gr_anchor", "auto")
         # train_run resolves "auto" before it saves training_args.json; resolve the same way to compare
-        self.gr_anchor = self.task.gr_anchor if gr_anchor == "auto" else gr_anchor
+        self.gr_anchor = cfg.training.resolved(self.task.gr_anchor).gr_anchor
         self.plan = [
             RunKey(pooling, method, seed)
             for seed in cfg.seeds  # seeds outermost: an interrupted comparison has every method for some seeds
@@ -241,17 +220,16 @@ class Comparison:
         ]
 
     # ------------------------------------------------------------------------------------------
-    def training_arguments(self, key: RunKey):
-        from romebert.trainer import TrainingArguments
-
-        settings = {**self.cfg.training, "gr_anchor": self.gr_anchor}
-        return TrainingArguments(
+    def training_arguments(self, key: RunKey) -> TrainingArguments:
+        return dataclasses.replace(
+            self.cfg.training,
             output_dir=str(key.path(self.out)),
             method=key.method,
             seed=key.seed,
+            pooling=key.pooling,
+            gr_anchor=self.gr_anchor,
             device=self.cfg.device,
             progress=self.cfg.progress,
-            **settings,
         )
 
     def state(self, key: RunKey) -> str:
@@ -267,7 +245,7 @@ class Comparison:
         """A run trained with other settings must not be mixed into this comparison."""
         run = key.path(self.out)
         args = asdict(self.training_arguments(key))
-        expected = {k: args[k] for k in _TRAINING_FINGERPRINT}
+        expected = {k: v for k, v in args.items() if k not in _NOT_FINGERPRINTED}
         stored = _read_json(run / "training_args.json")
         diffs = [f"{k}: {stored[k]!r} there, {v!r} here" for k, v in expected.items() if k in stored and stored[k] != v]
         info = _read_json(run / "run.json")
@@ -325,7 +303,7 @@ class Comparison:
             shutil.rmtree(run, ignore_errors=True)
             print(f"{prefix} {key.label()}: training ...", flush=True)
             t = time.perf_counter()
-            summary = pipeline.train_run(self.cfg.data, self.training_arguments(key), self.backbone, key.pooling)
+            summary = pipeline.train_run(self.cfg.data, self.training_arguments(key))
             meta["train_wall_seconds"] = time.perf_counter() - t
             # checkpoints only serve --resume, which a comparison never uses (a run is retrained whole so its
             # wall time is one training); they are 3x the model's size, and a comparison has dozens of runs
@@ -502,62 +480,18 @@ def _num(x: float) -> str:
     return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
 
 
-_FLAGS = {
-    "epochs": "--epochs",
-    "learning_rate": "--lr",
-    "batch_size": "--batch-size",
-    "gradient_accumulation_steps": "--gradient-accumulation-steps",
-    "weight_decay": "--weight-decay",
-    "warmup_ratio": "--warmup-ratio",
-    "max_grad_norm": "--max-grad-norm",
-    "gamma": "--gamma",
-    "temperature": "--temperature",
-    "kd_reduction": "--kd-reduction",
-    "gr_anchor": "--gr-anchor",
-}
+# TrainingArguments options a comparison sets per run, or not at all (checkpoints are deleted).
+COMPARE_VARIES = ("output_dir", "method", "seed", "pooling", "save_steps", "save_total_limit")
 
 
-def full_command(cfg: CompareConfig, backbone: str | None = None) -> str:
+def full_command(cfg: CompareConfig) -> str:
     """A ``romebert compare`` command line with every setting spelled out (defaults may change later)."""
-    d = cfg.data
-    a = ["romebert", "compare"]
-    if d.task:
-        a += ["--task", d.task]
-    if d.data_dir:
-        a += ["--data-dir", d.data_dir]
-    if d.hub:
-        a += ["--hub"]
-    for flag, value in (
-        ("--train-file", d.train_file),
-        ("--dev-file", d.dev_file),
-        ("--test-file", d.test_file),
-        ("--text-column", d.text_a),
-        ("--text-pair-column", d.text_b),
-        ("--label-column", d.label_column),
-        ("--labels", ",".join(d.labels) if d.labels else None),
-        ("--metric", d.metric),
-    ):
-        if value:
-            a += [flag, value]
-    if d.regression:
-        a += ["--regression"]
-    a += ["--max-seq-length", str(d.max_seq_length)]
-    if d.max_train_examples:
-        a += ["--max-train-examples", str(d.max_train_examples), "--subset-seed", str(d.subset_seed)]
-    if backbone or cfg.backbone:
-        a += ["--model", str(cfg.backbone or backbone)]
+    a = ["romebert", "compare", *command_args(cfg.data)]
     a += ["--methods", ",".join(cfg.methods), "--seeds", ",".join(map(str, cfg.seeds))]
     a += ["--poolings", ",".join(cfg.poolings)]
     if not cfg.include_plain:
         a += ["--no-include-plain"]
-    from romebert.trainer import TrainingArguments
-
-    defaults = TrainingArguments(output_dir=".")
-    for name, flag in _FLAGS.items():
-        value = cfg.training.get(name, getattr(defaults, name) if name != "gr_anchor" else "auto")
-        a += [flag, _num(value) if isinstance(value, (int, float)) else str(value)]
-    if not cfg.training.get("group_by_length", True):
-        a += ["--no-group-by-length"]
+    a += command_args(cfg.training, skip=COMPARE_VARIES)
     a += ["--speedups", ",".join(_num(s) for s in cfg.speedups)]
     if [float(t) for t in cfg.thresholds] != list(COMPARE_THRESHOLDS):
         a += ["--thresholds", ",".join(_num(t) for t in cfg.thresholds)]
@@ -615,7 +549,7 @@ def write_report(comp: Comparison, records: list[dict], env: dict, wall: float) 
     report = {
         "format": "romebert-compare/1",
         "created": _now(),
-        "command": full_command(cfg, comp.backbone),
+        "command": full_command(cfg),
         "invocation": cfg.invocation,
         "wall_seconds": wall,
         "environment": env,
@@ -627,7 +561,12 @@ def write_report(comp: Comparison, records: list[dict], env: dict, wall: float) 
             "methods": cfg.all_methods,
             "poolings": cfg.poolings,
             "seeds": cfg.seeds,
-            "training": {**cfg.training, "gr_anchor": comp.gr_anchor},
+            "training": {
+                f.name: getattr(cfg.training, f.name)
+                for f in option_fields(TrainingArguments)
+                if f.name not in COMPARE_VARIES
+            }
+            | {"gr_anchor": comp.gr_anchor},
             "data": asdict(cfg.data),
             "thresholds": cfg.thresholds,
             "speedups": cfg.speedups,
@@ -951,105 +890,6 @@ def plot_speedup_panels(path: Path, comp: Comparison, agg: dict, records: list[d
     axes[0].legend(loc="best", fontsize=8)
     fig.tight_layout()
     _save(fig, path)
-
-
-# ----------------------------------------------------------------------------------------------
-# command line (the subparser itself lives in cli.py)
-def _csv(kind: type, name: str):
-    def parse(text: str) -> list:
-        try:
-            values = [kind(x.strip()) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be comma-separated {kind.__name__}s, got {text!r}") from None
-        return list(dict.fromkeys(values))  # drop repeats, keep order
-
-    return parse
-
-
-def add_compare_args(p: argparse.ArgumentParser) -> None:
-    """Flags of ``romebert compare`` other than the data and common ones."""
-    from romebert.trainer import TrainingArguments as T
-
-    d = T.__dataclass_fields__
-    g = p.add_argument_group("comparison")
-    g.add_argument("--output-dir", "-o", required=True, help="comparison folder (runs/, report.md, ...)")
-    g.add_argument("--model", dest="backbone", help="backbone (default: packaged all-MiniLM-L6-v2)")
-    g.add_argument(
-        "--methods",
-        type=_csv(str, "--methods"),
-        default=list(DEFAULT_METHODS),
-        help=f"comma-separated (default: {','.join(DEFAULT_METHODS)})",
-    )
-    g.add_argument(
-        "--seeds",
-        type=_csv(int, "--seeds"),
-        default=list(DEFAULT_SEEDS),
-        help=f"comma-separated training seeds (default: {','.join(map(str, DEFAULT_SEEDS))})",
-    )
-    g.add_argument(
-        "--poolings",
-        type=_csv(str, "--poolings"),
-        default=list(DEFAULT_POOLINGS),
-        help="exit poolings to compare: mean, cls or both (default: mean,cls)",
-    )
-    g.add_argument(
-        "--include-plain",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also train plain fine-tuning, the training-cost baseline (default: on)",
-    )
-    g.add_argument(
-        "--speedups",
-        type=_csv(float, "--speedups"),
-        default=list(DEFAULT_SPEEDUPS),
-        help="layer speed-ups at which to read the metric (default: 1.5,2,3)",
-    )
-    g.add_argument(
-        "--thresholds",
-        type=_csv(float, "--thresholds"),
-        default=None,
-        help="entropy thresholds to sweep (default: the reference grid plus a 0.025 grid up to 1.2)",
-    )
-    g.add_argument("--notes", help="Markdown file for the report's 'Reading' section")
-    g.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs; train nothing")
-    t = p.add_argument_group("training (every run; defaults are the reference's)")
-    t.add_argument("--epochs", type=float, default=d["epochs"].default)
-    t.add_argument("--learning-rate", "--lr", type=float, default=d["learning_rate"].default)
-    t.add_argument("--batch-size", type=int, default=d["batch_size"].default)
-    t.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    t.add_argument("--weight-decay", type=float, default=d["weight_decay"].default)
-    t.add_argument("--warmup-ratio", type=float, default=d["warmup_ratio"].default)
-    t.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"].default)
-    t.add_argument("--gamma", type=float, default=d["gamma"].default, help="distillation weight")
-    t.add_argument("--temperature", type=float, default=d["temperature"].default)
-    t.add_argument("--kd-reduction", default="mean", choices=["mean", "batchmean"])
-    t.add_argument("--gr-anchor", default="auto", choices=["auto", "exits", "final"])
-    t.add_argument("--no-group-by-length", dest="group_by_length", action="store_false")
-    t.add_argument("--log-every", type=int, default=d["log_every"].default)
-
-
-def config_from_args(ns: argparse.Namespace, data: DataSpec) -> CompareConfig:
-    """A :class:`CompareConfig` from parsed ``romebert compare`` arguments."""
-    prog = Path(sys.argv[0]).name if sys.argv else ""
-    return CompareConfig(
-        data=data,
-        output_dir=ns.output_dir,
-        backbone=ns.backbone,
-        methods=[m.lower() for m in ns.methods],
-        seeds=ns.seeds,
-        poolings=ns.poolings,
-        include_plain=ns.include_plain,
-        training={name: getattr(ns, name) for name in TRAINING_FIELDS},
-        thresholds=ns.thresholds if ns.thresholds is not None else list(COMPARE_THRESHOLDS),
-        speedups=ns.speedups,
-        eval_batch_size=ns.eval_batch_size,
-        device=ns.device,
-        progress=not ns.quiet,
-        notes=ns.notes,
-        report_only=ns.report_only,
-        # only a real command line is worth recording (not pytest's when main() is called in a test)
-        invocation=shlex.join(["romebert", *sys.argv[1:]]) if prog in ("romebert", "__main__.py") else None,
-    )
 
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:

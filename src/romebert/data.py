@@ -1,20 +1,25 @@
-"""Reading GLUE / custom files, tokenizing, dynamic-padding collation and length-grouped batching."""
+"""Where examples come from (``DataSpec``), reading GLUE / custom files, tokenizing, and dynamic-padding
+collation. Torch-free: the ONNX runtime reads and pads with this module too (``return_tensors="np"``);
+training's samplers and loader are in ``batching.py``."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
+import numpy as np
 
 from romebert.errors import RomebertError
-from romebert.tasks import TaskSpec
+from romebert.options import option
+from romebert.reports import write_json
+from romebert.tasks import TaskSpec, custom_task, get_task
 
 _BOM = b"\xef\xbb\xbf"
 
@@ -280,11 +285,111 @@ def label_ids(examples: Sequence[Example], labels: tuple[str, ...] | None) -> li
     return ids
 
 
+# ------------------------------------------------------------------------------------ the data of a run
+
+
+@dataclass
+class DataSpec:
+    """Where a run's examples come from: a GLUE task (TSV folder or the hub) or the user's own files."""
+
+    task: str | None = option(None, "GLUE task: CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI")
+    data_dir: str | None = option(None, "GLUE folder in the classic layout (<dir>/<TASK>/train.tsv ...)")
+    hub: bool = option(False, "load GLUE from the Hugging Face hub (needs romebert[hub] and a network)")
+    train_file: str | None = option(None, "your own train CSV/TSV with a header row")
+    dev_file: str | None = option(None, "your own dev CSV/TSV with a header row")
+    test_file: str | None = option(None, "your own test CSV/TSV with a header row")
+    text_a: str | None = option(None, "custom data: column of the (first) text", flag="--text-column")
+    text_b: str | None = option(None, "custom data: column of the second text, if any", flag="--text-pair-column")
+    label_column: str | None = option(None, "custom data: column of the label")
+    labels: list[str] | None = option(None, "custom data: the label set (default: read from the train file)")
+    regression: bool = option(False, "custom data: the label is a number")
+    metric: str | None = option(None, "custom data: accuracy, f1, mcc, pearson or spearman")
+    max_seq_length: int = option(128, "tokens per input (pairs truncated longest-first)")
+    max_train_examples: int | None = option(None, "train on a seeded random subset of this many examples")
+    subset_seed: int = option(0, "seed of that subset")
+    extra: dict = option(default_factory=dict, cli=False)
+
+    @property
+    def is_custom(self) -> bool:
+        return self.task is None
+
+    def validate(self) -> None:
+        if self.is_custom:
+            if not self.train_file and not self.dev_file and not self.test_file:
+                raise RomebertError("give --task (a GLUE task) or --train-file/--dev-file/--test-file (your own data)")
+            if not self.text_a:
+                raise RomebertError("custom data needs --text-column naming the text column")
+        else:
+            get_task(self.task)
+            if self.data_dir is None and not self.hub:
+                raise RomebertError(f"task {self.task}: give --data-dir (GLUE TSV folder) or --hub")
+            if self.data_dir is not None and not Path(self.data_dir).is_dir():
+                raise RomebertError(f"--data-dir {self.data_dir}: no such folder")
+
+    def task_spec(self) -> TaskSpec:
+        if not self.is_custom:
+            return get_task(self.task)
+        labels = None
+        if not self.regression:
+            labels = tuple(self.labels) if self.labels else label_set(self._custom_examples(self.train_file))
+        return custom_task(labels, metric=self.metric, pair=self.text_b is not None)
+
+    def _custom_examples(self, path: str | None) -> list[Example]:
+        if path is None:
+            raise RomebertError("no file given for this split")
+        return read_custom(path, self.text_a, self.text_b, self.label_column)
+
+    def examples(self, split: str) -> list[Example]:
+        if self.is_custom:
+            path = {"train": self.train_file, "dev": self.dev_file, "test": self.test_file}.get(split)
+            if path is None:
+                raise RomebertError(f"no --{split}-file given")
+            rows = read_custom(path, self.text_a, self.text_b, None if split == "test" else self.label_column)
+        elif self.hub:
+            rows = load_hub_glue(get_task(self.task), split)
+        else:
+            rows = read_split(get_task(self.task), self.data_dir, split)
+        if split == "train" and self.max_train_examples and self.max_train_examples < len(rows):
+            rows = random.Random(self.subset_seed).sample(rows, self.max_train_examples)
+        return rows
+
+    def eval_splits(self) -> list[str]:
+        if self.is_custom:
+            return ["dev"] if self.dev_file else []
+        return list(get_task(self.task).eval_splits)
+
+    def test_files(self) -> list[tuple[TaskSpec | None, str, str]]:
+        """(task whose files to read, split, output file name) for every submission file.
+
+        The task is None for custom data: its labels come from the trained model (``run_task``).
+        """
+        if self.is_custom:
+            return [(None, "test", "predictions.tsv")] if self.test_file else []
+        task = get_task(self.task)
+        out = [(task, split, name) for split, name in task.test_files]
+        if task.name == "MNLI":  # GLUE's diagnostic set is predicted by the MNLI model
+            out += [(get_task("AX"), split, name) for split, name in get_task("AX").test_files]
+        return out
+
+    def save(self, path: Path) -> None:
+        write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> DataSpec:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
+        except FileNotFoundError:
+            raise RomebertError(f"{path}: not found (is this a run folder made by 'romebert train'?)") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise RomebertError(f"{path}: not a valid run file ({exc})") from None
+        return cls(**data)
+
+
 # -------------------------------------------------------------------------------------------- encoding
 
 
 @dataclass
-class EncodedDataset(Dataset):
+class EncodedDataset:
     """Tokenized, unpadded examples.
 
     ``features[i]`` holds ``input_ids``, ``attention_mask``, ``token_type_ids`` (when the tokenizer
@@ -348,9 +453,10 @@ def encode(
 
 
 class Collator:
-    """Pads a list of features to the longest one in the batch and stacks them into tensors.
+    """Pads a list of features to the longest one in the batch and stacks them into arrays.
 
-    Labels become ``long`` for classification and ``float`` for regression (decided by their Python type).
+    ``return_tensors``: "pt" (torch tensors, for the model) or "np" (int64 numpy arrays, for the ONNX
+    runtime). Labels become integer for classification and float for regression (by their Python type).
     """
 
     def __init__(
@@ -360,149 +466,46 @@ class Collator:
         pad_token_id: int | None = None,
         padding_side: str | None = None,
         pad_to_multiple_of: int | None = None,
+        return_tensors: str = "pt",
     ) -> None:
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = tokenizer.pad_token_id
         if pad_token_id is None:
             raise RomebertError("the tokenizer has no padding token (pad_token_id is None)")
+        if return_tensors not in ("pt", "np"):
+            raise RomebertError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         self.pad_token_id = int(pad_token_id)
         self.padding_side = padding_side or getattr(tokenizer, "padding_side", None) or "right"
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.return_tensors = return_tensors
 
     def _pad(self, values: list[int], width: int, fill: int) -> list[int]:
         padding = [fill] * (width - len(values))
         return padding + values if self.padding_side == "left" else values + padding
 
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not features:
             raise ValueError("cannot collate an empty batch")
         width = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch: dict[str, torch.Tensor] = {}
+        batch: dict[str, np.ndarray] = {}
         for key in _MODEL_INPUTS:
             if key not in features[0]:
                 continue
             fill = self.pad_token_id if key == "input_ids" else 0
-            # Padding Python lists and converting once is ~2x faster than filling a tensor row by row.
+            # Padding Python lists and converting once is ~2x faster than filling an array row by row.
             rows = [self._pad(list(f[key]), width, fill) for f in features]
-            batch[key] = torch.tensor(rows, dtype=torch.long)
+            batch[key] = np.array(rows, dtype=np.int64).reshape(len(rows), width)
         labelled = ["labels" in f for f in features]
         if any(labelled):
             if not all(labelled):
                 raise RomebertError("cannot collate a batch that mixes labeled and unlabeled examples")
             values = [f["labels"] for f in features]
-            dtype = torch.float if any(isinstance(v, float) for v in values) else torch.long
-            batch["labels"] = torch.tensor(values, dtype=dtype)
-        return batch
+            regression = any(isinstance(v, float) for v in values)
+            batch["labels"] = np.array(values, dtype=np.float32 if regression else np.int64)
+        if self.return_tensors == "np":
+            return batch
+        import torch  # only the "pt" flavour needs it (the runtime extra has no torch)
 
-
-# -------------------------------------------------------------------------------------------- batching
-
-
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    # Mix seed and epoch so that (seed, epoch + 1) never replays (seed + 1, epoch).
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
-
-
-class RandomEpochSampler(Sampler[int]):
-    """A plain random permutation per epoch, deterministic for a given (seed, epoch)."""
-
-    def __init__(self, num_samples: int, seed: int = 42) -> None:
-        self.num_samples = num_samples
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        yield from torch.randperm(self.num_samples, generator=_epoch_generator(self.seed, self.epoch)).tolist()
-
-
-class LengthGroupedSampler(Sampler[int]):
-    """Yields indices so that consecutive ``batch_size`` runs hold examples of similar length.
-
-    Shuffle, cut into mega-batches of ``mega_batch_mult * batch_size``, sort each by length (descending),
-    cut into batches and shuffle the batch order. Padding waste drops while batches stay random.
-    Deterministic for a given (seed, epoch); call ``set_epoch`` before each epoch.
-    """
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        batch_size: int,
-        seed: int = 42,
-        mega_batch_mult: int = 50,
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.mega_batch_mult = mega_batch_mult
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = _epoch_generator(self.seed, self.epoch)
-        perm = torch.randperm(len(self.lengths), generator=generator)
-        mega = self.batch_size * max(1, self.mega_batch_mult)
-        batches: list[torch.Tensor] = []
-        for start in range(0, len(perm), mega):
-            chunk = perm[start : start + mega]
-            order = torch.argsort(self.lengths[chunk], descending=True, stable=True)
-            batches.extend(chunk[order].split(self.batch_size))
-        # Only the last batch can be short (mega is a multiple of batch_size). Keep it last: the
-        # DataLoader regroups the flat index stream into batch_size runs, and a short batch in the
-        # middle would shift every later run across two length groups.
-        tail = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
-        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        for batch in shuffled + tail:
-            yield from batch.tolist()
-
-
-def make_dataloader(
-    dataset: EncodedDataset,
-    batch_size: int,
-    collator: Collator,
-    shuffle: bool,
-    seed: int = 42,
-    group_by_length: bool = True,
-    num_workers: int = 0,
-) -> DataLoader:
-    """A DataLoader over ``dataset``.
-
-    ``shuffle=False`` (evaluation / prediction) keeps file order, so outputs map back to rows.
-    ``shuffle=True`` uses a seeded sampler; call ``set_epoch(loader, epoch)`` at each epoch start.
-    """
-    sampler: Sampler[int]
-    if not shuffle:
-        sampler = SequentialSampler(dataset)
-    elif group_by_length:
-        sampler = LengthGroupedSampler(dataset.lengths, batch_size, seed=seed)
-    else:
-        sampler = RandomEpochSampler(len(dataset), seed=seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        collate_fn=collator,
-        num_workers=num_workers,
-        drop_last=False,
-    )
-
-
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Reseed a loader's shuffling sampler for ``epoch`` (no-op for sequential loaders)."""
-    sampler = loader.sampler
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+        return {k: torch.from_numpy(v) for k, v in batch.items()}

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-KD_REDUCTIONS = ("mean", "batchmean")
+from romebert.methods import KD_REDUCTIONS, LossSettings, Stage
 
 
 def task_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -63,3 +63,13 @@ def exit_loss(
             term = (1.0 - gamma) * term + gamma * distillation_loss(h, teacher_logits, temperature, kd_reduction)
         total = total + (weights[i] if weights is not None else 1.0) * term
     return total
+
+
+def stage_losses(stage: Stage, logits: Tensor, labels: Tensor, s: LossSettings) -> tuple[Tensor | None, Tensor | None]:
+    """(final-head loss, summed early-exit loss) of one batch for ``stage``; ``logits`` is [L, B, C]."""
+    final = task_loss(logits[-1], labels) if stage.final_loss else None
+    exits = None
+    if stage.exit_loss:
+        teacher = logits[-1] if stage.distill else None
+        exits = exit_loss(logits[:-1], labels, teacher, s.gamma, s.temperature, s.kd_reduction)
+    return final, exits

@@ -1,18 +1,16 @@
-"""The training methods (the four compared in the paper, plus plain fine-tuning) as data: each is a
-sequence of stages, each stage says what it trains and which loss terms it uses. The training loop
-(``trainer.py``) has no per-method branches.
+"""The training methods as data, registered in one place: each is a sequence of stages, each stage
+says what it trains and which loss terms it uses. The training loop (``trainer.py``) has no
+per-method branches, and this module needs no torch (the CLI builds its choices from it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
-
 from romebert.errors import RomebertError
-from romebert.losses import exit_loss, task_loss
 
 GR_ANCHORS = ("exits", "final")
+KD_REDUCTIONS = ("mean", "batchmean")  # reference: element-wise mean (batch-mean KL / C); textbook KL
 
 
 @dataclass(frozen=True)
@@ -27,6 +25,7 @@ class Stage:
 
 
 _FINETUNE = Stage("finetune", trains="backbone+final", final_loss=True, exit_loss=False)
+_JOINT_SD = Stage("joint", trains="all", final_loss=True, exit_loss=True, distill=True)
 
 METHODS: dict[str, tuple[Stage, ...]] = {
     # DeeBERT: fine-tune backbone + final head, then train the exits on a frozen model.
@@ -37,8 +36,11 @@ METHODS: dict[str, tuple[Stage, ...]] = {
         Stage("exits", trains="exits", final_loss=False, exit_loss=True, distill=True, frozen_backbone=True),
     ),
     # RomeBERT: one joint stage, every exit distils from sg(final logits) of the same pass.
-    "romebert-sd": (Stage("joint", trains="all", final_loss=True, exit_loss=True, distill=True),),
+    "romebert-sd": (_JOINT_SD,),
     "romebert-sdgr": (Stage("joint", trains="all", final_loss=True, exit_loss=True, distill=True, project=True),),
+    # Mixed (after arXiv 2407.14320): DeeBERT's stage one, then RomeBERT SD's joint stage from there, so
+    # the exits start from a fine-tuned encoder and may still shape it.
+    "mixed": (_FINETUNE, _JOINT_SD),
     # Plain fine-tuning (DeeBERT's stage one alone): one classifier on the last layer. The cost baseline
     # of `romebert compare`; its early exits stay untrained, so only the last exit's metric means anything.
     "plain": (_FINETUNE,),
@@ -57,13 +59,3 @@ class LossSettings:
     gamma: float = 0.9
     temperature: float = 3.0
     kd_reduction: str = "mean"  # reference: element-wise mean; "batchmean" is textbook KL
-
-
-def stage_losses(stage: Stage, logits: Tensor, labels: Tensor, s: LossSettings) -> tuple[Tensor | None, Tensor | None]:
-    """(final-head loss, summed early-exit loss) for one batch; ``logits`` is [L, B, C]."""
-    final = task_loss(logits[-1], labels) if stage.final_loss else None
-    exits = None
-    if stage.exit_loss:
-        teacher = logits[-1] if stage.distill else None
-        exits = exit_loss(logits[:-1], labels, teacher, s.gamma, s.temperature, s.kd_reduction)
-    return final, exits

@@ -13,16 +13,14 @@ A *run* is one folder::
 
 from __future__ import annotations
 
-import json
-import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from transformers import AutoTokenizer
 
-from romebert.data import Collator, Example, encode, label_set, load_hub_glue, read_custom, read_split
+from romebert.data import Collator, DataSpec, encode, load_hub_glue, read_split
 from romebert.engine import EarlyExitEngine
 from romebert.errors import RomebertError
 from romebert.evaluation import collect_logits, dataset_labels
@@ -32,124 +30,21 @@ from romebert.plots import plot_per_exit, plot_speedup
 from romebert.policies import get_policy
 from romebert.reports import write_json, write_per_exit_csv, write_submission, write_sweep_csv
 from romebert.tasks import TaskSpec, custom_task, get_task
-from romebert.trainer import Trainer, TrainingArguments, resolve_device, set_seed
+from romebert.trainer import Trainer, resolve_device, set_seed
+from romebert.training_args import TrainingArguments
 
 RUN_FILE = "run.json"
 MODEL_DIR = "model"
 
 
-@dataclass
-class DataSpec:
-    """Where a run's examples come from: a GLUE task (TSV folder or the hub) or the user's own files."""
-
-    task: str | None = None
-    data_dir: str | None = None  # GLUE root in the classic layout; None with hub=True -> HF hub
-    hub: bool = False
-    train_file: str | None = None  # the user's own CSV/TSV (header row names the columns)
-    dev_file: str | None = None
-    test_file: str | None = None
-    text_a: str | None = None
-    text_b: str | None = None
-    label_column: str | None = None
-    labels: list[str] | None = None  # custom classification labels; inferred from train_file if None
-    regression: bool = False
-    metric: str | None = None
-    max_seq_length: int = 128
-    max_train_examples: int | None = None  # a seeded random subset of the training set
-    subset_seed: int = 0
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def is_custom(self) -> bool:
-        return self.task is None
-
-    def validate(self) -> None:
-        if self.is_custom:
-            if not self.train_file and not self.dev_file and not self.test_file:
-                raise RomebertError("give --task (a GLUE task) or --train-file/--dev-file/--test-file (your own data)")
-            if not self.text_a:
-                raise RomebertError("custom data needs --text-column naming the text column")
-        else:
-            get_task(self.task)
-            if self.data_dir is None and not self.hub:
-                raise RomebertError(f"task {self.task}: give --data-dir (GLUE TSV folder) or --hub")
-            if self.data_dir is not None and not Path(self.data_dir).is_dir():
-                raise RomebertError(f"--data-dir {self.data_dir}: no such folder")
-
-    def task_spec(self) -> TaskSpec:
-        if not self.is_custom:
-            return get_task(self.task)
-        labels = None
-        if not self.regression:
-            labels = tuple(self.labels) if self.labels else label_set(self._custom_examples(self.train_file))
-        return custom_task(labels, metric=self.metric, pair=self.text_b is not None)
-
-    def _custom_examples(self, path: str | None) -> list[Example]:
-        if path is None:
-            raise RomebertError("no file given for this split")
-        return read_custom(path, self.text_a, self.text_b, self.label_column)
-
-    def examples(self, split: str) -> list[Example]:
-        if self.is_custom:
-            path = {"train": self.train_file, "dev": self.dev_file, "test": self.test_file}.get(split)
-            if path is None:
-                raise RomebertError(f"no --{split}-file given")
-            rows = read_custom(path, self.text_a, self.text_b, None if split == "test" else self.label_column)
-        elif self.hub:
-            rows = load_hub_glue(get_task(self.task), split)
-        else:
-            rows = read_split(get_task(self.task), self.data_dir, split)
-        if split == "train" and self.max_train_examples and self.max_train_examples < len(rows):
-            rows = random.Random(self.subset_seed).sample(rows, self.max_train_examples)
-        return rows
-
-    def eval_splits(self) -> list[str]:
-        if self.is_custom:
-            return ["dev"] if self.dev_file else []
-        return list(get_task(self.task).eval_splits)
-
-    def test_files(self) -> list[tuple[TaskSpec | None, str, str]]:
-        """(task whose files to read, split, output file name) for every submission file.
-
-        The task is None for custom data: its labels come from the trained model (``run_task``).
-        """
-        if self.is_custom:
-            return [(None, "test", "predictions.tsv")] if self.test_file else []
-        task = get_task(self.task)
-        out = [(task, split, name) for split, name in task.test_files]
-        if task.name == "MNLI":  # GLUE's diagnostic set is predicted by the MNLI model
-            out += [(get_task("AX"), split, name) for split, name in get_task("AX").test_files]
-        return out
-
-    def save(self, path: Path) -> None:
-        write_json(path, asdict(self))
-
-    @classmethod
-    def load(cls, path: Path) -> DataSpec:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
-        except FileNotFoundError:
-            raise RomebertError(f"{path}: not found (is this a run folder made by 'romebert train'?)") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise RomebertError(f"{path}: not a valid run file ({exc})") from None
-        return cls(**data)
-
-
-def train_run(
-    data: DataSpec,
-    args: TrainingArguments,
-    backbone: str | None = None,
-    pooling: str = "mean",
-    resume: bool = False,
-) -> dict:
+def train_run(data: DataSpec, args: TrainingArguments, resume: bool = False) -> dict:
     """Fine-tune a multi-exit model; writes ``<output_dir>/model`` and ``run.json``. Returns a summary."""
     data.validate()
     task = data.task_spec()
-    if args.gr_anchor == "auto":
-        args.gr_anchor = task.gr_anchor
+    args = args.resolved(task.gr_anchor)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    backbone = backbone or default_backbone()
+    backbone = args.backbone or default_backbone()
     tokenizer = _load_tokenizer(backbone)
     t0 = time.perf_counter()
     train_examples = data.examples("train")
@@ -158,14 +53,14 @@ def train_run(
     model = MultiExitModel.from_backbone(
         backbone,
         num_labels=task.num_labels,
-        pooling=pooling,
+        pooling=args.pooling,
         task=task.name,
         labels=list(task.labels) if task.labels is not None else None,
     )
     run_info = {
         "data": asdict(data),
         "backbone": backbone,
-        "pooling": pooling,
+        "pooling": args.pooling,
         "task": task.name,
         "num_train_examples": len(train_set),
     }

@@ -9,7 +9,6 @@ import math
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,53 +30,11 @@ from romebert.checkpoint import (
 )
 from romebert.distributed import init_distributed, local_device, shard
 from romebert.errors import RomebertError
-from romebert.methods import GR_ANCHORS, LossSettings, Stage, get_method, stage_losses
+from romebert.losses import stage_losses
+from romebert.methods import Stage, get_method
 from romebert.modeling import MultiExitModel
 from romebert.projection import project_conflicting
-from romebert.reports import write_json
-
-
-@dataclass
-class TrainingArguments:
-    """Defaults are the reference's (``method.md``): lr 2e-5, batch 8, 3 epochs, no warmup, clip 1.0."""
-
-    output_dir: str
-    method: str = "romebert-sdgr"
-    epochs: float = 3.0
-    learning_rate: float = 2e-5
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    weight_decay: float = 0.0
-    adam_epsilon: float = 1e-8
-    warmup_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    gamma: float = 0.9
-    temperature: float = 3.0
-    kd_reduction: str = "mean"
-    gr_anchor: str = "exits"  # GR anchor A (kept as is): "exits", "final", or "auto" (the task's default)
-    group_by_length: bool = True
-    log_every: int = 10
-    save_steps: int = 0  # also checkpoint every N optimizer steps (0: only at each epoch end)
-    save_total_limit: int = 2  # complete checkpoints kept (older ones are deleted)
-    device: str = "auto"
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        get_method(self.method)
-        if self.gr_anchor not in (*GR_ANCHORS, "auto"):
-            raise RomebertError(f"gr_anchor must be one of {list(GR_ANCHORS)}, got {self.gr_anchor!r}")
-        if self.kd_reduction not in ("mean", "batchmean"):
-            raise RomebertError(f"kd_reduction must be 'mean' or 'batchmean', got {self.kd_reduction!r}")
-        if self.batch_size < 1 or self.gradient_accumulation_steps < 1 or self.epochs <= 0:
-            raise RomebertError("batch_size, gradient_accumulation_steps and epochs must be positive")
-
-    def save(self, path: str | Path) -> None:
-        write_json(Path(path), asdict(self))
-
-    @property
-    def loss_settings(self) -> LossSettings:
-        return LossSettings(self.gamma, self.temperature, self.kd_reduction)
+from romebert.training_args import TrainingArguments
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,14 +49,39 @@ def set_seed(seed: int) -> None:
 
 
 def make_optimizer(params: list[nn.Parameter], args: TrainingArguments) -> torch.optim.Optimizer:
+    """AdamW; biases and normalisation weights (the 1-D parameters) are exempt from weight decay unless
+    ``decay_bias_and_norm`` (the reference exempts exactly these: bias and LayerNorm.weight)."""
+    groups: list[dict] = [{"params": params, "weight_decay": args.weight_decay}]
+    if args.weight_decay and not args.decay_bias_and_norm:
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
     # fused AdamW runs on CPU and GPU and is several times faster than the per-tensor loop on CPU
-    return torch.optim.AdamW(
-        params, lr=args.learning_rate, eps=args.adam_epsilon, weight_decay=args.weight_decay, fused=True
-    )
+    return torch.optim.AdamW(groups, lr=args.learning_rate, eps=args.adam_epsilon, fused=True)
 
 
-def trainable_parameters(model: MultiExitModel, stage: Stage) -> list[nn.Parameter]:
-    """Set ``requires_grad`` for the stage and return the parameters it trains."""
+def _task_anchor(model: MultiExitModel, args: TrainingArguments) -> str:
+    """The GR anchor "auto" stands for: the model's task's (a GLUE task's, or "exits" for custom data)."""
+    from romebert.tasks import get_task
+
+    task = model.config.task
+    if task is None:
+        if not any(stage.project for stage in get_method(args.method)):
+            return "exits"  # no stage projects: the anchor is never used
+        raise RomebertError(
+            "gr_anchor 'auto' means the task's anchor, and the model names no task (MultiExitConfig.task): "
+            "give gr_anchor 'exits' or 'final', or resolve it with TrainingArguments.resolved(task.gr_anchor)"
+        )
+    return "exits" if task == "custom" else get_task(task).gr_anchor
+
+
+def trainable_parameters(model: MultiExitModel, stage: Stage, grad_everywhere: bool = False) -> list[nn.Parameter]:
+    """Set ``requires_grad`` for the stage and return the parameters it trains.
+
+    ``grad_everywhere``: every parameter still gets a gradient (the reference's DeeBERT stage two, whose
+    clipping norm counts the frozen encoder's gradients); only the returned ones are optimised.
+    """
     if stage.trains == "all":
         chosen = list(model.parameters())
     elif stage.trains == "backbone+final":
@@ -110,7 +92,7 @@ def trainable_parameters(model: MultiExitModel, stage: Stage) -> list[nn.Paramet
         raise ValueError(stage.trains)
     ids = {id(p) for p in chosen}
     for p in model.parameters():
-        p.requires_grad_(id(p) in ids)
+        p.requires_grad_(grad_everywhere or id(p) in ids)
     return chosen
 
 
@@ -174,6 +156,8 @@ class Trainer:
         self.train_dataset = train_dataset
         self.collator = collator
         self.stages = get_method(args.method)
+        if args.gr_anchor == "auto":
+            args = self.args = args.resolved(_task_anchor(model, args))
         self.device = resolve_device(args.device)
         self.dist = init_distributed(self.device)
         self.output_dir = Path(args.output_dir)
@@ -181,12 +165,13 @@ class Trainer:
         self.global_batch = args.batch_size * self.dist.world_size
         batches = math.ceil(len(train_dataset) / self.global_batch)
         self.total_steps = max(1, math.ceil(math.ceil(batches / args.gradient_accumulation_steps) * args.epochs))
-        self.params: list[nn.Parameter] = []
+        self.params: list[nn.Parameter] = []  # what the current stage optimises
+        self.clipped: list[nn.Parameter] = []  # whose gradients count in the clipping norm (and are summed)
 
     # ------------------------------------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> list[tuple[list[int], int]]:
         """(this rank's indices, global batch size) for every global batch of ``epoch``, in seeded order."""
-        from romebert.data import make_dataloader, set_epoch
+        from romebert.batching import make_dataloader, set_epoch
 
         loader = make_dataloader(
             self.train_dataset,
@@ -201,8 +186,13 @@ class Trainer:
         chunks = [order[i : i + self.global_batch] for i in range(0, len(order), self.global_batch)]
         return [(shard(chunk, self.dist), len(chunk)) for chunk in chunks]
 
+    def _clips_frozen(self, stage: Stage) -> bool:
+        return stage.frozen_backbone and self.args.clip_frozen_gradients
+
     def _make_optim(self, stage_index: int):
-        self.params = trainable_parameters(self.model, self.stages[stage_index])
+        stage = self.stages[stage_index]
+        self.params = trainable_parameters(self.model, stage, grad_everywhere=self._clips_frozen(stage))
+        self.clipped = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(self.params, self.args)
         warmup = int(self.args.warmup_ratio * self.total_steps)
         return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, self.total_steps)
@@ -322,10 +312,10 @@ class Trainer:
                 gr = accumulator.apply() if accumulator is not None else {}
                 grad_norm = None
                 if args.max_grad_norm > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm))
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.clipped, args.max_grad_norm))
                 optimizer.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                self.model.zero_grad(set_to_none=True)  # also the gradients no optimizer owns
                 state.global_step += 1
                 state.batches_done = batch_index + 1
                 last = {k: round(float(v), 6) for k, v in zip(_TERMS, running) if k in self._active(stage)}
@@ -363,7 +353,7 @@ class Trainer:
         batch = self.collator([self.train_dataset[i] for i in indices])
         batch = {k: v.to(self.device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        logits = self.model(**batch, frozen_backbone=stage.frozen_backbone)
+        logits = self.model(**batch, frozen_backbone=stage.frozen_backbone and not self._clips_frozen(stage))
         final, exits = stage_losses(stage, logits, labels, self.args.loss_settings)
         loss = sum(t for t in (final, exits) if t is not None)
         out = torch.stack(
@@ -381,12 +371,12 @@ class Trainer:
         """Sum gradients (and g_A for GR) and the logged loss terms over ranks: one collective."""
         if not self.dist.enabled:
             return
-        for p in self.params:
+        for p in self.clipped:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         extra = accumulator.ensure_grad_a() if accumulator is not None else []
         stats = running.to(self.device, torch.float32)
-        self.dist.all_reduce_sum([p.grad for p in self.params] + extra + [stats])
+        self.dist.all_reduce_sum([p.grad for p in self.clipped] + extra + [stats])
         running.copy_(stats.double().cpu())
 
 
