@@ -56,3 +56,34 @@ def tiny_backbone_dir(tmp_path_factory):
     BertModel(tiny_bert_config(layers=3, vocab_size=len(VOCAB))).save_pretrained(path)
     make_tiny_tokenizer(path)
     return path
+
+
+def sharpen_exits(model: MultiExitModel) -> MultiExitModel:
+    """Make a random model behave a bit like a trained one: distinctive inputs (large word embeddings),
+    related exits (head 0 plus noise, so predictions often agree across layers, as patience needs) and
+    sharp ones (confidences spread over the layers)."""
+    with torch.no_grad():
+        model.backbone.embeddings.word_embeddings.weight.mul_(20.0)
+        first = model.exits[0]
+        for head in model.exits:
+            for mine, ref in zip(head.parameters(), first.parameters()):
+                mine.copy_(ref + 0.5 * ref.abs().mean() * torch.randn_like(ref))
+            head.classifier.weight.mul_(15.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_sst2_run(tmp_path_factory, tiny_backbone_dir):
+    """A run folder trained briefly (romebert-sd) on a 16-row SST-2 fixture with the tiny backbone."""
+    from romebert.cli import main
+
+    from glue_fixtures import write_glue_fixture
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    write_glue_fixture(tmp / "glue", "SST-2", n=16)
+    out = tmp / "run"
+    args = ["train", "--task", "SST-2", "--data-dir", str(tmp / "glue"), "--model", str(tiny_backbone_dir),
+            "--method", "romebert-sd", "-o", str(out), "--max-seq-length", "32", "--batch-size", "4", "--epochs",
+            "1", "--quiet", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    return out

@@ -9,14 +9,14 @@ import pytest
 import torch
 from fakes import FakeTask, fake_metrics
 
-from romebert.api import EarlyExitClassifier, choose_threshold, pick_from_sweep
+from romebert.api import EarlyExitClassifier
 from romebert.calibration import CALIBRATION_FILE, apply_temperatures
 from romebert.cli import main
 from romebert.data import Collator, Example, encode
 from romebert.errors import RomebertError
 from romebert.evaluation import collect_logits
-from romebert.exits import sweep
-from romebert.policies import CRITERIA, entropy_t, get_policy
+from romebert.exits import choose_threshold, pick_from_sweep, sweep
+from romebert.policies import CRITERIA, entropy, get_policy
 
 from glue_fixtures import sentence, write_glue_fixture
 
@@ -50,7 +50,7 @@ def _offline(clf: EarlyExitClassifier, texts, policy, temperatures=None):
 
 def _mid_threshold(cached: np.ndarray) -> float:
     """An entropy threshold between two well-separated scores near the median of exits 1..L-1."""
-    s = np.unique(entropy_t(torch.from_numpy(cached[:-1])).numpy())
+    s = np.unique(entropy(cached[:-1]))
     gaps = np.diff(s)
     middle = np.arange(s.size // 4, 3 * s.size // 4)
     i = middle[np.argmax(gaps[middle])]
@@ -62,7 +62,7 @@ def test_predict_returns_labels_probabilities_and_exit_layers_in_input_order(clf
     cached = _offline(clf, TEXTS, get_policy("entropy", 0.0))[0]
     policy = get_policy("entropy", _mid_threshold(cached))
     _, ref_layers, ref_logits = _offline(clf, TEXTS, policy)
-    out = clf.predict(TEXTS, criterion="entropy", threshold=policy.threshold, batch_size=batch_size)
+    out = clf.predict_with_exits(TEXTS, criterion="entropy", threshold=policy.threshold, batch_size=batch_size)
     assert len(out) == len(TEXTS)
     assert out.exit_layers.tolist() == ref_layers.tolist()
     assert len(set(out.exit_layers.tolist())) >= 2  # a real mix, so order matters
@@ -79,15 +79,14 @@ def test_every_criterion_through_predict(clf, criterion):
     threshold = {"entropy": 0.69, "maxprob": 0.51, "patience": 2, "patience-confidence": 0.69}[criterion]
     policy = get_policy(criterion, threshold, patience=2)
     _, ref_layers, _ = _offline(clf, TEXTS, policy)
-    out = clf.predict(TEXTS, criterion=criterion, threshold=threshold, batch_size=4, patience=2)
+    out = clf.predict_with_exits(TEXTS, criterion=criterion, threshold=threshold, batch_size=4, patience=2)
     assert out.exit_layers.tolist() == ref_layers.tolist()
     pairs = [(a, b) for a, b in zip(TEXTS[:5], TEXTS[5:10])]
     assert len(clf.predict(pairs, criterion=criterion, threshold=threshold)) == 5
+    assert clf.predict(pairs[0], criterion=criterion, threshold=threshold) in clf.label_names  # one pair
 
 
 def test_predict_input_errors(clf):
-    with pytest.raises(RomebertError, match="single string"):
-        clf.predict("a movie")
     with pytest.raises(RomebertError, match="mix"):
         clf.predict(["a movie", ("a", "b")])
     with pytest.raises(RomebertError, match="input 1"):
@@ -96,13 +95,39 @@ def test_predict_input_errors(clf):
         clf.predict(["a movie"], batch_size=0)
     with pytest.raises(RomebertError, match="unknown exit criterion"):
         clf.predict(["a movie"], criterion="margin")
-    empty = clf.predict([])
+    empty = clf.predict_with_exits([])
     assert len(empty) == 0 and empty.exit_layers.shape == (0,)
+
+
+def test_predict_returns_labels_and_predict_proba_probabilities(clf):
+    out = clf.predict_with_exits(TEXTS[:6])
+    assert clf.predict(TEXTS[:6]) == out.labels
+    assert clf.predict(TEXTS[0]) == out.labels[0]  # one string, one label
+    assert np.allclose(clf.predict_proba(TEXTS[:6]), out.probabilities)
+    assert clf.predict_proba(TEXTS[0]).shape == (2,)
+
+
+def test_save_pretrained_keeps_model_tokenizer_and_exit_config_together(clf, tmp_path):
+    from romebert.artefacts import EarlyExitConfig
+
+    clf.exit_config = EarlyExitConfig(criterion="maxprob", threshold=0.8, temperatures=[1.5] * clf.num_layers)
+    try:
+        clf.save_pretrained(tmp_path / "deploy")
+    finally:
+        clf.exit_config = EarlyExitConfig()
+    loaded = EarlyExitClassifier.from_pretrained(tmp_path / "deploy", device="cpu")
+    assert loaded.exit_config.criterion == "maxprob" and loaded.exit_config.threshold == 0.8
+    assert loaded.temperatures() == [1.5] * clf.num_layers and loaded.max_seq_length == clf.max_seq_length
+    out = loaded.predict_with_exits(TEXTS)
+    ref = clf.predict_with_exits(TEXTS, criterion="maxprob", threshold=0.8, calibrated=False)
+    assert not np.allclose(out.logits, ref.logits)  # the saved temperatures apply by default
+    scaled = clf.engine(get_policy("maxprob", 0.8)).run_dataset  # noqa: F841 - the same engine path
+    assert loaded.predict(TEXTS) == [clf.label_names[i] for i in out.logits.argmax(-1)]
 
 
 def test_calibrate_saves_and_predict_uses_it(run, clf):
     with pytest.raises(RomebertError, match="no calibration"):
-        EarlyExitClassifier.from_run(run, device="cpu").predict(["a movie"], calibrated=True)
+        EarlyExitClassifier.from_run(run, device="cpu").predict_with_exits(["a movie"], calibrated=True)
     report = clf.calibrate()
     assert (run / CALIBRATION_FILE).is_file() and len(report.temperatures) == clf.num_layers
     saved = json.loads((run / CALIBRATION_FILE).read_text())
@@ -112,12 +137,13 @@ def test_calibrate_saves_and_predict_uses_it(run, clf):
     cached = _offline(fresh, TEXTS, get_policy("entropy", 0.0), temps)[0]
     policy = get_policy("entropy", _mid_threshold(cached))
     _, ref_layers, ref_logits = _offline(fresh, TEXTS, policy, temps)
-    out = fresh.predict(TEXTS, threshold=policy.threshold, calibrated=True, batch_size=8)
+    out = fresh.predict_with_exits(TEXTS, threshold=policy.threshold, calibrated=True, batch_size=8)
     assert out.exit_layers.tolist() == ref_layers.tolist()
     assert np.allclose(out.logits, ref_logits, atol=1e-5)
 
 
-def test_choose_threshold_on_the_runs_dev_split(clf):
+def test_choose_threshold_on_the_runs_dev_split(run):
+    clf = EarlyExitClassifier.from_run(run, device="cpu")  # uncalibrated (calibrate() sets temperatures)
     logits, labels = clf.dev_logits()
     assert logits.shape == (clf.num_layers, 12, 2) and labels.shape == (12,)
     for criterion in CRITERIA:
@@ -128,6 +154,8 @@ def test_choose_threshold_on_the_runs_dev_split(clf):
         assert rows[0]["speedup"] == pytest.approx(row["speedup"])
     _, row = clf.choose_threshold("entropy", max_metric_drop=1.0)
     assert row["speedup"] == pytest.approx(clf.num_layers)  # a huge threshold: everyone leaves at layer 1
+    assert clf.exit_config.criterion == "entropy" and clf.exit_config.threshold == row["threshold"]
+    assert clf.exit_config.chosen["max_metric_drop"] == 1.0 and clf.exit_config.chosen["split"] == "dev"
 
 
 SWEEP = [
@@ -191,8 +219,8 @@ def test_cli_evaluate_sweep_predict_with_a_criterion(run, capsys):
     assert main(["sweep", str(run), "--criterion", "patience-confidence", "--patience", "3"]) == 0
     rows = json.loads((run / "eval" / "dev" / "sweep.json").read_text())
     assert {r["patience"] for r in rows} == {3}
-    assert main(["sweep", str(run), "--thresholds", "0.1"]) == 0  # entropy: rows as before
-    assert "criterion" not in json.loads((run / "eval" / "dev" / "sweep.json").read_text())[0]
+    assert main(["sweep", str(run), "--thresholds", "0.1"]) == 0  # plain numbers: entropy thresholds
+    assert json.loads((run / "eval" / "dev" / "sweep.json").read_text())[0]["criterion"] == "entropy"
     assert main(["predict", str(run), "--criterion", "patience", "--threshold", "2"]) == 0
-    assert "patience threshold 2.0" in capsys.readouterr().out
+    assert "criterion patience, threshold 2.0" in capsys.readouterr().out
     assert len((run / "predictions" / "SST-2.tsv").read_text().splitlines()) == 13

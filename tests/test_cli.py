@@ -226,8 +226,8 @@ def test_predict_runs_real_early_exit_with_the_offline_decisions(tmp_path, tiny_
 
     from romebert.data import Collator, encode, read_split
     from romebert.evaluation import collect_logits
-    from romebert.exits import entropy, predictions
-    from romebert.policies import get_policy
+    from romebert.exits import predictions
+    from romebert.policies import entropy, get_policy
     from romebert.tasks import get_task
 
     data, run = _train(tmp_path, tiny_backbone_dir, "SST-2", "romebert-sd")

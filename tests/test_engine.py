@@ -13,9 +13,9 @@ from romebert.engine import EarlyExitEngine
 from romebert.errors import RomebertError
 from romebert.evaluation import collect_logits
 from romebert.exits import sweep
-from romebert.policies import CRITERIA, _change, entropy_t, get_policy, maxprob_t
+from romebert.policies import CRITERIA, change, entropy, get_policy, maxprob
 
-from conftest import tiny_model
+from conftest import sharpen_exits, tiny_model
 
 LAYERS = 4
 COLLATE = Collator(pad_token_id=0)
@@ -23,17 +23,7 @@ COLLATE = Collator(pad_token_id=0)
 
 def _model(num_labels: int = 3, pooling: str = "mean", seed: int = 0):
     model = tiny_model(num_labels=num_labels, layers=LAYERS, pooling=pooling, dropout=0.0, seed=seed).eval()
-    with torch.no_grad():
-        # Make a random model behave a bit like a trained one: distinctive inputs (large word
-        # embeddings), related exits (head 0 plus noise, so predictions often agree across layers, as
-        # patience needs) and sharp ones (confidences spread over the layers).
-        model.backbone.embeddings.word_embeddings.weight.mul_(20.0)
-        first = model.exits[0]
-        for head in model.exits:
-            for mine, ref in zip(head.parameters(), first.parameters()):
-                mine.copy_(ref + 0.5 * ref.abs().mean() * torch.randn_like(ref))
-            head.classifier.weight.mul_(15.0)
-    return model
+    return sharpen_exits(model)
 
 
 def _dataset(n: int = 40, seed: int = 0, min_len: int = 2, max_len: int = 40) -> EncodedDataset:
@@ -54,8 +44,8 @@ def _run(engine: EarlyExitEngine, dataset: EncodedDataset, batch_size: int, coll
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         out = engine.run(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         assert out.layer_work == int(out.exit_layer.sum())  # each row runs exactly its exit layer
-        logits.append(out.logits.numpy())
-        layers.append(out.exit_layer.numpy())
+        logits.append(out.logits)
+        layers.append(out.exit_layer)
         work += out.layer_work
     return np.concatenate(logits), np.concatenate(layers), work
 
@@ -71,9 +61,9 @@ def _safe_threshold(scores: np.ndarray, q: float) -> float:
 
 def _policies(all_logits: np.ndarray, regression: bool = False) -> dict[str, object]:
     """One policy per criterion, thresholds in the middle of this data's score range."""
-    x = torch.from_numpy(all_logits[:-1])
+    x = all_logits[:-1]
     if regression:
-        d = _change(torch.from_numpy(all_logits[1:]).double(), torch.from_numpy(all_logits[:-1]).double()).numpy()
+        d = change(all_logits[1:], all_logits[:-1])
         t = _safe_threshold(d[:-1], 0.5)
         return {
             "entropy": get_policy("entropy", t),
@@ -81,12 +71,10 @@ def _policies(all_logits: np.ndarray, regression: bool = False) -> dict[str, obj
             "patience-confidence": get_policy("patience-confidence", t, patience=2),
         }
     return {
-        "entropy": get_policy("entropy", _safe_threshold(entropy_t(x).numpy(), 0.4)),
-        "maxprob": get_policy("maxprob", _safe_threshold(maxprob_t(x).numpy(), 0.6)),
+        "entropy": get_policy("entropy", _safe_threshold(entropy(x), 0.4)),
+        "maxprob": get_policy("maxprob", _safe_threshold(maxprob(x), 0.6)),
         "patience": get_policy("patience", 2),
-        "patience-confidence": get_policy(
-            "patience-confidence", _safe_threshold(entropy_t(x).numpy(), 0.7), patience=2
-        ),
+        "patience-confidence": get_policy("patience-confidence", _safe_threshold(entropy(x), 0.7), patience=2),
     }
 
 
@@ -134,8 +122,8 @@ def test_stream_refill_equals_offline_decisions(setup, criterion, input_bs, batc
     policy = policies[criterion]
     ref_layers, ref_logits = policy.decide(cached)
     out = EarlyExitEngine(model, policy).run_stream(_batches(data, input_bs), batch_size=batch_size)
-    assert np.array_equal(out.exit_layer.numpy(), ref_layers)
-    assert np.allclose(out.logits.numpy(), ref_logits, atol=1e-4)
+    assert np.array_equal(out.exit_layer, ref_layers)
+    assert np.allclose(out.logits, ref_logits, atol=1e-4)
     assert out.layer_work == int(ref_layers.sum())
     # layer calls run full batches, but for at most one smaller call per layer at the end
     assert all(b <= batch_size for b, _ in out.shapes)
@@ -150,8 +138,8 @@ def test_run_dataset_returns_results_in_dataset_order(setup, batch_size):
     ref_layers, ref_logits = policy.decide(cached)
     out = EarlyExitEngine(model, policy).run_dataset(data, COLLATE, batch_size)
     assert sorted(data.lengths) != list(data.lengths)  # the order really differs from the batching order
-    assert np.array_equal(out.exit_layer.numpy(), ref_layers)
-    assert np.allclose(out.logits.numpy(), ref_logits, atol=1e-4)
+    assert np.array_equal(out.exit_layer, ref_layers)
+    assert np.allclose(out.logits, ref_logits, atol=1e-4)
     with pytest.raises(RomebertError, match="batch_size"):
         EarlyExitEngine(model, policy).run_dataset(data, COLLATE, 0)
 
@@ -160,13 +148,13 @@ def test_stream_with_per_exit_thresholds_temperatures_and_padding(setup):
     model, data, cached, _ = setup
     temps = [0.7, 1.3, 1.0, 2.0]
     scaled = apply_temperatures(cached, temps)
-    ent = entropy_t(torch.from_numpy(scaled[:-1])).numpy()
+    ent = entropy(scaled[:-1])
     policy = get_policy("entropy", [_safe_threshold(e, 0.5) for e in ent])
     ref_layers, ref_logits = policy.decide(scaled)
     padded = _batches(data, 6, Collator(pad_token_id=0, pad_to_multiple_of=48))
     out = EarlyExitEngine(model, policy, temperatures=temps).run_stream(padded, batch_size=16)
-    assert np.array_equal(out.exit_layer.numpy(), ref_layers)
-    assert np.allclose(out.logits.numpy(), ref_logits, atol=1e-4)
+    assert np.array_equal(out.exit_layer, ref_layers)
+    assert np.allclose(out.logits, ref_logits, atol=1e-4)
     assert max(t for _, t in out.shapes) <= 40  # trailing padding never reaches a layer
     empty = EarlyExitEngine(model, policy).run_stream([])
     assert empty.logits.shape == (0, 3)
@@ -174,7 +162,7 @@ def test_stream_with_per_exit_thresholds_temperatures_and_padding(setup):
 
 def test_per_exit_thresholds(setup):
     model, data, cached, _ = setup
-    ent = entropy_t(torch.from_numpy(cached[:-1])).numpy()  # [L-1, N]
+    ent = entropy(cached[:-1])  # [L-1, N]
     thr = [_safe_threshold(ent[i], q) for i, q in enumerate((0.2, 0.6, 0.4))]
     for policy in (get_policy("entropy", thr), get_policy("patience-confidence", thr, patience=2)):
         ref_layers, _ = policy.decide(cached)
@@ -186,7 +174,7 @@ def test_temperatures_apply_before_the_policy(setup):
     model, data, cached, _ = setup
     temps = [0.5, 2.0, 1.5, 3.0]
     scaled = apply_temperatures(cached, temps)
-    policy = get_policy("entropy", _safe_threshold(entropy_t(torch.from_numpy(scaled[:-1])).numpy(), 0.5))
+    policy = get_policy("entropy", _safe_threshold(entropy(scaled[:-1]), 0.5))
     ref_layers, ref_logits = policy.decide(scaled)
     logits, layers, _ = _run(EarlyExitEngine(model, policy, temperatures=temps), data, 32)
     assert np.array_equal(layers, ref_layers)
@@ -198,7 +186,7 @@ def test_padding_never_changes_a_result(pooling):
     model = _model(pooling=pooling, seed=1)
     data = _dataset(n=24, seed=3)
     cached = collect_logits(model, data, COLLATE, batch_size=8)
-    ent = entropy_t(torch.from_numpy(cached[:-1])).numpy()  # [L-1, N]
+    ent = entropy(cached[:-1])  # [L-1, N]
     policy = get_policy("entropy", [_safe_threshold(e, 0.5) for e in ent])  # each layer takes about half
     alone = _run(EarlyExitEngine(model, policy), data, 1)
     padded = _run(EarlyExitEngine(model, policy), data, 1, Collator(pad_token_id=0, pad_to_multiple_of=50))
@@ -241,7 +229,7 @@ def test_rows_leave_and_columns_are_trimmed(setup):
     longs = [{"input_ids": [2, *rng.integers(5, 100, 30).tolist(), 3], "attention_mask": [1] * 32} for _ in range(30)]
     shorts = [{"input_ids": [2, t, 3], "attention_mask": [1, 1, 1]} for t in range(5, 100)]
     cached = collect_logits(model, EncodedDataset(longs + shorts), COLLATE)
-    ent = entropy_t(torch.from_numpy(cached[0])).numpy()  # layer-1 entropies
+    ent = entropy(cached[0])  # layer-1 entropies
     # the most confident long row and two less confident short rows: only the long row leaves at layer 1
     best = int(np.argmin(ent[:30]))
     unsure = [i for i in np.argsort(-ent[30:]) if ent[30 + i] > ent[best] + 1e-3][:2]
@@ -256,7 +244,7 @@ def test_rows_leave_and_columns_are_trimmed(setup):
     assert out.shapes == [(3, 32)] + [(2, 3)] * (LAYERS - 1)  # two rows, 3 columns after the long one left
     ref_layers, ref_logits = policy.decide(collect_logits(model, data, COLLATE))
     assert out.exit_layer.tolist() == ref_layers.tolist()
-    assert np.allclose(out.logits.numpy(), ref_logits, atol=1e-4)
+    assert np.allclose(out.logits, ref_logits, atol=1e-4)
 
 
 @pytest.mark.parametrize("batch_size", [1, 32])
@@ -294,38 +282,10 @@ def test_row_extent_handles_right_and_left_padding_and_empty_rows():
 
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 0], [0, 0, 0, 0, 0]])
     assert _extent(mask != 0).tolist() == [3, 5, 4, 5]  # last real column + 1; left padding is never trimmed
-    # batch size 1 reads its one row in plain Python: the same lengths, row by row
-    from romebert.engine import _row_lengths
-
-    assert [_row_lengths(row) for row in mask.tolist()] == [(3, 3), (5, 5), (4, 2), (5, 0)]
-
-
-def test_one_row_groups_use_the_same_lengths_and_pooling_weights(setup):
-    # A single row takes a cheaper host path (plain Python, cached weights for unpadded rows); its
-    # group must hold exactly what the batched path computes for that row.
-    from romebert.modeling import pool_weights
-
-    model, _, _, _ = setup
-    engine = EarlyExitEngine(model, get_policy("entropy", 0.0))
-    engine._prepare()
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
-    # right padding is trimmed away (no padding left); left padding stays
-    for mask_row, expect_padded in (([1] * 5, False), ([1, 1, 1, 0, 0], False), ([0, 1, 1, 1, 0], True)):
-        mask = torch.tensor([mask_row])
-        one = engine._embed(ids, mask, None, offset=0)
-        many = engine._embed(torch.cat([ids, ids]), torch.cat([mask, mask]), None, offset=0)
-        assert one.padded is expect_padded
-        assert one.extent.tolist() == many.extent[:1].tolist() and one.count.tolist() == many.count[:1].tolist()
-        assert torch.equal(one.weights, many.weights[:1])
-        assert torch.equal(one.weights, pool_weights(one.mask, torch.float32))
-    for width in (1, 3, 7, 100):  # cached uniform weights: 1/width rounded once, as pool_weights does
-        w = engine._uniform_weights(width, torch.device("cpu"))
-        assert torch.equal(w, pool_weights(torch.ones(1, width, dtype=torch.long), torch.float32))
-        assert engine._uniform_weights(width, torch.device("cpu")) is w
 
 
 def test_engine_follows_the_model_to_another_dtype_and_new_weights(setup):
-    # The engine caches views of the exit heads' weights; moving the model (here to float64) replaces
+    # The segments cache views of the exit heads' weights; moving the model (here to float64) replaces
     # them, and the engine must notice rather than run the stale float32 copies.
     _, data, _, _ = setup
     model = _model(seed=3)
@@ -336,28 +296,26 @@ def test_engine_follows_the_model_to_another_dtype_and_new_weights(setup):
     model.double()
     after = engine.run(*args)
     with torch.inference_mode():
-        expected = model(*args)[-1]  # [B, C] float64
-    assert after.logits.dtype == torch.float32
-    assert torch.allclose(after.logits, expected.float(), atol=1e-6)
-    assert torch.allclose(before, after.logits, atol=1e-4)  # the same model, in another precision
+        expected = model(*args)[-1].float().numpy()  # [B, C] computed in float64
+    assert after.logits.dtype == np.float32
+    assert np.allclose(after.logits, expected, atol=1e-6)
+    assert np.allclose(before, after.logits, atol=1e-4)  # the same model, in another precision
     with torch.no_grad():
         model.exits[-1].classifier.bias.add_(1.0)  # in place: the cached views see it
     shifted = engine.run(*args).logits
-    assert torch.allclose(shifted, after.logits + 1.0, atol=1e-6)
+    assert np.allclose(shifted, after.logits + 1.0, atol=1e-6)
 
 
 def test_host_side_pooling_weights_and_mask_shortcut_match_the_model(setup):
-    # The engine builds mean-pooling weights from its host copy of the mask and skips the backbone's
+    # The segments build mean-pooling weights from the host copy of the mask and skip the backbone's
     # mask builder for groups without padding; both must give exactly what the model itself uses.
     from romebert.modeling import pool_weights
 
     model, data, _, _ = setup
-    engine = EarlyExitEngine(model, get_policy("entropy", 0.0))
-    engine._prepare()
     batch = COLLATE([data[i] for i in range(5)])
-    group = engine._embed(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], offset=0)
-    assert torch.equal(group.weights, pool_weights(group.mask, torch.float32))
-    assert group.count.tolist() == batch["attention_mask"].sum(1).tolist()
+    ids, mask, types = (batch[k].numpy() for k in ("input_ids", "attention_mask", "token_type_ids"))
+    state = model.segments().start(ids, mask, types, padded=True)
+    assert torch.equal(state.weights, pool_weights(state.mask, torch.float32))
     one = COLLATE([data[0]])
     hidden = model.embed(one["input_ids"], one["token_type_ids"])
     assert model.attention_mask(hidden, one["attention_mask"], padded=False) is None

@@ -10,15 +10,13 @@ import scipy.stats
 from fakes import FakeTask, fake_metrics
 
 from romebert.errors import RomebertError
-from romebert.exits import (
-    REFERENCE_THRESHOLDS,
-    entropy,
-    exit_decisions,
-    layer_stats,
-    per_exit_metrics,
-    predictions,
-    sweep,
-)
+from romebert.exits import layer_stats, per_exit_metrics, predictions, sweep
+from romebert.policies import REFERENCE_THRESHOLDS, EntropyPolicy, entropy
+
+
+def exit_decisions(logits, threshold, regression=False):
+    """The reference's rule (entropy < threshold; regression: change < threshold), as the policy runs it."""
+    return EntropyPolicy(threshold).decide(logits, regression=regression)
 
 
 def binary_logits(p: float) -> list[float]:
@@ -178,7 +176,8 @@ def test_sweep_matches_recomputation() -> None:
     for row in rows:
         layers, chosen = exit_decisions(logits, row["threshold"])
         d = fake_metrics(task, chosen.argmax(-1), labels)
-        expected = {"threshold": row["threshold"], **d, "metric": d["acc"], **layer_stats(layers, 4)}
+        expected = {"criterion": "entropy", "threshold": row["threshold"], **d, "metric": d["acc"]}
+        expected.update(layer_stats(layers, 4))
         assert row == expected
     final = per_exit_metrics(logits, labels, task, metric_fn=fake_metrics)[-1]
     assert rows[0]["metric"] == final["acc"]

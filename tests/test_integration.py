@@ -79,7 +79,7 @@ def _engine_equals_offline_on_real_inputs(run_dir) -> None:
     import torch
 
     from romebert.api import EarlyExitClassifier
-    from romebert.policies import CRITERIA, entropy_t, get_policy, maxprob_t
+    from romebert.policies import CRITERIA, entropy, get_policy, maxprob
 
     clf = EarlyExitClassifier.from_run(run_dir)
     split = clf.data.eval_splits()[0]
@@ -97,7 +97,7 @@ def _engine_equals_offline_on_real_inputs(run_dir) -> None:
         j = lo + int(np.argmax(np.diff(s[lo : hi + 1])))
         return float((s[j] + s[j + 1]) / 2)
 
-    ent, mp = entropy_t(early).numpy().ravel(), maxprob_t(early).numpy().ravel()
+    ent, mp = entropy(early).ravel(), maxprob(early).ravel()
     thresholds = {
         "entropy": gap_threshold(ent, 0.5),
         "maxprob": gap_threshold(mp, 0.5),
@@ -109,5 +109,5 @@ def _engine_equals_offline_on_real_inputs(run_dir) -> None:
         expected, _ = policy.decide(logits)
         assert 1 < expected.mean() < clf.num_layers, (criterion, expected.mean())  # a real mix of exits
         for batch_size in (1, 32):
-            got = clf.predict(texts, policy, batch_size=batch_size).exit_layers
+            got = clf.predict_with_exits(texts, policy, batch_size=batch_size).exit_layers
             assert np.array_equal(got, expected), (criterion, batch_size, int((got != expected).sum()))

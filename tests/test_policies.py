@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from fakes import FakeTask, fake_metrics
+from oracles import entropy_oracle, entropy_rule_oracle
 
 from romebert.errors import RomebertError
-from romebert.exits import entropy, exit_decisions, predictions, sweep
+from romebert.exits import predictions, sweep
 from romebert.policies import (
     CRITERIA,
     EntropyPolicy,
@@ -17,7 +17,7 @@ from romebert.policies import (
     PatiencePolicy,
     candidate_thresholds,
     default_thresholds,
-    entropy_t,
+    entropy,
     get_policy,
 )
 
@@ -33,11 +33,12 @@ def _from_preds(preds: list[list[int]], c: int = 2, sharp: float = 10.0) -> np.n
     return (np.eye(c)[p] * sharp).astype(np.float32)
 
 
-def test_entropy_matches_numpy_entropy():
+def test_entropy_matches_the_oracle():
     x = _random_logits(0, scale=30.0)
     x[0, 0] = [1000.0, -1000.0, 0.0]  # far beyond exp's range
     x[0, 1] = [-np.inf, 0.0, 1.0]
-    assert np.allclose(entropy_t(torch.from_numpy(x)).numpy(), entropy(x), rtol=1e-12, atol=1e-14)
+    assert np.allclose(entropy(x), entropy_oracle(x), rtol=1e-12, atol=1e-14)
+    assert np.isnan(entropy(np.array([[np.nan, 0.0, 1.0], [-np.inf, -np.inf, -np.inf]]))).all()  # never exits
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.05, 0.3, 0.7, 1.0, 10.0, (0.2, 0.9, 0.1, 0.5), (0.2, 0.9, 0.1, 0.5, 0.0)])
@@ -45,16 +46,15 @@ def test_entropy_matches_numpy_entropy():
 def test_entropy_policy_reproduces_exit_decisions(threshold, scale):
     logits = _random_logits(1, scale=scale)
     layers, chosen = EntropyPolicy(threshold).decide(logits)
-    ref_layers, ref_chosen = exit_decisions(logits, threshold)
-    assert np.array_equal(layers, ref_layers)
-    assert np.array_equal(chosen, ref_chosen)
+    assert np.array_equal(layers, entropy_rule_oracle(logits, threshold))
+    assert np.array_equal(chosen, logits[layers - 1, np.arange(logits.shape[1])])
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.1, 0.5, 2.0, (0.3, 0.0, 1.0, 0.2)])
 def test_entropy_policy_regression_rule_matches(threshold):
     h = _random_logits(2, c=1, scale=0.4)
     layers, _ = EntropyPolicy(threshold).decide(h, regression=True)
-    ref, _ = exit_decisions(h, threshold, regression=True)
+    ref = entropy_rule_oracle(h, threshold, regression=True)
     assert np.array_equal(layers, ref)
     assert layers.min() >= 2  # layer 1 has no predecessor
 
@@ -128,13 +128,12 @@ def _online(policy, logits: np.ndarray, regression: bool = False, seed: int = 0)
     out = np.full(n, num_layers)
     state = policy.init_state(n, num_layers, regression)
     for i in range(num_layers):
-        exit_mask, state = policy.step(i, torch.from_numpy(logits[i, rows]), state)
-        leave = exit_mask.numpy()
+        leave, state = policy.step(i, logits[i, rows], state)
         out[rows[leave]] = i + 1
         keep = np.flatnonzero(~leave)
         keep = keep[rng.permutation(keep.size)]  # order must not matter either
         rows = rows[keep]
-        state = policy.select(state, torch.from_numpy(keep))
+        state = state.select(keep)
         if rows.size == 0:
             break
     return out
@@ -202,8 +201,8 @@ def test_sweep_and_predictions_accept_every_criterion():
         policy = get_policy(criterion, grid[len(grid) // 2])
         preds, layers = predictions(logits, policy, task)
         assert np.array_equal(layers, policy.decide(logits)[0])
-    # plain numbers keep the original rows (no "criterion" key)
-    assert "criterion" not in sweep(logits, labels, task, [0.1], metric_fn=fake_metrics)[0]
+    # plain numbers are entropy thresholds
+    assert sweep(logits, labels, task, [0.1], metric_fn=fake_metrics)[0]["criterion"] == "entropy"
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)

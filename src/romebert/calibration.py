@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 
 from romebert.errors import RomebertError
 
@@ -56,6 +55,8 @@ def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The T > 0 minimising the NLL of softmax(logits / T) (1-D bounded search over log T)."""
+    from scipy.optimize import minimize_scalar  # fitting needs scipy; applying temperatures does not
+
     x = np.asarray(logits, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
     if x.shape[0] == 0:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from romebert import __version__, options
 from romebert.errors import RomebertError
-from romebert.exits import REFERENCE_THRESHOLDS
+from romebert.policies import REFERENCE_THRESHOLDS
 
 DEFAULT_THRESHOLD = 0.15
 # romebert.policies.CRITERIA, spelled out so that building the parser does not import torch.
@@ -63,9 +63,8 @@ def _add_criterion_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("exit criterion")
     g.add_argument(
         "--criterion",
-        default="entropy",
         choices=CRITERIA,
-        help="entropy < t (reference), maxprob >= t, patience (t = k agreeing exits, PABEE), "
+        help="entropy < t (reference; the default), maxprob >= t, patience (t = k agreeing exits, PABEE), "
         "patience-confidence (k = --patience agreeing exits with entropy < t)",
     )
     g.add_argument("--patience", type=int, default=2, help="patience-confidence: agreeing confident exits needed")
@@ -79,8 +78,8 @@ def _policy_kwargs(ns: argparse.Namespace) -> dict:
 
 
 def _criterion_thresholds(ns: argparse.Namespace) -> list | None:
-    """--thresholds as policies of --criterion (entropy: plain numbers, the original behaviour)."""
-    criterion = getattr(ns, "criterion", "entropy")
+    """--thresholds as policies of --criterion (plain numbers are entropy thresholds)."""
+    criterion = getattr(ns, "criterion", None) or "entropy"
     if criterion == "entropy":
         return ns.thresholds
     from romebert.policies import default_thresholds, get_policy
@@ -90,15 +89,16 @@ def _criterion_thresholds(ns: argparse.Namespace) -> list | None:
 
 
 def _criterion_threshold(ns: argparse.Namespace):
-    """--threshold, or a policy of --criterion at that threshold."""
-    criterion = getattr(ns, "criterion", "entropy")
-    if ns.threshold is None:
-        ns.threshold = DEFAULT_THRESHOLDS[criterion]
-    if criterion == "entropy":
-        return ns.threshold
+    """A policy from --criterion / --threshold, or None when neither is given (the classifier's own
+    exit config: an export's was chosen on dev, a run's is the reference's entropy 0.15)."""
+    criterion = getattr(ns, "criterion", None)
+    if criterion is None and ns.threshold is None:
+        return None
+    criterion = criterion or "entropy"
+    threshold = ns.threshold if ns.threshold is not None else DEFAULT_THRESHOLDS[criterion]
     from romebert.policies import get_policy
 
-    return get_policy(criterion, ns.threshold, **_policy_kwargs(ns))
+    return get_policy(criterion, threshold, **_policy_kwargs(ns))
 
 
 def _num_layers(run: str) -> int | None:
@@ -110,6 +110,12 @@ def _num_layers(run: str) -> int | None:
         return int(cfg["num_hidden_layers"])
     except (OSError, ValueError, KeyError, TypeError):
         raise RomebertError(f"{run}/model/config.json: cannot read the number of layers") from None
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ONNX Runtime (exports only)")
+    g.add_argument("--intra-op-threads", type=int, help="threads per graph call (default: the usable cores)")
+    g.add_argument("--inter-op-threads", type=int, help="threads across graph nodes (default: 1)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -148,11 +154,34 @@ def build_parser() -> argparse.ArgumentParser:
             _add_data_args(p, for_training=False)
             _add_common(p)
 
-    p = sub.add_parser("predict", help="GLUE test-submission files at an entropy threshold")
-    p.add_argument("run")
-    p.add_argument("--threshold", type=float, help=f"default: {DEFAULT_THRESHOLD} for entropy (see --criterion)")
+    p = sub.add_parser("predict", help="GLUE test-submission files by real early exit (a run or an export)")
+    p.add_argument("run", help="run folder, classifier folder or ONNX export")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help=f"default: the export's own (chosen on dev); for a run {DEFAULT_THRESHOLD} (entropy, see --criterion)",
+    )
+    p.add_argument("--predictions-dir", help="where the files go (default: <run>/predictions, else ./predictions)")
     _add_criterion_args(p)
+    _add_runtime_args(p)
     _add_data_args(p, for_training=False)
+    _add_common(p)
+
+    p = sub.add_parser("export", help="ONNX export: one graph per layer with its exit, for the torch-free runtime")
+    p.add_argument("run", help="a finished run folder")
+    p.add_argument("--output", "-o", required=True, help="export folder (written atomically)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"], help="int8: dynamic quantization")
+    p.add_argument("--threshold", type=float, help="use this threshold as it is (no choice on dev)")
+    p.add_argument("--target-speedup", type=float, help="choose on dev: the least aggressive threshold reaching it")
+    p.add_argument(
+        "--max-metric-drop",
+        type=float,
+        help="choose on dev: the fastest threshold within this drop of the final exit's metric "
+        "(default 0.01 when no other choice is given)",
+    )
+    p.add_argument("--calibrated", action="store_true", help="use <run>/calibration.json's temperatures")
+    p.add_argument("--opset", type=int, default=17)
+    _add_criterion_args(p)
     _add_common(p)
 
     p = sub.add_parser("run", help="train, evaluate every exit, sweep, plot and write test files")
@@ -307,17 +336,48 @@ def _cmd_sweep(ns) -> dict:
 
 
 def _cmd_predict(ns) -> list:
-    from romebert.pipeline import predict_run
+    from romebert.predict import predict_run
 
-    threshold = _criterion_threshold(ns)
-    written = predict_run(ns.run, threshold, ns.eval_batch_size, ns.device, _data_override(ns))
+    runtime = {k: getattr(ns, k) for k in ("intra_op_threads", "inter_op_threads") if getattr(ns, k, None)}
+    written = predict_run(ns.run, _criterion_threshold(ns), ns.eval_batch_size, ns.device, _data_override(ns),
+                          getattr(ns, "predictions_dir", None), **runtime)  # fmt: skip
     for w in written:
-        print(
-            f"test predictions at {getattr(ns, 'criterion', 'entropy')} threshold {ns.threshold}: "
-            f"{w['file']} ({w['rows']} rows, "
-            f"mean exit layer {w['mean_exit_layer']:.2f})"
-        )
+        rule = ", ".join(f"{k} {v}" for k, v in w["policy"].items())
+        print(f"test predictions ({rule}): {w['file']} ({w['rows']} rows, "
+              f"mean exit layer {w['mean_exit_layer']:.2f})")  # fmt: skip
     return written
+
+
+def _cmd_export(ns) -> None:
+    from romebert.export import export_run
+
+    threshold = ns.threshold
+    if threshold is None and ns.target_speedup is None and ns.max_metric_drop is None:
+        ns.max_metric_drop = 0.01
+    m = export_run(
+        ns.run,
+        ns.output,
+        quantize=ns.quantize,
+        criterion=ns.criterion or "entropy",
+        threshold=threshold,
+        target_speedup=ns.target_speedup,
+        max_metric_drop=ns.max_metric_drop,
+        calibrated=ns.calibrated,
+        patience=ns.patience,
+        tolerance=ns.tolerance,
+        opset=ns.opset,
+        batch_size=ns.eval_batch_size,
+    )
+    ee = m.early_exit
+    chosen = ee.chosen or {}
+    print(f"exported {m.num_layers} segments ({m.precision}, opset {m.opset}) to {ns.output}/")
+    for i, f in enumerate(m.fusions, start=1):
+        print(f"  segment {i}: fused {', '.join(f'{k} x{v}' for k, v in f.items()) or 'nothing'}")
+    line = f"  exit: {ee.criterion} threshold {ee.threshold}"
+    if "speedup" in chosen:
+        line += f", chosen on {chosen['split']}: {chosen['metric_name']} {100 * chosen['metric']:.2f} "
+        line += f"(final exit {100 * chosen['final_metric']:.2f}) at {chosen['speedup']:.2f}x layer speed-up"
+    print(line)
 
 
 def _cmd_run(ns) -> None:
@@ -356,7 +416,12 @@ def _cmd_compare(ns) -> dict:
     return run_compare(_compare_config(ns))
 
 
+# A missing module -> the extra that installs it (the base install serves ONNX exports only).
+_EXTRAS = {name: "train" for name in ("torch", "transformers", "safetensors", "scipy", "matplotlib", "tqdm")}
+_EXTRAS.update(onnx="export", onnxruntime="runtime", starlette="serve", uvicorn="serve", prometheus_client="serve")
+
 COMMANDS = {
+    "export": _cmd_export,
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
     "sweep": _cmd_sweep,
@@ -377,6 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("romebert: interrupted; the newest complete checkpoint is kept (rerun with --resume)", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        extra = _EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"romebert: error: '{ns.command}' needs {exc.name}: pip install 'romebert[{extra}]'", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -23,25 +23,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import platform
 import shlex
 import shutil
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from romebert import __version__
+from romebert.environment import backbone_label, environment
+from romebert.environment import now as _now
 from romebert.errors import RomebertError
-from romebert.exits import REFERENCE_THRESHOLDS
 from romebert.methods import get_method
 from romebert.options import command_args, option_fields
+from romebert.policies import REFERENCE_THRESHOLDS
 from romebert.training_args import POOLINGS, TrainingArguments
 
 if TYPE_CHECKING:
@@ -203,7 +201,7 @@ class Comparison:
 
     def __init__(self, cfg: CompareConfig) -> None:
         cfg.validate()
-        from romebert.modeling import default_backbone
+        from romebert.environment import default_backbone
 
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
@@ -435,45 +433,6 @@ def aggregate(comp: Comparison, records: list[dict]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------
 # environment and command
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: str = "auto") -> dict[str, Any]:
-    """Versions and machine that the numbers came from."""
-    import torch
-    import transformers
-
-    from romebert.trainer import resolve_device
-
-    dev = resolve_device(device)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "romebert": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
-        "torch_threads": torch.get_num_threads(),
-        "device": str(dev),
-        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-    }
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 def _num(x: float) -> str:
     """A number as the shortest text that reads back the same: 2 -> "2", 1.5 -> "1.5", 2e-05."""
     x = float(x)
@@ -557,7 +516,7 @@ def write_report(comp: Comparison, records: list[dict], env: dict, wall: float) 
             "task": task.name,
             "metric": task.metric,
             "splits": comp.splits,
-            "backbone": comp.backbone,
+            "backbone": backbone_label(comp.backbone),
             "methods": cfg.all_methods,
             "poolings": cfg.poolings,
             "seeds": cfg.seeds,

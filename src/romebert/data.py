@@ -334,6 +334,28 @@ class DataSpec:
             labels = tuple(self.labels) if self.labels else label_set(self._custom_examples(self.train_file))
         return custom_task(labels, metric=self.metric, pair=self.text_b is not None)
 
+    def replaced(self, override: dict[str, Any] | None) -> DataSpec:
+        """A copy with the fields of ``override`` that are not None (data flags given to evaluate / predict)."""
+        if not override:
+            return self
+        return DataSpec(**{**asdict(self), **{k: v for k, v in override.items() if v is not None}})
+
+    def task_for(self, trained_task: str | None, trained_labels: Sequence[str] | None, num_labels: int) -> TaskSpec:
+        """The task of a model trained for ``trained_task`` with ``trained_labels`` (None: regression) on
+        this data; a model of another task or label set is refused in one line. For custom data the
+        label set is the one the model was trained on."""
+        trained = list(trained_labels) if trained_labels is not None else None
+        if self.is_custom:
+            return custom_task(tuple(trained) if trained else None, metric=self.metric, pair=self.text_b is not None)
+        task = get_task(self.task)
+        expected = list(task.labels) if task.labels is not None else None
+        if num_labels != task.num_labels or (trained is not None and trained != expected):
+            raise RomebertError(
+                f"the model was trained for {trained_task or 'another task'} with labels {trained} "
+                f"({num_labels} outputs); task {task.name} needs {expected} ({task.num_labels} outputs)"
+            )
+        return task
+
     def _custom_examples(self, path: str | None) -> list[Example]:
         if path is None:
             raise RomebertError("no file given for this split")
@@ -450,6 +472,49 @@ def encode(
                 feature["labels"] = label
             features.append(feature)
     return EncodedDataset(features)
+
+
+class FastTokenizer:
+    """A ``tokenizers`` tokenizer (``tokenizer.json``) behind the part of the Hugging Face tokenizer call
+    that :func:`encode` makes, so the ONNX runtime tokenizes without transformers. The same backend and
+    the same truncation give the same ids as ``AutoTokenizer`` on the folder (tests check it)."""
+
+    def __init__(self, path: str | Path, pad_token_id: int) -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as exc:  # pragma: no cover - a dependency of every install
+            raise RomebertError("the tokenizers package is missing: pip install tokenizers") from exc
+        try:
+            self.backend = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises plain Exceptions for unreadable files
+            raise RomebertError(f"{path}: not a readable tokenizer.json ({str(exc).splitlines()[0]})") from None
+        self.backend.no_padding()
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(
+        self,
+        text_a: Sequence[str],
+        text_b: Sequence[str] | None = None,
+        truncation: str = "longest_first",
+        max_length: int = 128,
+        padding: bool = False,
+    ) -> dict[str, list[list[int]]]:
+        self.backend.enable_truncation(max_length, strategy=truncation)
+        inputs = list(text_a) if text_b is None else list(zip(text_a, text_b))
+        out = self.backend.encode_batch(inputs)
+        return {
+            "input_ids": [e.ids for e in out],
+            "token_type_ids": [e.type_ids for e in out],
+            "attention_mask": [e.attention_mask for e in out],
+        }
+
+
+def mean_pool_weights(mask: np.ndarray) -> np.ndarray:
+    """Masked-mean pooling weights [B, T] float32 from a 0/1 mask [B, T]: 1 / (real tokens) on real
+    tokens, 0 on padding (an exact sum, one correctly rounded division: the bits of
+    ``modeling.pool_weights``). Hosts compute them once per batch for every exit, on any runtime."""
+    m = (np.asarray(mask) != 0).astype(np.float32)
+    return m / np.maximum(m.sum(1, keepdims=True), np.float32(1.0))
 
 
 class Collator:

@@ -4,14 +4,8 @@ Everything here works on ``all_logits``, an array of shape ``[L, N, C]`` holding
 exit (exit ``L`` is the final head) for ``N`` examples, produced by ONE forward pass. A threshold
 sweep therefore costs one pass plus cheap numpy work, instead of one model pass per threshold.
 
-Exit rule (method.md, "Inference with early exit"):
-
-* classification: a sample leaves at the first layer ``i < L`` whose softmax entropy (nats) is
-  strictly below the threshold, otherwise at the final head ``L``;
-* regression (an extension; the reference's entropy is always 0): a sample leaves at the first layer
-  ``i >= 2`` where ``|h_i - h_{i-1}| < threshold``, otherwise at ``L``.
-
-Layers are 1-based everywhere in the public API.
+Every exit decision is taken by the policies of ``policies.py`` (plain numbers are entropy thresholds,
+the reference's rule), the same code the engines run. Layers are 1-based everywhere in the public API.
 """
 
 from __future__ import annotations
@@ -22,45 +16,10 @@ from typing import Any
 import numpy as np
 
 from romebert.errors import RomebertError
-
-REFERENCE_THRESHOLDS: tuple[float, ...] = (
-    0.0,
-    0.001,
-    0.005,
-    0.01,
-    0.05,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.4,
-    0.5,
-    0.6,
-    0.7,
-)
+from romebert.policies import REFERENCE_THRESHOLDS, Threshold, as_policy, candidate_thresholds, get_policy
 
 # ``metric_fn(task, preds, labels) -> {key: value}``; defaults to romebert.metrics.compute_metrics.
 MetricFn = Callable[[Any, np.ndarray, np.ndarray], dict[str, float]]
-
-
-def entropy(logits: np.ndarray) -> np.ndarray:
-    """Entropy in nats of softmax(logits) over the last axis (float64, never negative).
-
-    Computed from log_softmax, so logits of any size (e.g. 1000) give finite results, unlike the
-    reference's ``log(sum(exp(x)))`` which overflows above about 88.
-    """
-    x = np.asarray(logits, dtype=np.float64)
-    if x.ndim == 0:
-        raise RomebertError("entropy: logits must have at least one axis (the classes)")
-    m = np.max(x, axis=-1, keepdims=True)
-    # A row of all -inf would make the shift nan; treat it as a shift of 0 (its entropy is nan anyway).
-    m = np.where(np.isfinite(m), m, 0.0)
-    shifted = x - m
-    log_p = shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
-    p = np.exp(log_p)
-    # 0 * log 0 = 0: a class with logit -inf (p == 0) contributes nothing rather than nan.
-    terms = p * np.where(p > 0.0, log_p, 0.0)
-    return np.maximum(-np.sum(terms, axis=-1), 0.0)
 
 
 def _as_logits(all_logits: np.ndarray) -> np.ndarray:
@@ -70,61 +29,6 @@ def _as_logits(all_logits: np.ndarray) -> np.ndarray:
     if arr.shape[0] < 1 or arr.shape[2] < 1:
         raise RomebertError(f"all_logits needs at least one layer and one class, got {tuple(arr.shape)}")
     return arr
-
-
-def _threshold_vector(threshold: float | Sequence[float], num_layers: int) -> np.ndarray:
-    """Per-layer thresholds of length L (entry i-1 applies to layer i; the last one is never used)."""
-    thr = np.asarray(threshold, dtype=np.float64)
-    if thr.ndim == 0:
-        thr = np.full(num_layers, float(thr))
-    elif thr.ndim == 1 and thr.shape[0] in (num_layers - 1, num_layers):
-        # Layer L always exits, so a length-(L-1) sequence is complete; pad so indexing is uniform.
-        thr = np.concatenate([thr, np.full(num_layers - thr.shape[0], np.inf)])
-    else:
-        raise RomebertError(
-            f"threshold must be one number or a sequence of {num_layers - 1} or {num_layers} numbers "
-            f"(one per exit), got shape {tuple(thr.shape)}"
-        )
-    if np.isnan(thr).any():
-        raise RomebertError("threshold must not be NaN")
-    return thr
-
-
-def _exit_scores(logits: np.ndarray, regression: bool) -> np.ndarray:
-    """Score per (layer, example), shape [L, N]; a sample exits at layer i when score < threshold_i."""
-    if not regression:
-        return entropy(logits)
-    # Regression: change from the previous exit. Layer 1 has no predecessor, so it can never exit.
-    x = logits.astype(np.float64)
-    diff = np.max(np.abs(x[1:] - x[:-1]), axis=-1)  # max over C only matters if C > 1
-    return np.concatenate([np.full((1, x.shape[1]), np.inf), diff], axis=0)
-
-
-def _first_exit(scores: np.ndarray, thr: np.ndarray) -> np.ndarray:
-    """0-based exit index [N]: first layer i < L with scores[i] < thr[i], else L-1."""
-    num_layers, n = scores.shape
-    fire = scores < thr[:, None]
-    fire[num_layers - 1] = True  # the final head always takes whoever is left
-    # argmax returns the first True along the layer axis: vectorised "first exit that fires".
-    return np.argmax(fire, axis=0) if n else np.zeros(0, dtype=np.int64)
-
-
-def exit_decisions(
-    all_logits: np.ndarray,
-    threshold: float | Sequence[float],
-    regression: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exit layer (1-based, [N] int64) and the chosen exit's logits ([N, C]) for every example.
-
-    ``threshold`` is one number for all exits or a per-exit sequence of length L-1 or L (entry
-    ``i-1`` is the threshold of layer ``i``; layer L always exits). Comparisons are strict, so
-    threshold 0 sends every sample to the final head.
-    """
-    logits = _as_logits(all_logits)
-    thr = _threshold_vector(threshold, logits.shape[0])
-    idx = _first_exit(_exit_scores(logits, regression), thr)
-    chosen = logits[idx, np.arange(logits.shape[1])]
-    return idx.astype(np.int64) + 1, chosen
 
 
 def layer_stats(exit_layers: np.ndarray, num_layers: int) -> dict[str, Any]:
@@ -199,11 +103,6 @@ def per_exit_metrics(
     return [_metrics(task, preds[i], lab, metric_fn) for i in range(logits.shape[0])]
 
 
-def _is_policy(obj: Any) -> bool:
-    """An exit policy (``romebert.policies.ExitPolicy``), recognised by its interface."""
-    return hasattr(obj, "decide") and hasattr(obj, "step")
-
-
 def sweep(
     all_logits: np.ndarray,
     labels: np.ndarray,
@@ -214,41 +113,23 @@ def sweep(
     criterion: str = "entropy",
     policy_kwargs: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per threshold: threshold, all task metrics, "metric" (main), counts, ratio, saving, speedup.
+    """One row per threshold: the policy's parameters (criterion, threshold, ...), all task metrics,
+    "metric" (main), counts, ratio, saving, speedup.
 
-    Exit scores are computed once and reused for every threshold. Wall time is not included: it is a
-    property of a real early-exit run, not of the cache; callers that measure it add their own key.
-
-    Every criterion of ``romebert.policies`` works: an entry of ``thresholds`` may be a policy object,
-    and ``criterion`` (+ ``policy_kwargs``) turns plain numbers into policies of that criterion. Such
-    rows also carry "criterion" and the policy's other parameters.
+    An entry of ``thresholds`` is a policy, or a threshold of ``criterion`` (+ ``policy_kwargs``).
+    Wall time is not included: it is a property of a real early-exit run, not of the cache.
     """
     logits = _as_logits(all_logits)
     lab = _check_labels(logits, labels)
     num_layers, n = logits.shape[0], logits.shape[1]
-    if criterion != "entropy" or policy_kwargs:
-        from romebert.policies import get_policy  # lazy: policies imports this module
-
-        kw = policy_kwargs or {}
-        thresholds = [t if _is_policy(t) else get_policy(criterion, t, **kw) for t in thresholds]
-    scores = _exit_scores(logits, task.is_regression)
     preds_all = _preds_from_logits(logits, task.is_regression)  # [L, N]
     rows: list[dict[str, Any]] = []
     for t in thresholds:
-        if _is_policy(t):
-            head: dict[str, Any] = t.params()
-            idx = t.decide(logits, regression=task.is_regression)[0] - 1
-        else:
-            if np.ndim(t) == 0:
-                t_out: Any = float(t)  # type: ignore[arg-type]
-            else:
-                t_out = [float(v) for v in np.asarray(t, dtype=np.float64).reshape(-1)]
-            head = {"threshold": t_out}
-            idx = _first_exit(scores, _threshold_vector(t, num_layers))
-        preds = preds_all[idx, np.arange(n)]
-        d = _metrics(task, preds, lab, metric_fn)
-        row: dict[str, Any] = {**head, **d, "metric": _main_value(task, d, metric_fn)}
-        row.update(layer_stats(idx + 1, num_layers))
+        policy = as_policy(t, criterion, **(policy_kwargs or {}))
+        layers, _ = policy.decide(logits, regression=task.is_regression)
+        d = _metrics(task, preds_all[layers - 1, np.arange(n)], lab, metric_fn)
+        row: dict[str, Any] = {**policy.params(), **d, "metric": _main_value(task, d, metric_fn)}
+        row.update(layer_stats(layers, num_layers))
         rows.append(row)
     return rows
 
@@ -258,8 +139,81 @@ def predictions(all_logits: np.ndarray, threshold: Any, task: Any) -> tuple[np.n
 
     ``threshold``: an entropy threshold (one number or per exit), or any ``romebert.policies`` policy.
     """
-    if _is_policy(threshold):
-        layers, chosen = threshold.decide(_as_logits(all_logits), regression=task.is_regression)
-    else:
-        layers, chosen = exit_decisions(all_logits, threshold, regression=task.is_regression)
+    layers, chosen = as_policy(threshold).decide(_as_logits(all_logits), regression=task.is_regression)
     return _preds_from_logits(chosen, task.is_regression), layers
+
+
+# ------------------------------------------------------------------------------- choosing a threshold
+
+
+def pick_from_sweep(
+    rows: Sequence[dict[str, Any]],
+    final_metric: float,
+    target_speedup: float | None = None,
+    max_metric_drop: float | None = None,
+) -> dict[str, Any]:
+    """The sweep row to use (rows need "metric" and "speedup").
+
+    ``max_metric_drop`` (same units as the metric, e.g. 0.01 = one accuracy point) keeps rows with
+    ``final_metric - metric <= max_metric_drop``. Then ``target_speedup`` picks the least aggressive
+    row reaching it (smallest speed-up >= target, best metric on ties); without a target, the fastest
+    row left (best metric on ties).
+    """
+    if target_speedup is None and max_metric_drop is None:
+        raise RomebertError("give target_speedup and/or max_metric_drop")
+    if not rows:
+        raise RomebertError("no sweep rows to choose from")
+    ok = list(rows)
+    if max_metric_drop is not None:
+        ok = [r for r in ok if final_metric - r["metric"] <= max_metric_drop + 1e-12]
+        if not ok:
+            best = max(r["metric"] for r in rows)
+            raise RomebertError(
+                f"no threshold keeps the metric within {max_metric_drop} of the final exit's {final_metric:.4f} "
+                f"(best {best:.4f})"
+            )
+    if target_speedup is not None:
+        reach = [r for r in ok if r["speedup"] >= target_speedup - 1e-12]
+        if not reach:
+            fastest = max(r["speedup"] for r in ok)
+            budget = "" if max_metric_drop is None else f" within a metric drop of {max_metric_drop}"
+            raise RomebertError(
+                f"no threshold reaches a layer speed-up of {target_speedup}{budget} (at most {fastest:.3f}x)"
+            )
+        return min(reach, key=lambda r: (r["speedup"], -r["metric"]))
+    return max(ok, key=lambda r: (r["speedup"], r["metric"]))
+
+
+def choose_threshold(
+    all_logits: np.ndarray,
+    labels: np.ndarray,
+    task: Any,
+    criterion: str = "entropy",
+    *,
+    target_speedup: float | None = None,
+    max_metric_drop: float | None = None,
+    thresholds: Sequence[Threshold] | None = None,
+    metric_fn: MetricFn | None = None,
+    **policy_kwargs: Any,
+) -> tuple[Threshold, dict[str, Any]]:
+    """Pick a threshold of ``criterion`` on dev logits [L, N, C] -> (threshold, its sweep row).
+
+    Candidates default to a fine data-driven grid (score quantiles; k = 1..L for patience). See
+    :func:`pick_from_sweep` for the rule.
+    """
+    logits = np.asarray(all_logits)
+    if thresholds is None:
+        thresholds = candidate_thresholds(
+            criterion, logits, task.is_regression, **{k: v for k, v in policy_kwargs.items() if k == "confidence"}
+        )
+    policies = [get_policy(criterion, t, **policy_kwargs) for t in thresholds]
+    rows = sweep(logits, labels, task, policies, metric_fn=metric_fn)
+    per_exit = per_exit_metrics(logits, labels, task, metric_fn=metric_fn)
+    if metric_fn is None:
+        from romebert.metrics import main_metric
+
+        final = float(main_metric(task, per_exit[-1]))
+    else:
+        final = float(per_exit[-1][task.metric])
+    row = pick_from_sweep(rows, final, target_speedup, max_metric_drop)
+    return row["threshold"], {**row, "final_metric": final}

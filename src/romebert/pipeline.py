@@ -20,16 +20,16 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer
 
-from romebert.data import Collator, DataSpec, encode, load_hub_glue, read_split
-from romebert.engine import EarlyExitEngine
+from romebert.data import Collator, DataSpec, encode
+from romebert.environment import default_backbone
 from romebert.errors import RomebertError
 from romebert.evaluation import collect_logits, dataset_labels
-from romebert.exits import REFERENCE_THRESHOLDS, _is_policy, _preds_from_logits, per_exit_metrics, sweep
-from romebert.modeling import MultiExitModel, default_backbone
+from romebert.exits import per_exit_metrics, sweep
+from romebert.modeling import MultiExitModel
 from romebert.plots import plot_per_exit, plot_speedup
-from romebert.policies import get_policy
-from romebert.reports import write_json, write_per_exit_csv, write_submission, write_sweep_csv
-from romebert.tasks import TaskSpec, custom_task, get_task
+from romebert.policies import REFERENCE_THRESHOLDS
+from romebert.reports import write_json, write_per_exit_csv, write_sweep_csv
+from romebert.tasks import TaskSpec
 from romebert.trainer import Trainer, resolve_device, set_seed
 from romebert.training_args import TrainingArguments
 
@@ -45,7 +45,7 @@ def train_run(data: DataSpec, args: TrainingArguments, resume: bool = False) -> 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     backbone = args.backbone or default_backbone()
-    tokenizer = _load_tokenizer(backbone)
+    tokenizer = load_tokenizer(backbone)
     t0 = time.perf_counter()
     train_examples = data.examples("train")
     train_set = encode(train_examples, tokenizer, task.labels, data.max_seq_length)
@@ -82,19 +82,9 @@ def train_run(data: DataSpec, args: TrainingArguments, resume: bool = False) -> 
 
 
 def run_task(model: MultiExitModel, data: DataSpec) -> TaskSpec:
-    """The task of a trained run; for custom data the label set is the one the model was trained on."""
-    if data.is_custom:
-        labels = tuple(model.config.labels) if model.config.labels is not None else None
-        return custom_task(labels, metric=data.metric, pair=data.text_b is not None)
-    task = get_task(data.task)
-    trained = list(model.config.labels) if model.config.labels is not None else None
-    expected = list(task.labels) if task.labels is not None else None
-    if model.config.num_labels != task.num_labels or (trained is not None and trained != expected):
-        raise RomebertError(
-            f"the model was trained for {model.config.task or 'another task'} with labels {trained} "
-            f"({model.config.num_labels} outputs); task {task.name} needs {expected} ({task.num_labels} outputs)"
-        )
-    return task
+    """The task of a trained model on ``data`` (``DataSpec.task_for``)."""
+    cfg = model.config
+    return data.task_for(cfg.task, cfg.labels, cfg.num_labels)
 
 
 def load_run(run_dir: str | Path, device: str = "auto") -> tuple[MultiExitModel, object, DataSpec]:
@@ -102,7 +92,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> tuple[MultiExitModel,
     run_dir = Path(run_dir)
     data = DataSpec.load(run_dir / RUN_FILE)
     model = MultiExitModel.from_pretrained(run_dir / MODEL_DIR, map_location=resolve_device(device))
-    return model, _load_tokenizer(str(run_dir / MODEL_DIR)), data
+    return model, load_tokenizer(str(run_dir / MODEL_DIR)), data
 
 
 def evaluate_run(
@@ -115,7 +105,7 @@ def evaluate_run(
     """Per-exit metrics and a threshold sweep on every dev split, from one pass each (logits cached)."""
     run_dir = Path(run_dir)
     model, tokenizer, data = load_run(run_dir, device)
-    data = _override(data, data_override)
+    data = data.replaced(data_override)
     task = run_task(model, data)
     thresholds = list(thresholds) if thresholds is not None else list(REFERENCE_THRESHOLDS)
     results: dict[str, dict] = {}
@@ -169,58 +159,7 @@ def sweep_cached(split_dir: str | Path, task: TaskSpec, thresholds: list[float])
     return write_evaluation(split_dir, logits, labels, task, thresholds, title=f"{task.name} {split_dir.name}")
 
 
-def predict_run(
-    run_dir: str | Path,
-    threshold: float = 0.15,
-    batch_size: int = 64,
-    device: str = "auto",
-    data_override: dict | None = None,
-) -> list[dict]:
-    """GLUE submission files for every test split at an entropy threshold; returns per-file info."""
-    run_dir = Path(run_dir)
-    model, tokenizer, data = load_run(run_dir, device)
-    data = _override(data, data_override)
-    run_task(model, data)  # refuses a model trained for another task or label set
-    out_dir = run_dir / "predictions"
-    written = []
-    files = data.test_files()
-    if not files:
-        raise RomebertError("nothing to predict: this data has no test split (give --test-file)")
-    for task, split, name in files:
-        if task is None:
-            task = run_task(model, data)
-            examples = data.examples(split)
-        elif data.hub:
-            examples = load_hub_glue(task, split)
-        else:
-            examples = read_split(task, data.data_dir, split)
-        dataset = encode(examples, tokenizer, None, data.max_seq_length)
-        preds, layers = _early_exit_predictions(model, dataset, Collator(tokenizer), batch_size, threshold, task)
-        write_submission(out_dir / name, preds, task)
-        np.save(out_dir / (Path(name).stem + ".exit_layers.npy"), layers)
-        written.append({"file": str(out_dir / name), "rows": len(preds), "mean_exit_layer": float(layers.mean())})
-    return written
-
-
-def _early_exit_predictions(
-    model, dataset, collator, batch_size: int, threshold, task
-) -> tuple[np.ndarray, np.ndarray]:
-    """(predictions, exit layers) in dataset order, by real early exit: each input runs only the
-    layers up to its exit (:class:`~romebert.engine.EarlyExitEngine`); the decisions are those the
-    offline sweep takes from cached logits (``threshold``: an entropy threshold or a policy)."""
-    policy = threshold if _is_policy(threshold) else get_policy("entropy", threshold)
-    out = EarlyExitEngine(model, policy).run_dataset(dataset, collator, batch_size)
-    logits, layers = out.logits.cpu().numpy(), out.exit_layer.numpy()
-    return _preds_from_logits(logits, task.is_regression), layers
-
-
-def _override(data: DataSpec, override: dict | None) -> DataSpec:
-    if not override:
-        return data
-    return DataSpec(**{**asdict(data), **{k: v for k, v in override.items() if v is not None}})
-
-
-def _load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str):
     try:
         return AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
     except (OSError, ValueError) as exc:

@@ -1,24 +1,25 @@
-"""Exit criteria as small policy objects, shared by the online engine and the offline sweep.
+"""Exit criteria as small policy objects: the one place where exit decisions are made.
 
 A policy decides, layer by layer, which samples of a batch leave. Its per-sample state (previous
-prediction, agreement counter, ...) lives in a :class:`PolicyState` whose row tensors all have the
-batch as dimension 0, so the engine can drop exited rows with one ``index_select``::
+prediction, agreement counter, ...) lives in a :class:`PolicyState` whose row arrays all have the
+batch as axis 0, so an engine can drop exited rows with one fancy index::
 
     state = policy.init_state(n, num_layers, regression)
     for i in range(num_layers):
         exit_mask, state = policy.step(i, logits_i, state)   # logits_i [b, C] -> exit_mask [b] bool
         ...                                                  # emit exited rows, then
-        state = policy.select(state, keep_idx)               # compact to the rows still running
+        state = state.select(keep)                           # compact to the rows still running
 
-:meth:`ExitPolicy.decide` runs exactly these ``step`` calls over cached logits ``[L, N, C]`` (no
-compaction: a row's state depends only on its own logits), so offline sweeps and the online engine
-take their decisions from one code path.
+:meth:`ExitPolicy.decide` runs exactly these ``step`` calls over cached logits ``[L, N, C]`` (a row's
+state depends only on its own logits), so the offline sweep, the PyTorch engine and the ONNX Runtime
+engine all take their decisions from this code. Everything is numpy (no torch): the runtime extra
+uses it as it is.
 
 Criteria (``threshold`` is one number, or a per-exit sequence of L-1 or L numbers; layer L always
 exits; layers are 0-based in ``step`` and 1-based in every result):
 
 * ``entropy`` (the reference): exit when the softmax entropy (nats) < t. Regression: exit at layer
-  i >= 2 when ``|h_i - h_{i-1}| < t``. Reproduces :func:`romebert.exits.exit_decisions`.
+  i >= 2 when ``|h_i - h_{i-1}| < t``.
 * ``maxprob``: exit when the largest softmax probability >= t (classification only).
 * ``patience`` (PABEE): ``threshold`` is k; exit when the argmax has been the same for k consecutive
   exits, counting the current one (PABEE's "patience" p is k - 1). Regression: exit after k
@@ -28,9 +29,8 @@ exits; layers are 0-based in ``step`` and 1-based in every result):
   confident count. Regression: k consecutive changes < t (the same rule as ``patience`` with
   ``tolerance=t``).
 
-Scores are computed in float64 by the same ops online and offline, so equal logits always give equal
-decisions (live and cached logits of one input agree to float32 rounding; a decision can only differ
-when a score lies within that rounding of its threshold).
+Scores are float64, computed from the logits by the same functions online and offline, so equal
+logits always give equal decisions.
 """
 
 from __future__ import annotations
@@ -41,32 +41,85 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from romebert.errors import RomebertError
-from romebert.exits import REFERENCE_THRESHOLDS, _threshold_vector
 
 Threshold = float | Sequence[float]
 
 CRITERIA: tuple[str, ...] = ("entropy", "maxprob", "patience", "patience-confidence")
 
-# Default sweep grids (entropy: the reference grid; patience: every k up to the depth).
+# The reference's entropy grid (method.md); test predictions use 0.15.
+REFERENCE_THRESHOLDS: tuple[float, ...] = (0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 MAXPROB_THRESHOLDS: tuple[float, ...] = (1.0, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
 
 
+# ------------------------------------------------------------------------------------------- scores
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    # A row of all -inf would make the shift nan; shift it by 0 instead (its scores are nan anyway).
+    shifted = x - np.where(np.isfinite(m), m, 0.0)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def entropy(logits: np.ndarray) -> np.ndarray:
+    """Softmax entropy in nats over the last axis, float64, never negative.
+
+    From log-softmax, so logits of any size work (the reference's ``log(sum(exp(x)))`` overflows above
+    about 88); a class of probability 0 contributes 0, and NaN logits give NaN (which never exits).
+    """
+    # H = log(s) - sum(p * z) with z = x - max(x), e = exp(z), s = sum(e), p = e / s. Few numpy calls on
+    # purpose: an engine runs this after every layer, where each call costs microseconds.
+    x = np.asarray(logits, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        z = x - x.max(axis=-1, keepdims=True)  # a row of all -inf (or any NaN) gives NaN: never exits
+        e = np.exp(z)
+        s = e.sum(axis=-1, keepdims=True)
+        pz = np.where(e > 0.0, e * z, 0.0)  # a class of probability 0 (logit -inf) adds 0, not NaN
+        return np.maximum(np.log(s[..., 0]) - pz.sum(axis=-1) / s[..., 0], 0.0)
+
+
+def maxprob(logits: np.ndarray) -> np.ndarray:
+    """Largest softmax probability over the last axis, float64."""
+    return np.exp(_log_softmax(logits).max(axis=-1))
+
+
+def change(x: np.ndarray, prev: np.ndarray) -> np.ndarray:
+    """Regression: the largest absolute change from the previous exit, [b] float64."""
+    return np.abs(np.asarray(x, dtype=np.float64) - prev).max(axis=-1)
+
+
+def threshold_vector(threshold: Threshold, num_layers: int) -> np.ndarray:
+    """Per-layer thresholds of length L (entry i-1 applies to layer i; the last one is never used)."""
+    thr = np.asarray(threshold, dtype=np.float64)
+    if thr.ndim == 0:
+        thr = np.full(num_layers, float(thr))
+    elif thr.ndim == 1 and thr.shape[0] in (num_layers - 1, num_layers):
+        # Layer L always exits, so a length-(L-1) sequence is complete; pad so indexing is uniform.
+        thr = np.concatenate([thr, np.full(num_layers - thr.shape[0], np.inf)])
+    else:
+        raise RomebertError(
+            f"threshold must be one number or a sequence of {num_layers - 1} or {num_layers} numbers "
+            f"(one per exit), got shape {tuple(thr.shape)}"
+        )
+    if np.isnan(thr).any():
+        raise RomebertError("threshold must not be NaN")
+    return thr
+
+
+# -------------------------------------------------------------------------------------------- state
 @dataclass
 class PolicyState:
-    """What a policy carries across layers. ``rows`` tensors are [b, ...]; the rest is per batch."""
+    """What a policy carries across layers. ``rows`` arrays are [b, ...]; the rest is per batch."""
 
     num_layers: int
     regression: bool
-    thresholds: list[float]  # one per layer, Python floats: comparing against them needs no host sync
-    rows: dict[str, Tensor] = field(default_factory=dict)
+    thresholds: list[float]  # one per layer, Python floats
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def select(self, keep: Tensor) -> PolicyState:
-        """The state of rows ``keep`` ([b'] int64 on the rows' device), in that order."""
-        rows = {k: v.index_select(0, keep) for k, v in self.rows.items()}
+    def select(self, keep: np.ndarray) -> PolicyState:
+        """The state of rows ``keep`` (int64 indices), in that order."""
+        rows = {k: v[keep] for k, v in self.rows.items()}
         return PolicyState(self.num_layers, self.regression, self.thresholds, rows)
 
     @staticmethod
@@ -75,42 +128,29 @@ class PolicyState:
         first = states[0]
         if len(states) == 1:
             return first
-        rows = {k: torch.cat([s.rows[k] for s in states]) for k in first.rows}
+        rows = {k: np.concatenate([s.rows[k] for s in states]) for k in first.rows}
         return PolicyState(first.num_layers, first.regression, first.thresholds, rows)
 
 
-def entropy_t(logits: Tensor) -> Tensor:
-    """Softmax entropy in nats over the last axis, float64 (the torch twin of ``exits.entropy``).
-
-    softmax is computed stably (shifted by the max), so logits of any size work; ``xlogy`` makes a
-    class of probability 0 contribute 0 (not nan), while NaN logits still give NaN (never an exit).
-    Few ops on purpose: this runs after every layer of the engine.
-    """
-    p = torch.softmax(logits, dim=-1, dtype=torch.float64)  # cast, then softmax: one op
-    return torch.special.xlogy(p, p).sum(-1).neg_().clamp_min_(0.0)
-
-
-def maxprob_t(logits: Tensor) -> Tensor:
-    """Largest softmax probability over the last axis, float64."""
-    return torch.softmax(logits, dim=-1, dtype=torch.float64).amax(-1)
-
-
-def _change(x: Tensor, prev: Tensor) -> Tensor:
-    """Regression: the largest absolute change from the previous exit, [b] float64."""
-    return (x - prev).abs().amax(-1)
-
-
-def _small_change_streak(logits: Tensor, rows: dict[str, Tensor], tolerance: float) -> Tensor:
+def _small_change_streak(logits: np.ndarray, rows: dict[str, np.ndarray], tolerance: float) -> np.ndarray:
     """Regression patience: consecutive exits (up to this one) whose change from the previous exit is
     below ``tolerance``, [b] int64; updates ``rows["prev"]`` (the caller stores the count)."""
-    x = logits.double()
+    x = np.asarray(logits, dtype=np.float64)
     prev = rows.get("prev")
     rows["prev"] = x
     if prev is None:
-        return torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-    return torch.where(_change(x, prev) < tolerance, rows["count"] + 1, 0)
+        return np.zeros(x.shape[0], dtype=np.int64)
+    return np.where(change(x, prev) < tolerance, rows["count"] + 1, 0)
 
 
+def _agreement_run(pred: np.ndarray, rows: dict[str, np.ndarray]) -> np.ndarray:
+    """Classification patience: how many consecutive exits (this one included) predicted ``pred``."""
+    prev = rows.get("prev")
+    rows["prev"] = pred
+    return np.ones_like(pred) if prev is None else np.where(pred == prev, rows["count"] + 1, 1)
+
+
+# ------------------------------------------------------------------------------------------ policies
 class ExitPolicy:
     """Base class: subclasses set ``name`` and implement ``_step``."""
 
@@ -131,71 +171,54 @@ class ExitPolicy:
         if np.isnan(arr).any():
             raise RomebertError(f"{self.name}: threshold must not be NaN")
         self.threshold: float | list[float] = float(arr) if arr.ndim == 0 else [float(v) for v in arr]
+        self._thr_cache: dict[int, list[float]] = {}
 
     # ------------------------------------------------------------------------------------------ API
     def params(self) -> dict[str, Any]:
-        """Everything that identifies the rule (goes into sweep rows and reports)."""
+        """Everything that identifies the rule (goes into sweep rows, reports and exported configs)."""
         return {"criterion": self.name, "threshold": self.threshold}
 
     def __repr__(self) -> str:
         extra = ", ".join(f"{k}={v!r}" for k, v in self.params().items() if k != "criterion")
         return f"{type(self).__name__}({extra})"
 
-    def init_state(
-        self, n: int, num_layers: int, regression: bool = False, device: torch.device | str | None = None
-    ) -> PolicyState:
+    def init_state(self, n: int, num_layers: int, regression: bool = False) -> PolicyState:
         """Fresh state for ``n`` samples of a model with ``num_layers`` exits."""
         if regression and not self.supports_regression:
             raise RomebertError(f"criterion {self.name!r} needs class probabilities; it does not apply to regression")
-        return PolicyState(num_layers, regression, self._thresholds(num_layers), self._init_rows(n, device))
+        if num_layers not in self._thr_cache:  # an engine starts a state per batch: no numpy work each time
+            self._thr_cache[num_layers] = [float(t) for t in threshold_vector(self.threshold, num_layers)]
+        return PolicyState(num_layers, regression, self._thr_cache[num_layers])
 
-    def _thresholds(self, num_layers: int) -> list[float]:
-        # Cached: the engine starts a state per batch, and batch size 1 should not pay numpy work each time.
-        key = (num_layers, self.threshold if isinstance(self.threshold, float) else tuple(self.threshold))
-        cache = self.__dict__.setdefault("_thr_cache", {})
-        if key not in cache:
-            cache[key] = [float(t) for t in _threshold_vector(self.threshold, num_layers)]
-        return cache[key]
-
-    def step(self, layer: int, logits: Tensor, state: PolicyState) -> tuple[Tensor, PolicyState]:
+    def step(self, layer: int, logits: np.ndarray, state: PolicyState) -> tuple[np.ndarray, PolicyState]:
         """Exit decisions at ``layer`` (0-based) for logits [b, C] -> (exit mask [b] bool, new state)."""
-        exit_mask = self._step(layer, logits, state)
-        if layer >= state.num_layers - 1:
-            # The final head takes whoever is left.
-            exit_mask = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-        return exit_mask, state
+        if layer >= state.num_layers - 1:  # the final head takes whoever is left
+            return np.ones(logits.shape[0], dtype=bool), state
+        return self._step(layer, logits, state), state
 
-    def select(self, state: PolicyState, keep: Tensor) -> PolicyState:
-        """Compact the state to rows ``keep`` (int64 indices on the state's device)."""
-        return state.select(keep)
-
-    def decide(self, all_logits: np.ndarray | Tensor, regression: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def decide(self, all_logits: np.ndarray, regression: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Offline: exit layer (1-based, [N] int64) and the chosen exit's logits ([N, C]) from [L, N, C].
 
-        Runs the same ``step`` calls as the engine, on every row at once.
+        Runs the same ``step`` calls as the engines, on every row at once.
         """
-        logits = torch.as_tensor(np.asarray(all_logits) if not isinstance(all_logits, Tensor) else all_logits)
+        logits = np.asarray(all_logits)
         if logits.ndim != 3 or logits.shape[0] < 1 or logits.shape[2] < 1:
             raise RomebertError(
                 f"all_logits must have shape [layers, examples, classes], got shape {tuple(logits.shape)}"
             )
         num_layers, n = logits.shape[0], logits.shape[1]
-        state = self.init_state(n, num_layers, regression, logits.device)
-        first = torch.full((n,), num_layers - 1, dtype=torch.int64)
-        undecided = torch.ones(n, dtype=torch.bool)
-        for i in range(num_layers):
+        state = self.init_state(n, num_layers, regression)
+        first = np.full(n, num_layers - 1, dtype=np.int64)
+        undecided = np.ones(n, dtype=bool)
+        for i in range(num_layers - 1):
             exit_mask, state = self.step(i, logits[i], state)
-            fire = exit_mask.cpu() & undecided
+            fire = exit_mask & undecided
             first[fire] = i
             undecided &= ~fire
-        chosen = logits[first.to(logits.device), torch.arange(n, device=logits.device)]  # [N, C]
-        return first.numpy() + 1, chosen.cpu().numpy()
+        return first + 1, logits[first, np.arange(n)]
 
     # ------------------------------------------------------------------------------------- subclass
-    def _init_rows(self, n: int, device: torch.device | str | None) -> dict[str, Tensor]:
-        return {}
-
-    def _step(self, layer: int, logits: Tensor, state: PolicyState) -> Tensor:
+    def _step(self, layer: int, logits: np.ndarray, state: PolicyState) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -204,22 +227,16 @@ class EntropyPolicy(ExitPolicy):
 
     name = "entropy"
 
-    def _init_rows(self, n: int, device: torch.device | str | None) -> dict[str, Tensor]:
-        return {}
-
-    def _step(self, layer: int, logits: Tensor, state: PolicyState) -> Tensor:
+    def _step(self, layer: int, logits: np.ndarray, state: PolicyState) -> np.ndarray:
         t = state.thresholds[layer]
         if not state.regression:
-            # entropy < t, as -sum(p log p) < t <=> sum(p log p) > -t (negation is exact): two ops fewer
-            # on the engine's per-layer path; NaN still never exits.
-            p = torch.softmax(logits, dim=-1, dtype=torch.float64)
-            return torch.special.xlogy(p, p).sum(-1) > -t
-        x = logits.double()
+            return entropy(logits) < t
+        x = np.asarray(logits, dtype=np.float64)
         prev = state.rows.get("prev")
         state.rows["prev"] = x
         if prev is None:  # layer 1 has no predecessor, so it never exits
-            return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        return _change(x, prev) < t
+            return np.zeros(x.shape[0], dtype=bool)
+        return change(x, prev) < t
 
 
 class MaxProbPolicy(ExitPolicy):
@@ -228,8 +245,8 @@ class MaxProbPolicy(ExitPolicy):
     name = "maxprob"
     supports_regression = False
 
-    def _step(self, layer: int, logits: Tensor, state: PolicyState) -> Tensor:
-        return maxprob_t(logits) >= state.thresholds[layer]
+    def _step(self, layer: int, logits: np.ndarray, state: PolicyState) -> np.ndarray:
+        return maxprob(logits) >= state.thresholds[layer]
 
 
 class PatiencePolicy(ExitPolicy):
@@ -248,18 +265,12 @@ class PatiencePolicy(ExitPolicy):
     def params(self) -> dict[str, Any]:
         return {**super().params(), "tolerance": self.tolerance}
 
-    def _step(self, layer: int, logits: Tensor, state: PolicyState) -> Tensor:
+    def _step(self, layer: int, logits: np.ndarray, state: PolicyState) -> np.ndarray:
         rows = state.rows
         if state.regression:
             count = _small_change_streak(logits, rows, self.tolerance)
         else:
-            pred = logits.argmax(-1)
-            prev = rows.get("prev")
-            rows["prev"] = pred
-            if prev is None:
-                count = torch.ones_like(pred)
-            else:
-                count = torch.where(pred == prev, rows["count"] + 1, 1)
+            count = _agreement_run(np.argmax(logits, axis=-1), rows)
         rows["count"] = count
         return count >= state.thresholds[layer]
 
@@ -281,20 +292,16 @@ class PatienceConfidencePolicy(ExitPolicy):
     def params(self) -> dict[str, Any]:
         return {**super().params(), "patience": self.patience, "confidence": self.confidence}
 
-    def _step(self, layer: int, logits: Tensor, state: PolicyState) -> Tensor:
+    def _step(self, layer: int, logits: np.ndarray, state: PolicyState) -> np.ndarray:
         rows = state.rows
         t = state.thresholds[layer]
         if state.regression:
             count = _small_change_streak(logits, rows, t)
         else:
-            confident = entropy_t(logits) < t if self.confidence == "entropy" else maxprob_t(logits) >= t
-            pred = logits.argmax(-1)
-            prev = rows.get("prev")
-            rows["prev"] = pred
+            confident = entropy(logits) < t if self.confidence == "entropy" else maxprob(logits) >= t
             # Confident: extend the run if it agrees with the previous exit (a run broken by an
             # unconfident exit has count 0, so it restarts at 1); unconfident: the run is broken.
-            run = torch.ones_like(pred) if prev is None else torch.where(pred == prev, rows["count"] + 1, 1)
-            count = torch.where(confident, run, 0)
+            count = np.where(confident, _agreement_run(np.argmax(logits, axis=-1), rows), 0)
         rows["count"] = count
         return count >= self.patience
 
@@ -318,6 +325,11 @@ def get_policy(name: str, threshold: Threshold, **kwargs: Any) -> ExitPolicy:
     cls = POLICIES[key]
     accepted = {"patience": ("tolerance",), "patience-confidence": ("patience", "confidence")}.get(key, ())
     return cls(threshold, **{k: v for k, v in kwargs.items() if k in accepted and v is not None})
+
+
+def as_policy(threshold: Any, criterion: str = "entropy", **kwargs: Any) -> ExitPolicy:
+    """``threshold`` itself when it is a policy, else a ``criterion`` policy at that threshold."""
+    return threshold if isinstance(threshold, ExitPolicy) else get_policy(criterion, threshold, **kwargs)
 
 
 def default_thresholds(criterion: str, num_layers: int | None = None) -> list[float]:
@@ -344,18 +356,18 @@ def candidate_thresholds(
     key = get_policy(criterion, 1.0).name
     if key == "patience":
         return default_thresholds(key, logits.shape[0])
-    early = torch.as_tensor(logits[:-1]) if logits.shape[0] > 1 else torch.as_tensor(logits)
+    early = logits[:-1] if logits.shape[0] > 1 else logits
     if regression:
         if key == "maxprob":
             raise RomebertError("criterion 'maxprob' does not apply to regression")
-        x = torch.as_tensor(logits).double()
-        scores = _change(x[1:], x[:-1])[:-1] if logits.shape[0] > 2 else _change(x[1:], x[:-1])
+        x = logits.astype(np.float64)
+        scores = change(x[1:], x[:-1])[:-1] if logits.shape[0] > 2 else change(x[1:], x[:-1])
     elif key == "maxprob" or (key == "patience-confidence" and confidence == "maxprob"):
         key = "maxprob"
-        scores = maxprob_t(early)
+        scores = maxprob(early)
     else:
-        scores = entropy_t(early)
-    values = scores.reshape(-1).numpy()
+        scores = entropy(early)
+    values = scores.reshape(-1)
     values = values[np.isfinite(values)]
     if values.size == 0:
         return default_thresholds(key, logits.shape[0])

@@ -1,0 +1,131 @@
+"""What the benchmark times: the full model and the early-exit engine, on PyTorch and ONNX Runtime.
+
+A *path* runs pre-tokenized batches (tokenization is left out of every path alike) and gives its dev
+predictions. Full-model paths run the final head only, as a plain classifier would; engine paths run
+``EarlyExitEngine`` (``run`` per batch at batch size 1, ``run_stream`` with refill above, as
+``predict`` does) at a threshold chosen on dev for that path's own model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from romebert.engine import EarlyExitEngine, dataset_exit_logits
+from romebert.onnx_runtime import OrtSegments, session_options
+from romebert.policies import ExitPolicy
+
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
+RUNTIMES = ("torch", "ort-fp32", "ort-int8")
+
+
+@dataclass
+class Path_:
+    """One timed path. ``run_one(batch)`` serves a batch; ``run_many(batches, bs)`` serves a data set."""
+
+    name: str
+    runtime: str
+    kind: str  # "full" | "engine"
+    run_one: Callable[[Batch], np.ndarray]  # -> logits [b, C] (engine: the chosen exit's)
+    run_many: Callable[[Sequence[Batch], int], Any]
+    target: str = ""  # engine: what its threshold was chosen for ("1.5x", "2x", "3x", "<=1pt")
+    policy: ExitPolicy | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ runtimes
+class Runtime:
+    """A runtime's two models: the full model (one graph / one forward) and the segments."""
+
+    def __init__(self, name: str, segments: Any, full: Callable[[Batch], np.ndarray]) -> None:
+        self.name, self.segments, self.full = name, segments, full
+
+    def dev_logits(self, dataset, collator, batch_size: int = 64) -> np.ndarray:
+        return dataset_exit_logits(self.segments, dataset, collator, batch_size)
+
+
+def torch_runtime(model) -> Runtime:
+    import torch
+
+    model.eval()
+
+    @torch.inference_mode()
+    def full(batch: Batch) -> np.ndarray:
+        ids, mask, types = (torch.from_numpy(a) for a in batch)
+        hidden = model.embed(ids, types)
+        layer_mask = model.attention_mask(hidden, mask)
+        for i in range(model.num_layers):
+            hidden = model.run_layer(i, hidden, layer_mask)
+        return model.exits[-1](hidden, mask).numpy()
+
+    return Runtime("torch", model, full)
+
+
+def ort_runtime(name: str, segments_dir: Path, full_graph: Path, threads: int | None, spinning: bool = True) -> Runtime:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(
+        str(full_graph), session_options(threads, 1, spinning), providers=["CPUExecutionProvider"]
+    )
+
+    def full(batch: Batch) -> np.ndarray:
+        ids, mask, types = batch
+        return sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
+
+    return Runtime(name, OrtSegments(segments_dir, intra_op_threads=threads, spinning=spinning), full)
+
+
+# ------------------------------------------------------------------------------------------ paths
+def full_path(rt: Runtime) -> Path_:
+    def many(batches: Sequence[Batch], bs: int) -> np.ndarray:
+        return np.concatenate([rt.full(b) for b in batches])
+
+    return Path_(f"full / {rt.name}", rt.name, "full", rt.full, many)
+
+
+def engine_path(rt: Runtime, policy: ExitPolicy, target: str) -> Path_:
+    engine = EarlyExitEngine(rt.segments, policy)
+
+    def one(batch: Batch) -> np.ndarray:
+        return engine.run(*batch).logits
+
+    def many(batches: Sequence[Batch], bs: int):
+        return engine.run_stream(batches, bs)
+
+    return Path_(f"engine {target} / {rt.name}", rt.name, "engine", one, many, target, policy)
+
+
+class TimedSegments:
+    """``OrtSegments`` that add up the seconds spent inside the graph calls (the rest of an engine's
+    time is host work: decisions, compaction, bookkeeping)."""
+
+    def __init__(self, segments: OrtSegments) -> None:
+        self.inner = segments
+        self.num_layers, self.num_labels, self.regression = (
+            segments.num_layers,
+            segments.num_labels,
+            segments.regression,
+        )
+        self.graph_seconds = 0.0
+        self.calls = 0
+
+    def start(self, *a):
+        return self.inner.start(*a)
+
+    def layer(self, index, state):
+        t0 = time.perf_counter()
+        out = self.inner.layer(index, state)
+        self.graph_seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+    def select(self, *a):
+        return self.inner.select(*a)
+
+    def merge(self, *a):
+        return self.inner.merge(*a)

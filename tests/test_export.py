@@ -1,0 +1,326 @@
+"""ONNX export and the torch-free runtime on tiny random models: round trips, parity with the PyTorch
+engine for every criterion, int8, the CLI, and every bad-input error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, RobertaConfig
+
+from romebert.api import EarlyExitClassifier
+from romebert.artefacts import MANIFEST_FILE, EarlyExitConfig, ExportManifest
+from romebert.cli import main
+from romebert.data import Collator, EncodedDataset, Example, FastTokenizer, encode
+from romebert.engine import EarlyExitEngine, all_exit_logits
+from romebert.errors import RomebertError
+from romebert.export import export_model
+from romebert.modeling import MultiExitConfig, MultiExitModel
+from romebert.onnx_runtime import OrtSegments
+from romebert.policies import CRITERIA, entropy, get_policy, maxprob
+
+from conftest import sharpen_exits
+from glue_fixtures import sentence
+from tiny import VOCAB, make_tiny_tokenizer
+
+LAYERS = 3
+
+
+def _backbone_config(family: str):
+    common = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
+                  intermediate_size=37, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    if family == "roberta":
+        return RobertaConfig(**common, max_position_embeddings=70, pad_token_id=0, type_vocab_size=1)
+    return BertConfig(**common, max_position_embeddings=64)
+
+
+def _model(family: str = "bert", pooling: str = "mean", seed: int = 0) -> MultiExitModel:
+    torch.manual_seed(seed)
+    cfg = MultiExitConfig(num_labels=3, pooling=pooling, exit_dropout=0.0, task=None, labels=["a", "b", "c"])
+    return sharpen_exits(MultiExitModel.from_config(_backbone_config(family), cfg).eval())
+
+
+def _dataset(n: int = 40, seed: int = 0) -> EncodedDataset:
+    rng = np.random.default_rng(seed)
+    feats = []
+    for _ in range(n):
+        length = int(rng.integers(2, 30))
+        ids = [2, *rng.integers(5, len(VOCAB), size=length - 2).tolist(), 3]
+        feats.append({"input_ids": ids, "attention_mask": [1] * length, "token_type_ids": [0] * length})
+    return EncodedDataset(feats)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    make_tiny_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer_dir):
+    """(model, export folder) for BERT and RoBERTa, mean and cls pooling, fp32."""
+    out = {}
+    for family, pooling in (("bert", "mean"), ("bert", "cls"), ("roberta", "mean")):
+        model = _model(family, pooling)
+        folder = tmp_path_factory.mktemp(f"export-{family}-{pooling}") / "export"
+        export_model(model, tokenizer_dir, folder, max_seq_length=40)
+        out[family, pooling] = (model, folder)
+    return out
+
+
+COLLATE = Collator(pad_token_id=0, return_tensors="np")
+
+
+def _batches(dataset: EncodedDataset, batch_size: int):
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        b = COLLATE([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        out.append((b["input_ids"], b["attention_mask"], b["token_type_ids"]))
+    return out
+
+
+def _threshold(scores: np.ndarray, q: float, avoid: np.ndarray) -> float:
+    """A threshold near quantile q of ``scores`` with no score of ``avoid`` within 1e-3 (no near-ties:
+    ONNX Runtime and torch logits differ in the last float digits)."""
+    s = np.sort(scores.ravel())
+    for offset in range(len(s)):
+        for i in (int(q * len(s)) + offset, int(q * len(s)) - offset):
+            if 0 <= i < len(s) - 1 and s[i + 1] - s[i] > 2e-3:
+                t = float((s[i] + s[i + 1]) / 2)
+                if np.abs(avoid - t).min() > 1e-3:
+                    return t
+    raise AssertionError("no robust threshold")
+
+
+@pytest.mark.parametrize("key", [("bert", "mean"), ("bert", "cls"), ("roberta", "mean")], ids=lambda k: "-".join(k))
+def test_export_round_trips_every_exit(exported, key):
+    model, folder = exported[key]
+    manifest = ExportManifest.load(folder)
+    assert manifest.num_layers == LAYERS and manifest.precision == "fp32" and manifest.pooling == key[1]
+    assert [g.file for g in manifest.graphs] == [f"segment_{i:02d}.onnx" for i in range(1, LAYERS + 1)]
+    assert all("Attention" in f for f in manifest.fusions)  # every layer keeps its fused attention
+    assert "EmbedLayerNormalization" in manifest.fusions[0] or key[0] == "roberta"
+    data = _dataset()
+    got = all_exit_logits(OrtSegments(folder), _batches(data, 8))
+    with torch.no_grad():
+        ref = np.concatenate([model(*(torch.from_numpy(a) for a in b)).numpy() for b in _batches(data, 8)], axis=1)
+    assert got.shape == ref.shape == (LAYERS, len(data), 3)
+    assert np.abs(got - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 32])
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_ort_engine_equals_the_pytorch_engine(exported, criterion, batch_size):
+    model, folder = exported["bert", "mean"]
+    data = _dataset(n=20 if batch_size == 1 else 40, seed=1)
+    batches = _batches(data, batch_size)
+    torch_logits = all_exit_logits(model, batches)
+    ort_logits = all_exit_logits(OrtSegments(folder), batches)
+    early = np.concatenate([torch_logits[:-1], ort_logits[:-1]])
+    threshold = {
+        "entropy": _threshold(entropy(torch_logits[:-1]), 0.4, entropy(early)),
+        "maxprob": _threshold(maxprob(torch_logits[:-1]), 0.6, maxprob(early)),
+        "patience": 2,
+        "patience-confidence": _threshold(entropy(torch_logits[:-1]), 0.3, entropy(early)),
+    }[criterion]
+    policy = get_policy(criterion, threshold, patience=2)
+    a = EarlyExitEngine(model, policy).run_stream(batches, batch_size)
+    b = EarlyExitEngine(OrtSegments(folder), policy).run_stream(batches, batch_size)
+    assert np.array_equal(a.exit_layer, b.exit_layer)
+    assert np.array_equal(a.logits.argmax(-1), b.logits.argmax(-1))
+    assert np.abs(a.logits - b.logits).max() < 1e-4
+    if criterion != "patience-confidence":  # (this random model's exit 2 is never confident enough)
+        assert len(np.unique(a.exit_layer)) >= 2  # a real mix of exits
+
+
+def test_int8_export_loads_runs_and_mostly_agrees_with_fp32(tmp_path, exported, tokenizer_dir):
+    model, fp32 = exported["bert", "mean"]
+    int8 = tmp_path / "int8"
+    manifest = export_model(model, tokenizer_dir, int8, precision="int8", max_seq_length=40)
+    assert manifest.precision == "int8"
+    assert sum(f.stat().st_size for f in int8.glob("*.onnx")) < 0.6 * sum(f.stat().st_size for f in fp32.glob("*.onnx"))
+    data = _dataset(n=60, seed=2)
+    a = all_exit_logits(OrtSegments(fp32), _batches(data, 16))
+    b = all_exit_logits(OrtSegments(int8), _batches(data, 16))
+    # the stated bound: int8 keeps the fp32 prediction of at least 90 % of rows at every exit
+    assert ((a.argmax(-1) == b.argmax(-1)).mean(axis=1) >= 0.9).all()
+
+
+def test_fast_tokenizer_gives_the_transformers_ids(tokenizer_dir):
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    fast = FastTokenizer(tokenizer_dir / "tokenizer.json", hf.pad_token_id)
+    singles = [Example(str(i), sentence(i, 3 + i), None, None) for i in range(12)]
+    pairs = [Example(str(i), sentence(i, 2 + 3 * i), sentence(i + 5, 9 - (i % 7)), None) for i in range(12)]
+    for examples in (singles, pairs):
+        for max_len in (8, 64):
+            a = encode(examples, hf, None, max_len).features
+            b = encode(examples, fast, None, max_len).features
+            assert a == b
+
+
+def test_classifier_from_an_export_predicts_like_the_model(exported, tokenizer_dir, tmp_path):
+    model, folder = exported["bert", "mean"]
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch_clf = EarlyExitClassifier(model, hf, ["a", "b", "c"], max_seq_length=40)
+    texts = [sentence(i, 2 + (i * 5) % 11) for i in range(20)] + [(sentence(1), sentence(2))][:0]
+    ort_clf = EarlyExitClassifier.from_pretrained(folder, intra_op_threads=1)
+    cached = torch_clf.predict_with_exits(texts, threshold=0.0).logits  # every row at the last exit
+    assert np.abs(ort_clf.predict_with_exits(texts, threshold=0.0).logits - cached).max() < 1e-4
+    assert ort_clf.predict(texts[0]) in ("a", "b", "c")
+    assert ort_clf.predict_proba(texts[:3]).shape == (3, 3)
+    with pytest.raises(RomebertError, match="already a deployable folder"):
+        ort_clf.save_pretrained(tmp_path / "x")
+
+
+def test_an_input_longer_than_the_exported_maximum_is_refused(exported):
+    _, folder = exported["bert", "mean"]
+    engine = EarlyExitEngine(OrtSegments(folder), get_policy("entropy", 0.1))
+    ids = np.full((1, 41), 7, dtype=np.int64)
+    with pytest.raises(RomebertError, match="an input of 41 tokens is longer than the exported maximum of 40"):
+        engine.run(ids)
+
+
+def _copy(folder, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_missing_corrupt_or_mismatched_files_are_named(exported, tmp_path):
+    _, folder = exported["bert", "mean"]
+    broken = _copy(folder, tmp_path)
+    (broken / "segment_02.onnx").unlink()
+    with pytest.raises(RomebertError, match=r"segment_02.onnx: missing"):
+        OrtSegments(broken)
+    shutil.rmtree(broken)
+    broken = _copy(folder, tmp_path)
+    data = (broken / "segment_03.onnx").read_bytes()
+    (broken / "segment_03.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RomebertError, match=r"segment_03.onnx: checksum mismatch"):
+        OrtSegments(broken)
+    # a file that matches its checksum but is not what the manifest promises
+    manifest = json.loads((broken / MANIFEST_FILE).read_text())
+    shutil.copy(folder / "segment_03.onnx", broken / "segment_03.onnx")
+    manifest["graphs"][1]["inputs"] = ["input_ids", "attention_mask", "token_type_ids"]
+    (broken / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(RomebertError, match=r"segment_02.onnx: inputs \['state', 'attention_mask', 'pool_weights'\]"):
+        OrtSegments(broken)
+    manifest["graphs"] = manifest["graphs"][:2]
+    (broken / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(RomebertError, match="2 graphs for 3 layers"):
+        OrtSegments(broken)
+    (broken / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(RomebertError, match="manifest.json: not valid JSON"):
+        OrtSegments(broken)
+    (broken / MANIFEST_FILE).unlink()
+    with pytest.raises(RomebertError, match="is .* an export made by 'romebert export'"):
+        OrtSegments(broken)
+
+
+def test_a_manifest_from_a_newer_format_version_is_refused(exported, tmp_path):
+    _, folder = exported["bert", "cls"]
+    newer = _copy(folder, tmp_path)
+    manifest = json.loads((newer / MANIFEST_FILE).read_text())
+    manifest["format_version"] = 99
+    (newer / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(RomebertError, match="format_version 99 is newer"):
+        EarlyExitClassifier.from_pretrained(newer)
+
+
+def test_an_interrupted_export_leaves_nothing_that_loads(tmp_path, tokenizer_dir, monkeypatch, exported):
+    from romebert import export
+
+    model, folder = exported["bert", "mean"]
+    calls = []
+
+    def failing(path, m):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a Ctrl-C in the middle of the graphs
+        return {}
+
+    monkeypatch.setattr(export, "optimize_graph", failing)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(model, tokenizer_dir, tmp_path / "out", max_seq_length=40)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+    # over an older export, the old one stays complete
+    old = _copy(folder, tmp_path)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        export_model(model, tokenizer_dir, old, max_seq_length=40)
+    assert ExportManifest.load(old).num_layers == LAYERS
+
+
+def test_early_exit_config_is_checked():
+    with pytest.raises(RomebertError, match="criterion must be one of"):
+        EarlyExitConfig(criterion="margin")
+    with pytest.raises(RomebertError, match="temperatures must be positive"):
+        EarlyExitConfig(temperatures=[1.0, 0.0])
+    with pytest.raises(RomebertError, match="k must be >= 1"):
+        EarlyExitConfig(criterion="patience", threshold=0)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_sst2_run):
+    return tiny_sst2_run
+
+
+def test_cli_export_then_predict_with_the_export(trained_run, tmp_path, capsys):
+    out = tmp_path / "exp"
+    assert main(["export", str(trained_run), "-o", str(out), "--target-speedup", "1.0"]) == 0
+    manifest = ExportManifest.load(out)
+    chosen = manifest.early_exit.chosen
+    assert chosen["split"] == "dev" and chosen["target_speedup"] == 1.0 and chosen["speedup"] >= 1.0
+    assert manifest.source["run"] == "run" and manifest.source["method"] == "romebert-sd"
+    assert "/" not in json.dumps(manifest.source)  # no machine paths
+    preds = tmp_path / "preds"
+    assert main(["predict", str(out), "--predictions-dir", str(preds), "--intra-op-threads", "1"]) == 0
+    assert f"threshold {manifest.early_exit.threshold}" in capsys.readouterr().out
+    from_export = (preds / "SST-2.tsv").read_text()
+    assert main(["predict", str(trained_run), "--threshold", repr(manifest.early_exit.threshold)]) == 0
+    assert (trained_run / "predictions" / "SST-2.tsv").read_text() == from_export
+    layers = np.load(preds / "SST-2.exit_layers.npy")
+    assert np.array_equal(layers, np.load(trained_run / "predictions" / "SST-2.exit_layers.npy"))
+
+
+def test_cli_export_errors(trained_run, tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nothing"), "-o", str(tmp_path / "e")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "run.json").write_text("{}")
+    assert main(["export", str(half), "-o", str(tmp_path / "e")]) == 2
+    assert "not a finished run" in capsys.readouterr().err
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    assert main(["export", str(trained_run), "-o", str(taken), "--threshold", "0.1"]) == 2
+    assert "exists and is not an export folder" in capsys.readouterr().err
+    assert main(["export", str(trained_run), "-o", str(tmp_path / "e"), "--threshold", "0.1",
+                 "--target-speedup", "2"]) == 2  # fmt: skip
+    assert "not both" in capsys.readouterr().err
+
+
+def test_an_export_is_served_without_torch_transformers_or_scipy(trained_run, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "exp"
+    assert main(["export", str(trained_run), "-o", str(out), "--threshold", "0.3"]) == 0
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'transformers', 'scipy', 'safetensors'): sys.modules[name] = None  # import fails\n"
+        "from romebert.cli import main\n"
+        f"rc = main(['predict', {str(out)!r}, '--predictions-dir', {str(tmp_path / 'p')!r}])\n"
+        "from romebert import EarlyExitClassifier\n"
+        f"clf = EarlyExitClassifier.from_pretrained({str(out)!r})\n"
+        "print(rc, clf.predict('the cat sat on the mat .'))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] in ("0 0", "0 1")
+    assert len((tmp_path / "p" / "SST-2.tsv").read_text().splitlines()) == 1 + 16
