@@ -87,8 +87,10 @@ def test_every_criterion_through_predict(clf, criterion):
 
 
 def test_predict_input_errors(clf):
-    with pytest.raises(RomebertError, match="mix"):
-        clf.predict(["a movie", ("a", "b")])
+    mixed = clf.predict_with_exits(["a movie", ("a", "b"), "b"])  # singles and pairs in one call
+    alone = [clf.predict_with_exits([x]) for x in ["a movie", ("a", "b"), "b"]]
+    assert mixed.labels == [a.labels[0] for a in alone]
+    assert mixed.exit_layers.tolist() == [int(a.exit_layers[0]) for a in alone]
     with pytest.raises(RomebertError, match="input 1"):
         clf.predict(["a movie", 3])
     with pytest.raises(RomebertError, match="batch_size"):

@@ -292,8 +292,10 @@ def test_encode_single_and_pair(tokenizer, tmp_path: Path) -> None:
     assert all(1 in f["token_type_ids"] for f in pairs.features)  # both segments survive truncation
     test = encode(read_split(rte, tmp_path, "test"), tokenizer, rte.labels)
     assert not test.has_labels and "labels" not in test[0]
-    with pytest.raises(RomebertError, match="mix of single-sentence and sentence-pair"):
-        encode([Example("a", "x", None, None), Example("b", "x", "y", None)], tokenizer, None)
+    mixed = [Example("a", "x", None, None), Example("b", "x", "y", None), Example("c", "y", None, None)]
+    got = encode(mixed, tokenizer, None).features  # singles and pairs together, each encoded as alone
+    alone = [encode([ex], tokenizer, None).features[0] for ex in mixed]
+    assert got == alone and got[0] != got[1]
 
 
 def test_encode_regression(tokenizer, tmp_path: Path) -> None:

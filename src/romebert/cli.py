@@ -167,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p, for_training=False)
     _add_common(p)
 
+    p = sub.add_parser("serve", help="HTTP service with continuous early-exit batching (an export, or a run)")
+    p.add_argument("source", help="ONNX export (ONNX Runtime, no torch), classifier folder or run folder (PyTorch)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="worker processes (each loads the model)")
+    from romebert.service import ServeConfig
+
+    options.add_arguments(p.add_argument_group("service"), ServeConfig)
+
     p = sub.add_parser("export", help="ONNX export: one graph per layer with its exit, for the torch-free runtime")
     p.add_argument("run", help="a finished run folder")
     p.add_argument("--output", "-o", required=True, help="export folder (written atomically)")
@@ -348,6 +357,14 @@ def _cmd_predict(ns) -> list:
     return written
 
 
+def _cmd_serve(ns) -> None:
+    from romebert.service import ServeConfig, serve
+
+    cfg = ServeConfig(ns.source, **options.values(ns, ServeConfig))
+    print(f"serving {ns.source} on http://{ns.host}:{ns.port} ({ns.workers} worker(s)); Ctrl-C stops", flush=True)
+    serve(cfg, ns.host, ns.port, ns.workers)
+
+
 def _cmd_export(ns) -> None:
     from romebert.export import export_run
 
@@ -422,6 +439,7 @@ _EXTRAS.update(onnx="export", onnxruntime="runtime", starlette="serve", uvicorn=
 
 COMMANDS = {
     "export": _cmd_export,
+    "serve": _cmd_serve,
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
     "sweep": _cmd_sweep,

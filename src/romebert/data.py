@@ -449,28 +449,26 @@ def encode(
     labels: tuple[str, ...] | None,
     max_seq_length: int = 128,
 ) -> EncodedDataset:
-    """Tokenize ``examples`` (pairs truncated "longest_first" to ``max_seq_length``), without padding."""
-    pairs = [ex.text_b is not None for ex in examples]
-    if any(pairs) and not all(pairs):
-        raise RomebertError("cannot encode a mix of single-sentence and sentence-pair examples")
+    """Tokenize ``examples`` (pairs truncated "longest_first" to ``max_seq_length``), without padding.
+    Single texts and pairs may be mixed (a service request can hold both); order is kept."""
     ids = label_ids(examples, labels)
-    features: list[dict[str, Any]] = []
-    for start in range(0, len(examples), _ENCODE_CHUNK):
-        chunk = examples[start : start + _ENCODE_CHUNK]
-        batch = tokenizer(
-            [ex.text_a for ex in chunk],
-            [ex.text_b for ex in chunk] if pairs and pairs[0] else None,
-            truncation="longest_first",
-            max_length=max_seq_length,
-            padding=False,
-        )
-        keys = [key for key in _MODEL_INPUTS if key in batch]
-        for i in range(len(chunk)):
-            feature = {key: batch[key][i] for key in keys}
-            label = ids[start + i]
-            if label is not None:
-                feature["labels"] = label
-            features.append(feature)
+    features: list[dict[str, Any]] = [{} for _ in examples]
+    for pair in (False, True):
+        todo = [i for i, ex in enumerate(examples) if (ex.text_b is not None) == pair]
+        for start in range(0, len(todo), _ENCODE_CHUNK):
+            chunk = todo[start : start + _ENCODE_CHUNK]
+            batch = tokenizer(
+                [examples[i].text_a for i in chunk],
+                [examples[i].text_b for i in chunk] if pair else None,
+                truncation="longest_first",
+                max_length=max_seq_length,
+                padding=False,
+            )
+            keys = [key for key in _MODEL_INPUTS if key in batch]
+            for j, i in enumerate(chunk):
+                features[i] = {key: batch[key][j] for key in keys}
+                if ids[i] is not None:
+                    features[i]["labels"] = ids[i]
     return EncodedDataset(features)
 
 

@@ -76,7 +76,7 @@ class EngineOutput:
 
 
 @dataclass
-class _Group:
+class Group:
     """Rows waiting for (or running) the same layer."""
 
     state: Any  # the segments' state: input of the next layer
@@ -90,7 +90,7 @@ class _Group:
         return self.rows.shape[0]
 
 
-_Done = tuple[np.ndarray, np.ndarray, int]  # rows that left together: (output rows, logits [k, C], exit layer)
+Done = tuple[np.ndarray, np.ndarray, int]  # rows that left together: (output rows, logits [k, C], exit layer)
 
 
 class EarlyExitEngine:
@@ -122,11 +122,11 @@ class EarlyExitEngine:
         n = ids.shape[0]
         if n == 0:
             return self._assemble(0, [], [])
-        group = self._start(ids, mask, types, offset=0)
+        group = self.start_group(ids, mask, types, offset=0)
         shapes: list[tuple[int, int]] = []
-        done: list[_Done] = []
+        done: list[Done] = []
         for i in range(self.num_layers):
-            group = self._layer(i, group, done, shapes)
+            group = self.run_layer(i, group, done, shapes)
             if group is None:
                 break
         return self._assemble(n, done, shapes)
@@ -148,9 +148,9 @@ class EarlyExitEngine:
         bs = batch_size or max(sizes[0], 1)
         if bs < 1:
             raise RomebertError(f"batch_size must be >= 1, got {bs}")
-        queues = LayerQueues(self.num_layers, bs, self._merge, self._select)
+        queues = LayerQueues(self.num_layers, bs, self.merge_groups, self.select_rows)
         shapes: list[tuple[int, int]] = []
-        done: list[_Done] = []
+        done: list[Done] = []
         offset, next_batch = 0, 0
         while True:
             layer = queues.next_layer(inputs_left=next_batch < len(host))
@@ -158,11 +158,11 @@ class EarlyExitEngine:
                 if next_batch == len(host):
                     break
                 if sizes[next_batch]:
-                    queues.put(0, self._start(*host[next_batch], offset=offset))
+                    queues.put(0, self.start_group(*host[next_batch], offset=offset))
                 offset += sizes[next_batch]
                 next_batch += 1
                 continue
-            survivors = self._layer(layer, queues.take(layer), done, shapes)
+            survivors = self.run_layer(layer, queues.take(layer), done, shapes)
             if survivors is not None:
                 queues.put(layer + 1, survivors)
         return self._assemble(n, done, shapes)
@@ -181,9 +181,13 @@ class EarlyExitEngine:
         logits[order], exit_layer[order] = out.logits, out.exit_layer
         return EngineOutput(logits, exit_layer, out.layer_work, out.shapes)
 
-    # ------------------------------------------------------------------------------------- internals
-    def _start(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, offset: int) -> _Group:
-        """A group of fresh rows, trailing all-padding columns cut off."""
+    # --------------------------------------------------------------------------------- the loop's steps
+    # (public for schedulers other than run_stream's: the service's continuous batching)
+    def start_group(
+        self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None, offset: int, row_thresholds=None
+    ) -> Group:
+        """Fresh rows numbered ``offset``.. (trailing all-padding columns cut off), ready for layer 0;
+        ``row_thresholds``: one threshold per row instead of the policy's (``ExitPolicy.init_state``)."""
         n, width = ids.shape
         real = mask != 0
         extent, count = _extent(real), real.sum(1)
@@ -194,10 +198,10 @@ class EarlyExitEngine:
         padded = bool((count < cols).any())
         state = self.segments.start(ids, mask, types, padded)
         rows = np.arange(offset, offset + n, dtype=np.int64)
-        return _Group(state, rows, extent, count, self.policy.init_state(n, self.num_layers, self.segments.regression),
-                      cols)  # fmt: skip
+        policy = self.policy.init_state(n, self.num_layers, self.segments.regression, row_thresholds)
+        return Group(state, rows, extent, count, policy, cols)
 
-    def _layer(self, i: int, g: _Group, done: list[_Done], shapes: list[tuple[int, int]]) -> _Group | None:
+    def run_layer(self, i: int, g: Group, done: list[Done], shapes: list[tuple[int, int]]) -> Group | None:
         """Run layer ``i`` and exit ``i`` on ``g``; record the leavers in ``done``; return the rest."""
         state, logits = self.segments.layer(i, g.state)
         shapes.append((len(g), g.width))
@@ -216,17 +220,17 @@ class EarlyExitEngine:
             return None
         done.append((g.rows[leave], logits[leave], i + 1))
         keep = np.flatnonzero(~leave)
-        return self._select(_Group(state, g.rows, g.extent, g.count, policy, g.width), keep)
+        return self.select_rows(Group(state, g.rows, g.extent, g.count, policy, g.width), keep)
 
-    def _select(self, g: _Group, index: np.ndarray) -> _Group:
+    def select_rows(self, g: Group, index: np.ndarray) -> Group:
         """Rows ``index`` (int64) of ``g``, trailing all-padding columns cut off."""
         extent, count = g.extent[index], g.count[index]
         cols = int(extent.max())
         padded = bool((count < cols).any())
         state = self.segments.select(g.state, index, cols, padded)
-        return _Group(state, g.rows[index], extent, count, g.policy.select(index), cols)
+        return Group(state, g.rows[index], extent, count, g.policy.select(index), cols)
 
-    def _merge(self, parts: list[_Group]) -> _Group:
+    def merge_groups(self, parts: list[Group]) -> Group:
         """Groups of one layer as one (columns: the widest row's extent)."""
         extent = np.concatenate([p.extent for p in parts])
         count = np.concatenate([p.count for p in parts])
@@ -234,9 +238,9 @@ class EarlyExitEngine:
         padded = bool((count < cols).any())
         state = self.segments.merge([p.state for p in parts], cols, padded)
         rows = np.concatenate([p.rows for p in parts])
-        return _Group(state, rows, extent, count, PolicyState.cat([p.policy for p in parts]), cols)
+        return Group(state, rows, extent, count, PolicyState.cat([p.policy for p in parts]), cols)
 
-    def _assemble(self, n: int, done: list[_Done], shapes: list[tuple[int, int]]) -> EngineOutput:
+    def _assemble(self, n: int, done: list[Done], shapes: list[tuple[int, int]]) -> EngineOutput:
         """Every row's logits and exit layer, in input order."""
         work = sum(b for b, _ in shapes)
         out = np.empty((n, self.segments.num_labels), dtype=np.float32)
@@ -257,12 +261,12 @@ class LayerQueues:
     """
 
     def __init__(self, num_layers: int, batch_size: int, merge: Any, select: Any) -> None:
-        self.queues: list[deque[_Group]] = [deque() for _ in range(num_layers)]
+        self.queues: list[deque[Group]] = [deque() for _ in range(num_layers)]
         self.waiting = [0] * num_layers
         self.batch_size = batch_size
-        self._merge, self._select = merge, select  # the engine's: (groups) -> group, (group, rows) -> group
+        self.merge_groups, self.select_rows = merge, select  # the engine's: (groups) -> group, (group, rows) -> group
 
-    def put(self, layer: int, group: _Group) -> None:
+    def put(self, layer: int, group: Group) -> None:
         self.queues[layer].append(group)
         self.waiting[layer] += len(group)
 
@@ -275,7 +279,7 @@ class LayerQueues:
             return None
         return next((i for i, w in enumerate(self.waiting) if w), None)
 
-    def take(self, layer: int) -> _Group:
+    def take(self, layer: int) -> Group:
         """Pop up to ``batch_size`` rows of ``layer``'s queue as one group: the shortest ones."""
         queue, k = self.queues[layer], self.batch_size
         if len(queue) == 1 and len(queue[0]) <= k:
@@ -283,11 +287,11 @@ class LayerQueues:
         else:
             parts = list(queue)
             queue.clear()
-            merged = parts[0] if len(parts) == 1 else self._merge(parts)
+            merged = parts[0] if len(parts) == 1 else self.merge_groups(parts)
             order = np.argsort(merged.extent, kind="stable")
             if order.size > k:
-                queue.append(self._select(merged, order[k:]))
-            group = self._select(merged, order[:k])
+                queue.append(self.select_rows(merged, order[k:]))
+            group = self.select_rows(merged, order[:k])
         self.waiting[layer] -= len(group)
         return group
 

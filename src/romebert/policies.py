@@ -115,7 +115,12 @@ class PolicyState:
     num_layers: int
     regression: bool
     thresholds: list[float]  # one per layer, Python floats
-    rows: dict[str, np.ndarray] = field(default_factory=dict)
+    rows: dict[str, np.ndarray] = field(default_factory=dict)  # rows["threshold"] [b, L]: per-row thresholds
+
+    def threshold(self, layer: int) -> float | np.ndarray:
+        """Layer ``layer``'s threshold: one number, or one per row when rows carry their own."""
+        per_row = self.rows.get("threshold")
+        return self.thresholds[layer] if per_row is None else per_row[:, layer]
 
     def select(self, keep: np.ndarray) -> PolicyState:
         """The state of rows ``keep`` (int64 indices), in that order."""
@@ -182,13 +187,21 @@ class ExitPolicy:
         extra = ", ".join(f"{k}={v!r}" for k, v in self.params().items() if k != "criterion")
         return f"{type(self).__name__}({extra})"
 
-    def init_state(self, n: int, num_layers: int, regression: bool = False) -> PolicyState:
-        """Fresh state for ``n`` samples of a model with ``num_layers`` exits."""
+    def init_state(
+        self, n: int, num_layers: int, regression: bool = False, row_thresholds: Sequence[Threshold] | None = None
+    ) -> PolicyState:
+        """Fresh state for ``n`` samples of a model with ``num_layers`` exits; ``row_thresholds`` (one
+        threshold per sample, each a number or one per exit) replace the policy's own for those rows."""
         if regression and not self.supports_regression:
             raise RomebertError(f"criterion {self.name!r} needs class probabilities; it does not apply to regression")
         if num_layers not in self._thr_cache:  # an engine starts a state per batch: no numpy work each time
             self._thr_cache[num_layers] = [float(t) for t in threshold_vector(self.threshold, num_layers)]
-        return PolicyState(num_layers, regression, self._thr_cache[num_layers])
+        state = PolicyState(num_layers, regression, self._thr_cache[num_layers])
+        if row_thresholds is not None:
+            if len(row_thresholds) != n:
+                raise RomebertError(f"row_thresholds: one per row ({n}), got {len(row_thresholds)}")
+            state.rows["threshold"] = np.stack([threshold_vector(t, num_layers) for t in row_thresholds])
+        return state
 
     def step(self, layer: int, logits: np.ndarray, state: PolicyState) -> tuple[np.ndarray, PolicyState]:
         """Exit decisions at ``layer`` (0-based) for logits [b, C] -> (exit mask [b] bool, new state)."""
@@ -228,7 +241,7 @@ class EntropyPolicy(ExitPolicy):
     name = "entropy"
 
     def _step(self, layer: int, logits: np.ndarray, state: PolicyState) -> np.ndarray:
-        t = state.thresholds[layer]
+        t = state.threshold(layer)
         if not state.regression:
             return entropy(logits) < t
         x = np.asarray(logits, dtype=np.float64)
@@ -246,7 +259,7 @@ class MaxProbPolicy(ExitPolicy):
     supports_regression = False
 
     def _step(self, layer: int, logits: np.ndarray, state: PolicyState) -> np.ndarray:
-        return maxprob(logits) >= state.thresholds[layer]
+        return maxprob(logits) >= state.threshold(layer)
 
 
 class PatiencePolicy(ExitPolicy):
@@ -272,7 +285,7 @@ class PatiencePolicy(ExitPolicy):
         else:
             count = _agreement_run(np.argmax(logits, axis=-1), rows)
         rows["count"] = count
-        return count >= state.thresholds[layer]
+        return count >= state.threshold(layer)
 
 
 class PatienceConfidencePolicy(ExitPolicy):
@@ -294,7 +307,7 @@ class PatienceConfidencePolicy(ExitPolicy):
 
     def _step(self, layer: int, logits: np.ndarray, state: PolicyState) -> np.ndarray:
         rows = state.rows
-        t = state.thresholds[layer]
+        t = state.threshold(layer)
         if state.regression:
             count = _small_change_streak(logits, rows, t)
         else:

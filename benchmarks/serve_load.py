@@ -1,0 +1,203 @@
+"""Loopback load test of `romebert serve`: early exit against the same service at full depth.
+
+Open-loop arrivals (a request every 1/rate seconds, whatever the answers do) for a fixed duration at
+several offered loads, one SST-2 dev sentence per request (in file order, cycling). For each load and
+each service: throughput (answered requests per second), p50 / p95 / p99 latency, errors; and for each
+service the highest throughput that keeps p95 under 50 ms. Both services run the same ONNX Runtime int8
+export with the same workers and threads, one after the other, on 127.0.0.1 only; the client is a short
+asyncio loop on httpx, bounded in requests and time.
+
+    python benchmarks/serve_load.py --export runs/bench-work/quickstart-sst2/segments-int8-serve \\
+        --rates 20,40,80,120,160,240,320 --duration 20
+
+Writes results/serve_load.{md,json}. The client shares this machine's cores with the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+P95_BUDGET = 0.050
+TARGETS = {"p95_ratio": 0.6, "throughput_ratio": 1.8}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(export: str, port: int, workers: int, threads: int, full_depth: bool, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "romebert", "serve", export, "--port", str(port), "--workers", str(workers),
+           "--intra-op-threads", str(threads), *extra] + (["--full-depth"] if full_depth else [])  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"the service exited: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("the service did not become ready in 120 s")
+
+
+async def open_loop(url: str, texts: list[str], rate: float, duration: float, timeout: float) -> dict:
+    """Send ``rate`` requests per second for ``duration`` seconds; every request is awaited (bounded by
+    ``timeout``). Returns latencies of the answered ones, errors and the wall time."""
+    n = max(1, int(rate * duration))
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+
+        async def one(i: int, at: float) -> None:
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            t0 = time.perf_counter()
+            try:
+                r = await client.post("/predict", json={"text": texts[i % len(texts)]})
+                key = str(r.status_code)
+            except httpx.HTTPError as exc:
+                key = type(exc).__name__
+            if key == "200":
+                latencies.append(time.perf_counter() - t0)
+            statuses[key] = statuses.get(key, 0) + 1
+
+        start_at = time.perf_counter() + 0.2
+        t0 = time.perf_counter()
+        await asyncio.gather(*[one(i, start_at + i / rate) for i in range(n)])
+        wall = time.perf_counter() - t0 - 0.2
+    lat = np.asarray(latencies)
+    pct = {f"p{q}": float(np.percentile(lat, q)) if lat.size else None for q in (50, 95, 99)}
+    return {"offered": rate, "sent": n, "answered": int(lat.size), "throughput": lat.size / wall, "wall_s": wall,
+            "statuses": statuses, **pct}  # fmt: skip
+
+
+def measure(export: str, texts: list[str], rates: list[float], args, full_depth: bool) -> list[dict]:
+    port = free_port()
+    proc = start(export, port, args.workers, args.threads, full_depth, shlex.split(args.serve_args))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(open_loop(url, texts, rates[0], 2.0, args.timeout))  # warm-up
+        rows = []
+        for rate in rates:
+            row = asyncio.run(open_loop(url, texts, rate, args.duration, args.timeout))
+            rows.append(row)
+            print(f"{'full depth' if full_depth else 'early exit'} @ {rate:g}/s: {row['throughput']:.1f}/s, "
+                  f"p50 {_ms(row['p50'])} p95 {_ms(row['p95'])} p99 {_ms(row['p99'])} ms, {row['statuses']}",
+                  flush=True)  # fmt: skip
+            if row["p95"] is not None and row["p95"] > 4 * args.timeout / 5:
+                break  # far past saturation: higher loads only queue more
+        return rows
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{1e3 * x:.1f}"
+
+
+def best_within_budget(rows: list[dict]) -> float:
+    """The highest throughput among loads whose p95 stays under 50 ms (0 if none does)."""
+    ok = [r["throughput"] for r in rows if r["p95"] is not None and r["p95"] < P95_BUDGET and not _errors(r)]
+    return max(ok, default=0.0)
+
+
+def _errors(row: dict) -> int:
+    return sum(v for k, v in row["statuses"].items() if k != "200")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--export", required=True, help="an ONNX export (int8) to serve")
+    p.add_argument("--rates", default="20,40,80,120,160,240,320", help="offered loads, requests per second")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per load")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per worker")
+    p.add_argument("--timeout", type=float, default=10.0, help="client timeout per request, seconds")
+    p.add_argument("--serve-args", default="", help="more `romebert serve` flags, e.g. '--max-batch 16'")
+    p.add_argument("--examples", type=int, default=872, help="dev sentences to cycle through")
+    p.add_argument("--out", default="results/serve_load")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "src"))
+    from romebert.artefacts import ExportManifest
+    from romebert.data import DataSpec
+    from romebert.environment import environment, now
+    from romebert.reports import write_atomic
+
+    manifest = ExportManifest.load(args.export)
+    data = DataSpec(**manifest.data)
+    texts = [e.text_a for e in data.examples(data.eval_splits()[0])][: args.examples]
+    rates = [float(r) for r in args.rates.split(",")]
+    report = {"created": now(), "command": shlex.join(["python", "benchmarks/serve_load.py", *(argv or sys.argv[1:])]),
+              "environment": environment(), "workers": args.workers, "threads": args.threads,
+              "export": {"task": manifest.task, "precision": manifest.precision, "layers": manifest.num_layers,
+                         **manifest.early_exit.policy().params(), "source": manifest.source},
+              "duration_s": args.duration}  # fmt: skip
+    report["early_exit"] = measure(args.export, texts, rates, args, full_depth=False)
+    report["full_depth"] = measure(args.export, texts, rates, args, full_depth=True)
+    ee, fd = best_within_budget(report["early_exit"]), best_within_budget(report["full_depth"])
+    report["throughput_at_p95_50ms"] = {"early_exit": ee, "full_depth": fd, "ratio": ee / fd if fd else None}
+    pairs = [(a, b) for a, b in zip(report["early_exit"], report["full_depth"])
+             if b["p95"] is not None and not _errors(b) and b["throughput"] >= 0.95 * b["offered"]]  # fmt: skip
+    report["p95_ratio_below_saturation"] = [{"offered": a["offered"], "ratio": a["p95"] / b["p95"]} for a, b in pairs]
+    out = Path(args.out)
+    write_atomic(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    write_atomic(out.with_suffix(".md"), markdown(report) + "\n")
+    print(markdown(report))
+    return report
+
+
+def markdown(r: dict) -> str:
+    env, ex = r["environment"], r["export"]
+    lines = [
+        "# Serving under load: early exit against full depth (loopback)",
+        "",
+        f"Measured {r['created']} with `{r['command']}`.",
+        "",
+        f"- Machine: {env['cpu']}, {env['cpu_count']} logical CPUs; romebert {env['romebert']}, onnxruntime "
+        f"{env['onnxruntime']}. The load generator runs on the same cores as the service.",
+        f"- Service: `romebert serve` on ONNX Runtime {ex['precision']}, {r['workers']} worker(s) x {r['threads']} "
+        f"thread(s); early exit at the export's {ex['criterion']} threshold {ex['threshold']:.4g} (chosen on "
+        f"dev), against the same service with `--full-depth` (every input to layer {ex['layers']}).",
+        f"- Traffic: open-loop, one {ex['task']} dev sentence per request, {r['duration_s']:g} s per offered load.",
+        "",
+        "| offered /s | service | throughput /s | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for a, b in zip(r["early_exit"], r["full_depth"] + [None] * len(r["early_exit"])):
+        for name, row in (("early exit", a), ("full depth", b)):
+            if row is None:
+                continue
+            lines.append(f"| {row['offered']:g} | {name} | {row['throughput']:.1f} | {_ms(row['p50'])} | "
+                         f"{_ms(row['p95'])} | {_ms(row['p99'])} | {_errors(row)} |")  # fmt: skip
+    t = r["throughput_at_p95_50ms"]
+    ratio = "n/a" if t["ratio"] is None else f"{t['ratio']:.2f}"
+    lines += ["", "## Against the targets", "",
+              f"- Highest throughput with p95 under 50 ms: early exit {t['early_exit']:.1f}/s, full depth "
+              f"{t['full_depth']:.1f}/s: ratio {ratio} (target >= {TARGETS['throughput_ratio']}).", ]  # fmt: skip
+    for x in r["p95_ratio_below_saturation"]:
+        lines.append(f"- p95 early exit / full depth at {x['offered']:g}/s (full depth below saturation): "
+                     f"{x['ratio']:.2f} (target <= {TARGETS['p95_ratio']}).")  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
