@@ -168,6 +168,41 @@ def test_custom_file_missing_column(tmp_path, capsys):
     assert "train.csv" in err and "'text'" in err and "review" in err
 
 
+RUN_CASES = {
+    # what is broken -> (set-up, expected message); each would only have failed after training before
+    "missing dev file": (lambda d: (d / "SST-2" / "dev.tsv").unlink(), r"dev\.tsv"),
+    "corrupt dev file": (
+        lambda d: _corrupt(d / "SST-2", "dev", "sentence\tlabel\nthe cat\t9\n"),
+        r"dev\.tsv:2: label '9'",
+    ),  # fmt: skip
+    "missing test file": (lambda d: (d / "SST-2" / "test.tsv").unlink(), r"test\.tsv"),
+}
+
+
+@pytest.mark.parametrize("case", list(RUN_CASES))
+def test_run_checks_every_input_before_training(tmp_path, tiny_backbone_dir, capsys, case):
+    setup, message = RUN_CASES[case]
+    write_glue_fixture(tmp_path / "glue", "SST-2", n=8)
+    setup(tmp_path / "glue")
+    out = tmp_path / "run"
+    argv = ["run", "--task", "SST-2", "--data-dir", str(tmp_path / "glue"), "--model", str(tiny_backbone_dir),
+            "-o", str(out), *TINY]  # fmt: skip
+    err = _error(capsys, argv)
+    assert re.search(message, err), err
+    assert not (out / "model").exists() and not (out / "train_log.jsonl").exists()  # no training started
+
+
+def test_custom_dev_label_outside_the_training_set_fails_before_training(tmp_path, capsys):
+    (tmp_path / "train.csv").write_text("text,label\ngood,pos\nbad,neg\n")
+    (tmp_path / "dev.csv").write_text("text,label\nfine,neutral\n")
+    out = tmp_path / "run"
+    argv = ["run", "--train-file", str(tmp_path / "train.csv"), "--dev-file", str(tmp_path / "dev.csv"),
+            "--text-column", "text", "--label-column", "label", "-o", str(out), *TINY]  # fmt: skip
+    err = _error(capsys, argv)
+    assert "dev.csv" in err and "'neutral'" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_no_pickle_loading_anywhere():
     """Weights come from safetensors and configs from JSON; torch.load only with weights_only=True."""
     from pathlib import Path

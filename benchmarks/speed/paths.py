@@ -66,18 +66,18 @@ def torch_runtime(model) -> Runtime:
     return Runtime("torch", model, full)
 
 
-def ort_runtime(name: str, segments_dir: Path, full_graph: Path, threads: int | None, spinning: bool = True) -> Runtime:
+def ort_runtime(name: str, segments_dir: Path, full_graph: Path, threads: int | None) -> Runtime:
+    """The full graph with ONNX Runtime's defaults (spinning threads: best for one graph called again
+    and again) and the export's segments as ``OrtSegments`` runs them (no spinning; see session_options)."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(
-        str(full_graph), session_options(threads, 1, spinning), providers=["CPUExecutionProvider"]
-    )
+    sess = ort.InferenceSession(str(full_graph), session_options(threads, 1, True), providers=["CPUExecutionProvider"])
 
     def full(batch: Batch) -> np.ndarray:
         ids, mask, types = batch
         return sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
 
-    return Runtime(name, OrtSegments(segments_dir, intra_op_threads=threads, spinning=spinning), full)
+    return Runtime(name, OrtSegments(segments_dir, intra_op_threads=threads), full)
 
 
 # ------------------------------------------------------------------------------------------ paths

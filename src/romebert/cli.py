@@ -305,10 +305,10 @@ def _print_eval(results: dict) -> None:
         print(f"[{split}] written to {r['dir']}/ (per_exit.json/.csv/.png, sweep.json/.csv, speedup.png, logits.npy)")
 
 
-def _cmd_train(ns) -> dict:
+def _cmd_train(ns, then_evaluate: bool = False) -> dict:
     from romebert.pipeline import train_run
 
-    summary = train_run(_data_spec(ns), _training_arguments(ns), ns.resume)
+    summary = train_run(_data_spec(ns), _training_arguments(ns), ns.resume, then_evaluate)
     if not summary["is_main_process"]:
         return summary
     print(
@@ -399,7 +399,7 @@ def _cmd_export(ns) -> None:
 
 def _cmd_run(ns) -> None:
     t0 = time.perf_counter()
-    if not _cmd_train(ns)["is_main_process"]:
+    if not _cmd_train(ns, then_evaluate=True)["is_main_process"]:
         return  # other ranks of a multi-process launch only help train; rank 0 evaluates
     from romebert.data import DataSpec
 

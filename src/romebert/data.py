@@ -375,6 +375,33 @@ class DataSpec:
             rows = random.Random(self.subset_seed).sample(rows, self.max_train_examples)
         return rows
 
+    def check_inputs(self, splits: Sequence[str], with_tests: bool = False) -> None:
+        """Read every split a job will use (and, ``with_tests``, every submission input) now, so that a
+        missing file, a missing column or a label outside the task's set fails in one line before any
+        training rather than after it."""
+        self.validate()
+        task = self.task_spec()
+        for split in splits:
+            examples = self.examples(split)
+            if not examples:
+                raise RomebertError(f"the {split} split has no examples")
+            try:
+                label_ids(examples, task.labels)
+            except RomebertError as exc:
+                raise RomebertError(f"{self.describe(split)}: {exc}") from None
+        if with_tests:
+            for test_task, split, _ in self.test_files():
+                if test_task is None or test_task.name == task.name:
+                    self.examples(split)
+                elif self.data_dir is not None:  # AX for MNLI: another task's folder
+                    read_split(test_task, self.data_dir, split)
+
+    def describe(self, split: str) -> str:
+        """Where ``split`` comes from, for messages."""
+        if self.is_custom:
+            return str({"train": self.train_file, "dev": self.dev_file, "test": self.test_file}.get(split))
+        return f"{self.task} {split} ({'the hub' if self.hub else self.data_dir})"
+
     def eval_splits(self) -> list[str]:
         if self.is_custom:
             return ["dev"] if self.dev_file else []

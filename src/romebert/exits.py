@@ -124,9 +124,10 @@ def sweep(
     num_layers, n = logits.shape[0], logits.shape[1]
     preds_all = _preds_from_logits(logits, task.is_regression)  # [L, N]
     rows: list[dict[str, Any]] = []
+    scores: dict = {}  # each exit's scores, computed once for all thresholds
     for t in thresholds:
         policy = as_policy(t, criterion, **(policy_kwargs or {}))
-        layers, _ = policy.decide(logits, regression=task.is_regression)
+        layers, _ = policy.decide(logits, regression=task.is_regression, scores=scores)
         d = _metrics(task, preds_all[layers - 1, np.arange(n)], lab, metric_fn)
         row: dict[str, Any] = {**policy.params(), **d, "metric": _main_value(task, d, metric_fn)}
         row.update(layer_stats(layers, num_layers))

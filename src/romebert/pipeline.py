@@ -37,9 +37,12 @@ RUN_FILE = "run.json"
 MODEL_DIR = "model"
 
 
-def train_run(data: DataSpec, args: TrainingArguments, resume: bool = False) -> dict:
-    """Fine-tune a multi-exit model; writes ``<output_dir>/model`` and ``run.json``. Returns a summary."""
-    data.validate()
+def train_run(data: DataSpec, args: TrainingArguments, resume: bool = False, then_evaluate: bool = False) -> dict:
+    """Fine-tune a multi-exit model; writes ``<output_dir>/model`` and ``run.json``. Returns a summary.
+
+    ``then_evaluate``: the caller evaluates and predicts afterwards, so the dev splits and test files
+    are checked now too (a missing dev file fails before training, not after it)."""
+    data.check_inputs(["train", *(data.eval_splits() if then_evaluate else [])], with_tests=then_evaluate)
     task = data.task_spec()
     args = args.resolved(task.gr_anchor)
     out = Path(args.output_dir)

@@ -36,7 +36,7 @@ logits always give equal decisions.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -116,6 +116,19 @@ class PolicyState:
     regression: bool
     thresholds: list[float]  # one per layer, Python floats
     rows: dict[str, np.ndarray] = field(default_factory=dict)  # rows["threshold"] [b, L]: per-row thresholds
+    # (score name, layer) -> [b] scores, shared by the policies of one offline sweep over the same logits
+    # (every row, every threshold), so a sweep computes each exit's entropy once, not once per threshold.
+    # Never carried through select/cat: an engine's rows change, and its scores with them.
+    scores: dict[tuple[str, int], np.ndarray] | None = None
+
+    def score(self, name: str, layer: int, fn: Callable[[], np.ndarray]) -> np.ndarray:
+        """``fn()`` (this layer's exit score), computed once per sweep when a score cache is shared."""
+        if self.scores is None:
+            return fn()
+        key = (name, layer)
+        if key not in self.scores:
+            self.scores[key] = fn()
+        return self.scores[key]
 
     def threshold(self, layer: int) -> float | np.ndarray:
         """Layer ``layer``'s threshold: one number, or one per row when rows carry their own."""
@@ -209,10 +222,13 @@ class ExitPolicy:
             return np.ones(logits.shape[0], dtype=bool), state
         return self._step(layer, logits, state), state
 
-    def decide(self, all_logits: np.ndarray, regression: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def decide(
+        self, all_logits: np.ndarray, regression: bool = False, scores: dict | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Offline: exit layer (1-based, [N] int64) and the chosen exit's logits ([N, C]) from [L, N, C].
 
-        Runs the same ``step`` calls as the engines, on every row at once.
+        Runs the same ``step`` calls as the engines, on every row at once. ``scores``: a dict shared by
+        several decisions over the same ``all_logits`` (a sweep), where exit scores are kept.
         """
         logits = np.asarray(all_logits)
         if logits.ndim != 3 or logits.shape[0] < 1 or logits.shape[2] < 1:
@@ -221,6 +237,7 @@ class ExitPolicy:
             )
         num_layers, n = logits.shape[0], logits.shape[1]
         state = self.init_state(n, num_layers, regression)
+        state.scores = scores
         first = np.full(n, num_layers - 1, dtype=np.int64)
         undecided = np.ones(n, dtype=bool)
         for i in range(num_layers - 1):
@@ -243,7 +260,7 @@ class EntropyPolicy(ExitPolicy):
     def _step(self, layer: int, logits: np.ndarray, state: PolicyState) -> np.ndarray:
         t = state.threshold(layer)
         if not state.regression:
-            return entropy(logits) < t
+            return state.score("entropy", layer, lambda: entropy(logits)) < t
         x = np.asarray(logits, dtype=np.float64)
         prev = state.rows.get("prev")
         state.rows["prev"] = x
@@ -259,7 +276,7 @@ class MaxProbPolicy(ExitPolicy):
     supports_regression = False
 
     def _step(self, layer: int, logits: np.ndarray, state: PolicyState) -> np.ndarray:
-        return maxprob(logits) >= state.threshold(layer)
+        return state.score("maxprob", layer, lambda: maxprob(logits)) >= state.threshold(layer)
 
 
 class PatiencePolicy(ExitPolicy):
