@@ -1,4 +1,5 @@
-"""``romebert compare`` on a tiny random backbone and a 12-example fixture task, and its curve arithmetic."""
+"""``romebert compare`` end to end on a tiny random backbone and a 12-example fixture task: training, reuse,
+resuming, report-only and the report it writes (the arithmetic and the sections: test_compare_curves/report)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import pytest
 
 from romebert import pipeline
 from romebert.cli import main
-from romebert.compare import mean_std, metric_at_speedup, speedup_curve
+from romebert.compare import metric_at_speedup
 from romebert.methods import METHODS
 
+from compare_fixtures import assert_no_machine_paths
 from glue_fixtures import write_glue_fixture
 
 TINY = ["--max-seq-length", "32", "--batch-size", "6", "--epochs", "1", "--quiet", "--device", "cpu"]
@@ -73,32 +75,6 @@ def _count_train_runs(monkeypatch) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-def test_metric_at_speedup_follows_a_hand_computed_curve():
-    # unsorted, a tie at 1.0 (best kept: 0.82), a missing metric dropped
-    points = [(2.5, 0.70), (1.0, 0.80), (3.0, 0.60), (1.5, 0.78), (1.0, 0.82), (1.5, None)]
-    assert speedup_curve(points) == [(1.0, 0.82), (1.5, 0.78), (2.5, 0.70), (3.0, 0.60)]
-    expected = {1.0: 0.82, 1.25: 0.80, 1.5: 0.78, 2.0: 0.74, 2.75: 0.65, 3.0: 0.60}
-    for target, value in expected.items():
-        assert metric_at_speedup(points, target) == pytest.approx(value)
-    # 1 / (1/3) in floating point is 3.0000000000000004 on some counts: still the end of the curve
-    assert metric_at_speedup([(1.0, 0.9), (3.0000000000000004, 0.5)], 3.0) == pytest.approx(0.5)
-
-
-def test_metric_at_speedup_outside_the_curve_is_none():
-    points = [(1.0, 0.8), (2.0, 0.7)]
-    assert metric_at_speedup(points, 3.0) is None
-    assert metric_at_speedup(points, 0.5) is None
-    assert metric_at_speedup([], 1.5) is None
-    assert metric_at_speedup([(1.0, 0.8)], 1.0) == pytest.approx(0.8)
-
-
-def test_mean_std_counts_missing_values():
-    ms = mean_std([0.5, None, 0.7])
-    assert ms["mean"] == pytest.approx(0.6) and ms["std"] == pytest.approx(0.1414213562)
-    assert (ms["n"], ms["of"]) == (2, 3)
-    assert mean_std([0.4])["std"] is None and mean_std([None])["mean"] is None
-
-
 def test_plain_is_one_finetuning_stage():
     (stage,) = METHODS["plain"]
     assert stage.trains == "backbone+final" and stage.final_loss and not stage.exit_loss
@@ -244,3 +220,22 @@ def test_bad_compare_arguments_give_one_line_errors(tmp_path, tiny_backbone_dir,
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("romebert: error:") and message in err and "\n" not in err
+
+
+def test_report_names_no_folder_of_the_machine(comparison, tiny_backbone_dir, tmp_path, monkeypatch):
+    data, src = comparison
+    # everything given as an absolute path under the current folder: the report shows it relative
+    shutil.copytree(src, tmp_path / "cmp")
+    shutil.copytree(data, tmp_path / "glue")
+    (tmp_path / "tiny").symlink_to(tiny_backbone_dir, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    args = _compare_args(tmp_path / "glue", tmp_path / "tiny", tmp_path / "cmp", "--report-only")
+
+    assert main(args) == 0
+
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    rep = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    assert_no_machine_paths(md, rep, tmp_path, tiny_backbone_dir)
+    assert "--data-dir glue" in rep["command"] and "--model tiny" in rep["command"]
+    assert rep["command"].endswith(" -o cmp") and rep["settings"]["data"]["data_dir"] == "glue"
+    assert rep["settings"]["backbone"] == "local folder tiny"

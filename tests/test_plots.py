@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from romebert.compare import build_report
 from romebert.errors import RomebertError
-from romebert.plots import plot_per_exit, plot_speedup
+from romebert.plots import comparison_figures, plot_per_exit, plot_speedup
+
+from compare_fixtures import ENV, hand_comparison, hand_records
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -51,3 +54,14 @@ def test_plot_empty_raises(tmp_path: Path) -> None:
         plot_per_exit(tmp_path / "x.png", {}, "acc")
     with pytest.raises(RomebertError):
         plot_speedup(tmp_path / "x.png", {}, "acc")
+
+
+def test_comparison_figures_draw_both_figures_of_every_split(tmp_path: Path) -> None:
+    comp = hand_comparison(tmp_path, poolings=["mean", "cls"])  # cls has no runs: an empty panel
+    report = build_report(comp, hand_records(missing=(("deebert", 2),)), ENV, 1.0)
+    out = tmp_path / "figs"
+    out.mkdir()
+    comparison_figures(out, report)
+    assert sorted(p.name for p in out.iterdir()) == ["per_exit.png", "speedup.png"]
+    for name in ("per_exit.png", "speedup.png"):
+        _check_png(out / name)

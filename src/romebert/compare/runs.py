@@ -1,0 +1,261 @@
+"""The runs of a comparison: which exist (:class:`RunKey`), where each stands, whether a finished one may be
+reused (its fingerprint), training / evaluating the rest, and reading back the numbers the report needs.
+Inside each run folder, paths come from :class:`romebert.runs.RunFolder`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from romebert.compare.config import CompareConfig
+from romebert.compare.report import write_report
+from romebert.environment import default_backbone, environment, now
+from romebert.errors import RomebertError
+from romebert.runs import RunFolder
+from romebert.training_args import TrainingArguments
+
+META_FILE = "compare_run.json"  # compare's own record in a run folder: eval wall time, environment
+# TrainingArguments fields that need not match for a finished run to be reused: where it was written and
+# how it was logged or checkpointed; the backbone and pooling are compared through run.json.
+_NOT_FINGERPRINTED = ("output_dir", "preset", "backbone", "pooling", "log_every", "save_steps", "save_total_limit",
+                      "device", "progress")  # fmt: skip
+_DATA_FINGERPRINT = (
+    "task",
+    "hub",
+    "train_file",
+    "text_a",
+    "text_b",
+    "label_column",
+    "labels",
+    "regression",
+    "metric",
+    "max_seq_length",
+    "max_train_examples",
+    "subset_seed",
+)
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """One run of a comparison."""
+
+    pooling: str
+    method: str
+    seed: int
+
+    def path(self, out: Path) -> Path:
+        return out / "runs" / self.pooling / self.method / f"seed{self.seed}"
+
+    def label(self) -> str:
+        return f"{self.pooling} pooling, {self.method}, seed {self.seed}"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RomebertError(f"{path}: cannot read ({exc})") from None
+
+
+def _same_backbone(a: str | None, b: str | None) -> bool:
+    def norm(x: str | None) -> str | None:
+        # a local folder may be named relative or absolute; hub names stay as they are
+        return str(Path(x).resolve()) if x and Path(x).exists() else x
+
+    return norm(a) == norm(b)
+
+
+class Comparison:
+    """Runs (or reuses) every run of a :class:`CompareConfig`, then writes the report."""
+
+    def __init__(self, cfg: CompareConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.backbone = cfg.training.backbone or default_backbone()
+        self.task = cfg.data.task_spec()
+        self.splits = cfg.data.eval_splits()
+        # train_run resolves "auto" before it saves training_args.json; resolve the same way to compare
+        self.gr_anchor = cfg.training.resolved(self.task.gr_anchor).gr_anchor
+        self.plan = [
+            RunKey(pooling, method, seed)
+            for seed in cfg.seeds  # seeds outermost: an interrupted comparison has every method for some seeds
+            for pooling in cfg.poolings
+            for method in cfg.all_methods
+        ]
+
+    def folder(self, key: RunKey) -> RunFolder:
+        return RunFolder(key.path(self.out))
+
+    def training_arguments(self, key: RunKey) -> TrainingArguments:
+        return dataclasses.replace(
+            self.cfg.training,
+            output_dir=str(key.path(self.out)),
+            method=key.method,
+            seed=key.seed,
+            pooling=key.pooling,
+            gr_anchor=self.gr_anchor,
+            device=self.cfg.device,
+            progress=self.cfg.progress,
+        )
+
+    def state(self, key: RunKey) -> str:
+        """Where a run stands: finished, trained (model saved, evaluation incomplete) or absent (train it)."""
+        run = self.folder(key)
+        if not run.train_summary.is_file():
+            return "absent"
+        if all(run.sweep_file(s).is_file() for s in self.splits):
+            return "finished"
+        return "trained" if run.is_trained() else "absent"
+
+    def check_reusable(self, key: RunKey) -> None:
+        """A run trained with other settings must not be mixed into this comparison."""
+        run = self.folder(key)
+        args = asdict(self.training_arguments(key))
+        expected = {k: v for k, v in args.items() if k not in _NOT_FINGERPRINTED}
+        stored = _read_json(run.training_args)
+        diffs = [f"{k}: {stored[k]!r} there, {v!r} here" for k, v in expected.items() if k in stored and stored[k] != v]
+        info = _read_json(run.run_file)
+        if info.get("pooling") != key.pooling:
+            diffs.append(f"pooling: {info.get('pooling')!r} there, {key.pooling!r} here")
+        if not _same_backbone(info.get("backbone"), self.backbone):
+            diffs.append(f"backbone: {info.get('backbone')!r} there, {self.backbone!r} here")
+        want = asdict(self.cfg.data)
+        for k in _DATA_FINGERPRINT:
+            if k in info.get("data", {}) and info["data"][k] != want[k]:
+                diffs.append(f"{k}: {info['data'][k]!r} there, {want[k]!r} here")
+        if diffs:
+            raise RomebertError(
+                f"{run.root} was trained with other settings ({'; '.join(diffs)}); "
+                "use another --output-dir or delete that run folder"
+            )
+
+    def run(self) -> dict:
+        """Train / evaluate / reuse every run, then write report.md, report.json and the figures."""
+        t0 = time.perf_counter()
+        states = {key: self.state(key) for key in self.plan}
+        # check every reusable run before training anything: a mismatch fails in seconds, not hours in
+        for key, st in states.items():
+            if st != "absent":
+                self.check_reusable(key)
+        if self.cfg.report_only and all(st != "finished" for st in states.values()):
+            raise RomebertError(f"{self.out}: no finished runs to report on")
+        env = environment(self.cfg.device)
+        records = []
+        for i, key in enumerate(self.plan, start=1):
+            status = self.ensure(key, states[key], env, f"[{i}/{len(self.plan)}]")
+            records.append(self.read_run(key, status))
+        wall = time.perf_counter() - t0
+        return write_report(self, records, env, wall)
+
+    def ensure(self, key: RunKey, state: str, env: dict, prefix: str) -> str:
+        """Bring one run to "finished"; returns what was done: trained, evaluated, reused or missing."""
+        from romebert import pipeline
+        from romebert.reports import write_json
+
+        run = self.folder(key)
+        if self.cfg.report_only:
+            if state != "finished":
+                print(f"{prefix} {key.label()}: not finished, left out of the report", flush=True)
+                return "missing"
+            self._resweep_if_needed(run)
+            return "reused"
+        if state == "finished":
+            self._resweep_if_needed(run)
+            print(f"{prefix} {key.label()}: finished earlier, reused", flush=True)
+            return "reused"
+        meta: dict[str, Any] = {}
+        if state == "absent":
+            # half-finished leftovers (checkpoints, a stale eval/) would mix with the new run's files
+            shutil.rmtree(run.root, ignore_errors=True)
+            print(f"{prefix} {key.label()}: training ...", flush=True)
+            t = time.perf_counter()
+            summary = pipeline.train_run(self.cfg.data, self.training_arguments(key))
+            meta["train_wall_seconds"] = time.perf_counter() - t
+            # checkpoints only serve --resume, which a comparison never uses (a run is retrained whole so its
+            # wall time is one training); they are 3x the model's size, and a comparison has dozens of runs
+            shutil.rmtree(run.checkpoints, ignore_errors=True)
+            print(f"{prefix} {key.label()}: trained in {summary['seconds']:.0f} s", flush=True)
+        else:
+            meta = self._meta(run)
+        t = time.perf_counter()
+        pipeline.evaluate_run(
+            run.root, thresholds=list(self.cfg.thresholds), batch_size=self.cfg.eval_batch_size, device=self.cfg.device
+        )
+        meta.update(
+            eval_wall_seconds=time.perf_counter() - t,
+            finished_at=now(),
+            environment=env if state == "absent" else meta.get("environment"),
+        )
+        write_json(run.root / META_FILE, meta)
+        print(f"{prefix} {key.label()}: evaluated in {meta['eval_wall_seconds']:.0f} s", flush=True)
+        return "trained" if state == "absent" else "evaluated"
+
+    @staticmethod
+    def _meta(run: RunFolder) -> dict[str, Any]:
+        return _read_json(run.root / META_FILE) if (run.root / META_FILE).is_file() else {}
+
+    def _resweep_if_needed(self, run: RunFolder) -> None:
+        """Runs swept with another threshold grid are re-swept from their cached logits (no model pass)."""
+        from romebert.pipeline import sweep_cached
+
+        for split in self.splits:
+            rows = _read_json(run.sweep_file(split))
+            if [r["threshold"] for r in rows] != [float(t) for t in self.cfg.thresholds]:
+                sweep_cached(run.eval(split), self.task, list(self.cfg.thresholds))
+
+    def read_run(self, key: RunKey, status: str) -> dict[str, Any]:
+        """The numbers of one run that the report needs (metric values are fractions)."""
+        run = self.folder(key)
+        rec: dict[str, Any] = {**asdict(key), "status": status, "dir": str(run.root.relative_to(self.out))}
+        if status == "missing":
+            return rec
+        summary = _read_json(run.train_summary)
+        epochs = float(_read_json(run.training_args)["epochs"])
+        meta = self._meta(run)
+        stages = [
+            {"stage": s["stage"], "seconds": float(s["seconds"]), "steps": s.get("steps")} for s in summary["stages"]
+        ]
+        rec.update(
+            epochs=epochs,
+            num_train_examples=summary.get("num_train_examples"),
+            train_seconds=summary.get("seconds"),  # whole train_run: tokenizing, loading, training, saving
+            stages=stages,
+            seconds_per_epoch=sum(s["seconds"] for s in stages) / epochs,
+            stage_seconds_per_epoch={s["stage"]: s["seconds"] / epochs for s in stages},
+            eval_wall_seconds=meta.get("eval_wall_seconds"),
+            finished_at=meta.get("finished_at"),
+            environment=meta.get("environment"),
+            splits={},
+        )
+        for split in self.splits:
+            per_exit = _read_json(run.per_exit_file(split))
+            rows = _read_json(run.sweep_file(split))
+            timing = _read_json(run.timing_file(split)) if run.timing_file(split).is_file() else {}
+            rec["splits"][split] = {
+                "per_exit": [r[self.task.metric] for r in per_exit],
+                "per_exit_all": per_exit,
+                "sweep": [{k: r[k] for k in ("threshold", "speedup", "metric", "layer_ratio", "counts")} for r in rows],
+                "examples": timing.get("examples"),
+                "full_pass_seconds": timing.get("full_pass_seconds"),
+            }
+        return rec
+
+
+def run_compare(cfg: CompareConfig) -> dict[str, Any]:
+    """Train / reuse every run and write the report; returns report.json's content."""
+    comp = Comparison(cfg)
+    try:
+        return comp.run()
+    except KeyboardInterrupt:
+        print(
+            "romebert compare: interrupted; rerun the same command to continue (finished runs are kept)",
+            file=sys.stderr,
+        )
+        raise

