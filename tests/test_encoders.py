@@ -131,6 +131,14 @@ def test_save_pretrained_round_trip(family, tmp_path):
     assert np.array_equal(_one_pass(model, batches), _one_pass(loaded, batches))
 
 
+def test_the_cli_reads_every_familys_depth_from_a_run(tmp_path):
+    from romebert.cli import _num_layers
+
+    for family in ("distilbert", "albert"):  # DistilBERT's config.json says n_layers
+        _model(family).save_pretrained(tmp_path / family / "model")
+        assert _num_layers(str(tmp_path / family)) == LAYERS
+
+
 def _training_set(n: int = 8) -> EncodedDataset:
     data = _dataset(n=n, seed=3, max_len=12)
     return EncodedDataset([{**f, "labels": i % 3} for i, f in enumerate(data.features)])
