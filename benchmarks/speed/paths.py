@@ -57,11 +57,11 @@ def torch_runtime(model) -> Runtime:
     @torch.inference_mode()
     def full(batch: Batch) -> np.ndarray:
         ids, mask, types = (torch.from_numpy(a) for a in batch)
-        hidden = model.embed(ids, types)
-        layer_mask = model.attention_mask(hidden, mask)
+        hidden = model.embed(ids, types, mask)
+        inputs = model.layer_inputs(hidden, mask)
         for i in range(model.num_layers):
-            hidden = model.run_layer(i, hidden, layer_mask)
-        return model.exits[-1](hidden, mask).numpy()
+            hidden = model.run_layer(i, hidden, inputs)
+        return model.exits[-1](model.exit_input(hidden), mask).numpy()
 
     return Runtime("torch", model, full)
 

@@ -107,7 +107,7 @@ def _num_layers(run: str) -> int | None:
 
     try:
         cfg = json.loads((Path(run) / "model" / "config.json").read_text(encoding="utf-8"))
-        return int(cfg["num_hidden_layers"])
+        return int(cfg["num_hidden_layers"] if "num_hidden_layers" in cfg else cfg["n_layers"])  # DistilBERT: n_layers
     except (OSError, ValueError, KeyError, TypeError):
         raise RomebertError(f"{run}/model/config.json: cannot read the number of layers") from None
 

@@ -40,7 +40,7 @@ from romebert.data import Collator, DataSpec, encode, mean_pool_weights
 from romebert.engine import dataset_exit_logits
 from romebert.environment import backbone_label
 from romebert.errors import RomebertError
-from romebert.export_graphs import FullModel, segment_io, segment_modules
+from romebert.export_graphs import FullModel, segment_io, segment_modules, uses_fused_segments
 from romebert.modeling import MultiExitModel
 from romebert.runs import RunFolder
 
@@ -190,7 +190,7 @@ def export_model(
             data=data,
             fusions=fusions,
             versions=_versions(),
-            source=source or {},
+            source={**(source or {}), "encoder": _encoder_label(model)},
         )
         _verify(model, tmp, manifest)
         if choose is not None:
@@ -289,10 +289,27 @@ def _write_graphs(model: MultiExitModel, folder: Path, precision: str, opset: in
             if precision == "int8":
                 quantize_graph(fp32, folder / name)
                 fp32.unlink()
-            graphs.append(GraphFile(name, sha256(folder / name), inputs, outputs))
+            # the graph's own inputs: the exporter drops one the graph does not use (token_type_ids of a
+            # family without token types), and the runtime feeds exactly what the manifest lists
+            graphs.append(GraphFile(name, sha256(folder / name), _graph_inputs(folder / name), outputs))
             if i < model.num_layers - 1:
                 args = (module(*args)[0], mask, *weights)
     return graphs, fusions
+
+
+def _graph_inputs(path: Path) -> list[str]:
+    """Names of a graph's inputs (not its initializers), in order."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    return [i.name for i in graph.input if i.name not in weights]
+
+
+def _encoder_label(model: MultiExitModel) -> str:
+    """The encoder family and the segment form its graphs take, e.g. "bert (fused BERT segments)"."""
+    form = "fused BERT segments" if uses_fused_segments(model) else "generic segments"
+    return f"{model.backbone.config.model_type} ({form})"
 
 
 def _verify(model: MultiExitModel, folder: Path, manifest: ExportManifest) -> None:

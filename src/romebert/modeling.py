@@ -1,7 +1,8 @@
-"""The multi-exit model: any Hugging Face BERT-family encoder, run layer by layer, an exit after each layer.
+"""The multi-exit model: a Hugging Face encoder run layer by layer, an exit after each layer.
 
-The backbone's own modules (embeddings, ``encoder.layer[i]``) are called one at a time, so nothing of
-its code is forked and any encoder with that layout works (BERT, RoBERTa, MiniLM, ELECTRA, ...).
+The backbone's own modules (embeddings, each layer) are called one at a time through the adapter of
+its family (``encoders.py``: BERT-like, DistilBERT, ALBERT, DeBERTa-v2/v3, ModernBERT), so nothing of
+its code is forked.
 Exit ``L`` is the final head: the reference kept an extra, never-trained exit after layer L (a DEFECT in
 ``method.md``); here the last exit *is* the classifier, so every exit is trained.
 """
@@ -14,14 +15,15 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
-from transformers.masking_utils import create_bidirectional_mask
 
 from romebert.data import mean_pool_weights
+from romebert.encoders import EncoderAdapter, adapter_for
 from romebert.environment import default_backbone
 from romebert.errors import RomebertError
 from romebert.reports import write_atomic
@@ -176,37 +178,29 @@ def _pool(hidden: Tensor, weights: Tensor | None) -> Tensor:
 
 
 class MultiExitModel(nn.Module):
-    """A BERT-family encoder with one exit per layer; exit ``L`` is the final head.
+    """An encoder with one exit per layer; exit ``L`` is the final head.
 
-    ``forward`` returns every exit's logits from one pass, shape [L, B, C].
+    ``forward`` returns every exit's logits from one pass, shape [L, B, C]. The encoder family's
+    adapter (``self.adapter``, ``encoders.adapter_for``) knows its modules; unknown families are refused.
     """
 
     def __init__(self, backbone: PreTrainedModel, config: MultiExitConfig) -> None:
         super().__init__()
-        if not hasattr(backbone, "embeddings") or not hasattr(getattr(backbone, "encoder", None), "layer"):
-            raise RomebertError(
-                f"backbone {type(backbone).__name__} is not a BERT-family encoder "
-                "(needs .embeddings and .encoder.layer)"
-            )
+        # a plain attribute, not a submodule: it only refers to the backbone's modules (no state_dict keys)
+        self.adapter: EncoderAdapter = adapter_for(backbone)
         self.config = config
         self.backbone = backbone
-        self._unpadded_none: bool | None = None  # see _unpadded_mask_is_none
-        pretrained_pooler = getattr(backbone, "pooler", None)
-        # The backbone's own pooler is never called (each exit has its own copy); dropping it keeps the
-        # parameter list free of weights that get no gradient.
-        if pretrained_pooler is not None:
-            backbone.pooler = None
-        hidden = backbone.config.hidden_size
+        pooler_dense = self.adapter.take_pooler()
+        hidden = self.adapter.hidden_size
         self.exits = nn.ModuleList(
             ExitHead(hidden, config.num_labels, config.exit_dropout, config.pooling, config.target_scaling)
             for _ in range(self.num_layers)
         )
         std = getattr(backbone.config, "initializer_range", 0.02)
-        pooler_dense = getattr(pretrained_pooler, "dense", None)
         for head in self.exits:
             if isinstance(pooler_dense, nn.Linear) and pooler_dense.weight.shape == head.pooler.weight.shape:
                 head.pooler.load_state_dict(pooler_dense.state_dict())
-            else:  # e.g. ELECTRA has no pooler
+            else:  # e.g. ELECTRA, DistilBERT, DeBERTa and ModernBERT have no pooler
                 nn.init.normal_(head.pooler.weight, std=std)
                 nn.init.zeros_(head.pooler.bias)
             nn.init.normal_(head.classifier.weight, std=std)
@@ -329,43 +323,43 @@ class MultiExitModel(nn.Module):
     # layer-by-layer execution
     @property
     def num_layers(self) -> int:
-        return len(self.backbone.encoder.layer)
+        return self.adapter.num_layers
 
     @property
-    def layers(self) -> nn.ModuleList:
-        return self.backbone.encoder.layer
+    def layers(self) -> Sequence[nn.Module]:
+        """The module run as each layer (ALBERT: the shared layer, L times)."""
+        return self.adapter.layers
 
-    def embed(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        """Token embeddings [B, T, H] (ELECTRA's projection applied when it has one)."""
-        hidden = self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        project = getattr(self.backbone, "embeddings_project", None)
-        return project(hidden) if project is not None else hidden
+    def embed(
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """Token embeddings [B, T, H] (projected to the hidden size where the family does that).
 
-    def attention_mask(self, hidden: Tensor, mask: Tensor, padded: bool = True) -> Tensor | None:
-        """The mask the backbone's attention implementation expects (eager, sdpa, ...).
-
-        ``padded=False``: the caller knows (from host-side lengths) that ``mask`` is all ones. The
-        backbone's mask builder then returns None for eager and sdpa attention; that is returned
-        without calling it (about 30 us warm, 150 us right after other work, per batch).
+        ``attention_mask`` [B, T]: DeBERTa's embeddings are multiplied by it; the others ignore it.
         """
-        if not padded and self._unpadded_mask_is_none():
-            return None
-        return create_bidirectional_mask(config=self.backbone.config, inputs_embeds=hidden, attention_mask=mask)
+        return self.adapter.embed(input_ids, token_type_ids, attention_mask)
 
-    def _unpadded_mask_is_none(self) -> bool:
-        """Whether this backbone's mask builder gives None for an all-ones mask (checked once)."""
-        if self._unpadded_none is None:
-            hidden = torch.zeros(1, 2, self.backbone.config.hidden_size)
-            built = create_bidirectional_mask(
-                config=self.backbone.config, inputs_embeds=hidden, attention_mask=torch.ones(1, 2, dtype=torch.long)
-            )
-            self._unpadded_none = built is None
-        return self._unpadded_none
+    def layer_inputs(self, hidden: Tensor, mask: Tensor, padded: bool = True) -> Any:
+        """What every layer of this batch needs besides its hidden state, built once per batch from the
+        embeddings [B, T, H] and the 0/1 mask [B, T]: for BERT-like families the mask the backbone's
+        attention implementation expects (None where it needs none), for DeBERTa relative positions
+        too, for ModernBERT per-attention-type masks and rotary tables.
 
-    def run_layer(self, index: int, hidden: Tensor, layer_mask: Tensor | None) -> Tensor:
+        ``padded=False``: the caller knows (from host-side lengths) that ``mask`` is all ones, so a
+        family whose attention needs no mask then skips building one.
+        """
+        return self.adapter.layer_inputs(hidden, mask, padded)
+
+    attention_mask = layer_inputs  # the BERT-only name of layer_inputs, kept for callers of that API
+
+    def run_layer(self, index: int, hidden: Tensor, layer_inputs: Any) -> Tensor:
         """Apply encoder layer ``index`` (0-based) to hidden [B, T, H]."""
-        out = self.layers[index](hidden, attention_mask=layer_mask)
-        return out[0] if isinstance(out, tuple) else out
+        return self.adapter.run_layer(index, hidden, layer_inputs)
+
+    def exit_input(self, hidden: Tensor) -> Tensor:
+        """What the exits read of a layer's output (ModernBERT: its final norm; otherwise ``hidden``)."""
+        transform = self.adapter.exit_transform
+        return hidden if transform is None else transform(hidden)
 
     def forward(
         self,
@@ -383,14 +377,16 @@ class MultiExitModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         logits = []
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_backbone):
-            hidden = self.embed(input_ids, token_type_ids)
-            layer_mask = self.attention_mask(hidden, attention_mask)
+        encoder_grad = torch.is_grad_enabled() and not frozen_backbone
+        with torch.set_grad_enabled(encoder_grad):
+            hidden = self.embed(input_ids, token_type_ids, attention_mask)
+            inputs = self.layer_inputs(hidden, attention_mask)
         weights = pool_weights(attention_mask, hidden.dtype) if self.config.pooling == "mean" else None
         for i, head in enumerate(self.exits):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_backbone):
-                hidden = self.run_layer(i, hidden, layer_mask)
-            logits.append(head(hidden, attention_mask, weights))
+            with torch.set_grad_enabled(encoder_grad):
+                hidden = self.run_layer(i, hidden, inputs)
+                exit_hidden = self.exit_input(hidden)
+            logits.append(head(exit_hidden, attention_mask, weights))
         return torch.stack(logits)
 
     # ----------------------------------------------------------------------------------------------
@@ -399,9 +395,10 @@ class MultiExitModel(nn.Module):
         """The set S of gradient projection: weight matrices of encoder layers 1..L-1.
 
         Matrices only (ndim == 2): no biases, no LayerNorm weights. The last layer is excluded because
-        only the final loss reaches it.
+        only the final loss reaches it. ALBERT: the shared layer's matrices, once
+        (``encoders.AlbertAdapter.projection_parameters`` says why).
         """
-        return [p for layer in self.layers[:-1] for p in layer.parameters() if p.ndim == 2]
+        return self.adapter.projection_parameters()
 
     def segments(self) -> TorchSegments:
         """This model cut after every layer, as ``engine.EarlyExitEngine`` runs it."""
@@ -423,8 +420,10 @@ class TorchState:
     mask: Tensor  # [b, T] 0/1, on the model's device
     weights: Tensor | None  # [b, T] mean-pooling weights; None for first-token pooling
     padded: bool  # whether any row has padding (from host-side lengths)
-    layer_mask: Tensor | None = None  # the backbone's attention mask for (hidden, mask), once built
-    has_layer_mask: bool = False  # (None is a valid mask: "no padding")
+    # The layers' per-batch inputs for (hidden, mask) (``MultiExitModel.layer_inputs``), built at the first
+    # layer these rows run; never sliced: select and merge make a new state, which rebuilds them from its mask.
+    layer_inputs: Any = None
+    has_layer_inputs: bool = False  # (None is a valid value: "no mask needed")
 
 
 class TorchSegments:
@@ -443,6 +442,7 @@ class TorchSegments:
         self._probe = model.exits[0].classifier.weight  # a Parameter keeps its identity across .to(device)
         self._heads_at: tuple[int, torch.device] | None = None
         self._heads: list[Callable[[Tensor, Tensor | None], Tensor]] = []
+        self._exit_transform = model.adapter.exit_transform  # None for most families: no call at all
 
     @torch.inference_mode()
     def start(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None,
@@ -453,19 +453,21 @@ class TorchSegments:
         device = self._probe.device
         ids = torch.from_numpy(input_ids).to(device)
         types = torch.from_numpy(token_type_ids).to(device) if token_type_ids is not None else None
-        hidden = self.model.embed(ids, types)  # [b, T, H]
+        mask = torch.from_numpy(attention_mask).to(device)
+        hidden = self.model.embed(ids, types, mask)  # [b, T, H]
         weights = None
         if self._mean:
             weights = torch.from_numpy(mean_pool_weights(attention_mask)).to(device, hidden.dtype)
-        return TorchState(hidden, torch.from_numpy(attention_mask).to(device), weights, padded)
+        return TorchState(hidden, mask, weights, padded)
 
     @torch.inference_mode()
     def layer(self, index: int, state: TorchState) -> tuple[TorchState, np.ndarray]:
-        if not state.has_layer_mask:  # built once per set of rows and columns
-            state.layer_mask = self.model.attention_mask(state.hidden, state.mask, state.padded)
-            state.has_layer_mask = True
-        state.hidden = self.model.run_layer(index, state.hidden, state.layer_mask)
-        logits = self._heads[index](state.hidden, state.weights)  # [b, C]
+        if not state.has_layer_inputs:  # built once per set of rows and columns
+            state.layer_inputs = self.model.layer_inputs(state.hidden, state.mask, state.padded)
+            state.has_layer_inputs = True
+        state.hidden = self.model.run_layer(index, state.hidden, state.layer_inputs)
+        exit_hidden = state.hidden if self._exit_transform is None else self._exit_transform(state.hidden)
+        logits = self._heads[index](exit_hidden, state.weights)  # [b, C]
         return state, logits.float().cpu().numpy()
 
     @torch.inference_mode()
