@@ -222,6 +222,19 @@ def test_bad_compare_arguments_give_one_line_errors(tmp_path, tiny_backbone_dir,
     assert err.startswith("romebert: error:") and message in err and "\n" not in err
 
 
+def test_a_missing_dev_file_fails_before_any_run_trains(tmp_path, tiny_backbone_dir, capsys, monkeypatch):
+    from romebert import pipeline
+
+    data = tmp_path / "glue"
+    write_glue_fixture(data, "RTE", n=12)
+    (data / "RTE" / "dev.tsv").unlink()
+    calls = []
+    monkeypatch.setattr(pipeline, "train_run", lambda *a, **k: calls.append(a))
+    assert main(_compare_args(data, tiny_backbone_dir, tmp_path / "cmp")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "dev.tsv" in err and "\n" not in err and calls == []
+
+
 def test_report_names_no_folder_of_the_machine(comparison, tiny_backbone_dir, tmp_path, monkeypatch):
     data, src = comparison
     # everything given as an absolute path under the current folder: the report shows it relative

@@ -251,6 +251,8 @@ class Comparison:
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     """Train / reuse every run and write the report; returns report.json's content."""
     comp = Comparison(cfg)
+    if not cfg.report_only:  # every run trains on train and is evaluated on dev: check them all now
+        cfg.data.check_inputs(["train", *cfg.data.eval_splits()])
     try:
         return comp.run()
     except KeyboardInterrupt:
