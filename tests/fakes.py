@@ -32,3 +32,12 @@ def fake_metrics(task: FakeTask, preds: np.ndarray, labels: np.ndarray) -> dict[
         return {"neg_mse": -mse, "mse": mse}
     acc = float(np.mean(np.asarray(preds) == np.asarray(labels)))
     return {"acc": acc, "err": 1.0 - acc}
+
+
+def padded_batches(dataset, batch_size: int, collator) -> list:
+    """``dataset`` in file order as (input_ids, attention_mask, token_type_ids) padded batches."""
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        b = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        out.append((b["input_ids"], b["attention_mask"], b["token_type_ids"]))
+    return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fakes import FakeTask, fake_metrics
+from fakes import FakeTask, fake_metrics, padded_batches
 from transformers import AlbertConfig, BertConfig, DebertaV2Config, DistilBertConfig, GPT2Config, ModernBertConfig
 
 from romebert.data import Collator, EncodedDataset
@@ -76,11 +76,7 @@ def _dataset(n: int = 32, seed: int = 0, max_len: int = 24) -> EncodedDataset:
 
 
 def _batches(dataset: EncodedDataset, batch_size: int, collator: Collator = COLLATE) -> list:
-    out = []
-    for start in range(0, len(dataset), batch_size):
-        b = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        out.append((b["input_ids"], b["attention_mask"], b["token_type_ids"]))
-    return out
+    return padded_batches(dataset, batch_size, collator)
 
 
 def _one_pass(model: MultiExitModel, batches: list) -> np.ndarray:

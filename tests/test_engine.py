@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fakes import FakeTask, fake_metrics
+from fakes import FakeTask, fake_metrics, padded_batches
 
 from romebert.calibration import apply_temperatures
 from romebert.data import Collator, EncodedDataset
@@ -108,11 +108,7 @@ def test_engine_equals_offline_decisions(setup, criterion, batch_size):
 
 
 def _batches(dataset: EncodedDataset, batch_size: int, collator: Collator = COLLATE) -> list:
-    out = []
-    for start in range(0, len(dataset), batch_size):
-        b = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        out.append((b["input_ids"], b["attention_mask"], b["token_type_ids"]))
-    return out
+    return padded_batches(dataset, batch_size, collator)
 
 
 @pytest.mark.parametrize("input_bs, batch_size", [(1, 1), (3, 3), (32, 32), (8, 5)])

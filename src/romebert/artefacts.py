@@ -19,7 +19,7 @@ from typing import Any
 
 from romebert.errors import RomebertError
 from romebert.policies import CRITERIA, ExitPolicy, get_policy
-from romebert.reports import write_atomic
+from romebert.reports import dataclass_from_json, write_atomic
 
 EARLY_EXIT_FILE = "early_exit.json"
 MANIFEST_FILE = "manifest.json"
@@ -61,15 +61,7 @@ class EarlyExitConfig:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> EarlyExitConfig:
-        if not isinstance(data, dict):
-            raise RomebertError(f"{where}: the early-exit config must be a JSON object")
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise RomebertError(f"{where}: unknown early-exit fields {unknown}")
-        try:
-            return cls(**data)
-        except (RomebertError, TypeError) as exc:
-            raise RomebertError(f"{where}: {exc}") from None
+        return dataclass_from_json(cls, data, where, "early-exit")
 
     def save(self, path: str | Path) -> None:
         write_atomic(Path(path), json.dumps(asdict(self), indent=2) + "\n")
@@ -129,8 +121,9 @@ class ExportManifest:
         if not path.is_file():
             raise RomebertError(f"{path}: not found (is {folder} an export made by 'romebert export'?)")
         data = read_json(path)
-        if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
-            raise RomebertError(f"{path}: not a romebert export manifest (format {data.get('format')!r})")
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        if found != EXPORT_FORMAT:
+            raise RomebertError(f"{path}: not a romebert export manifest (format {found!r})")
         version = data.get("format_version")
         if not isinstance(version, int) or version > EXPORT_FORMAT_VERSION:
             raise RomebertError(

@@ -375,12 +375,13 @@ class DataSpec:
             rows = random.Random(self.subset_seed).sample(rows, self.max_train_examples)
         return rows
 
-    def check_inputs(self, splits: Sequence[str], with_tests: bool = False) -> None:
+    def check_inputs(self, splits: Sequence[str], with_tests: bool = False) -> dict[str, list[Example]]:
         """Read every split a job will use (and, ``with_tests``, every submission input) now, so that a
         missing file, a missing column or a label outside the task's set fails in one line before any
-        training rather than after it."""
+        training rather than after it. Returns the examples of ``splits``, for the caller to use."""
         self.validate()
         task = self.task_spec()
+        read: dict[str, list[Example]] = {}
         for split in splits:
             examples = self.examples(split)
             if not examples:
@@ -389,12 +390,14 @@ class DataSpec:
                 label_ids(examples, task.labels)
             except RomebertError as exc:
                 raise RomebertError(f"{self.describe(split)}: {exc}") from None
+            read[split] = examples
         if with_tests:
             for test_task, split, _ in self.test_files():
                 if test_task is None or test_task.name == task.name:
                     self.examples(split)
                 elif self.data_dir is not None:  # AX for MNLI: another task's folder
                     read_split(test_task, self.data_dir, split)
+        return read
 
     def describe(self, split: str) -> str:
         """Where ``split`` comes from, for messages."""

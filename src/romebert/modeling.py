@@ -26,7 +26,7 @@ from romebert.data import mean_pool_weights
 from romebert.encoders import EncoderAdapter, adapter_for
 from romebert.environment import default_backbone
 from romebert.errors import RomebertError
-from romebert.reports import write_atomic
+from romebert.reports import dataclass_from_json, write_atomic
 
 CONFIG_NAME = "romebert_config.json"
 BACKBONE_CONFIG_NAME = "config.json"
@@ -90,20 +90,13 @@ class MultiExitConfig:
             raise RomebertError(f"{path}: not found (is this a romebert model folder?)") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RomebertError(f"{path}: not valid JSON ({exc})") from None
-        version = data.get("format_version", 0)
+        version = data.get("format_version", 0) if isinstance(data, dict) else 0  # not a dict: refused below
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise RomebertError(
                 f"{path}: format_version {version} is newer than this romebert understands ({FORMAT_VERSION}); "
                 "upgrade romebert"
             )
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise RomebertError(f"{path}: unknown fields {unknown}")
-        try:
-            return cls(**data)
-        except (RomebertError, TypeError) as exc:
-            raise RomebertError(f"{path}: {exc}") from None
+        return dataclass_from_json(cls, data, str(path))
 
 
 def pool_weights(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -42,7 +42,7 @@ def train_run(data: DataSpec, args: TrainingArguments, resume: bool = False, the
 
     ``then_evaluate``: the caller evaluates and predicts afterwards, so the dev splits and test files
     are checked now too (a missing dev file fails before training, not after it)."""
-    data.check_inputs(["train", *(data.eval_splits() if then_evaluate else [])], with_tests=then_evaluate)
+    checked = data.check_inputs(["train", *(data.eval_splits() if then_evaluate else [])], with_tests=then_evaluate)
     task = data.task_spec()
     args = args.resolved(task.gr_anchor)
     out = Path(args.output_dir)
@@ -50,7 +50,7 @@ def train_run(data: DataSpec, args: TrainingArguments, resume: bool = False, the
     backbone = args.backbone or default_backbone()
     tokenizer = load_tokenizer(backbone)
     t0 = time.perf_counter()
-    train_examples = data.examples("train")
+    train_examples = checked["train"]  # read once, by the check
     train_set = encode(train_examples, tokenizer, task.labels, data.max_seq_length)
     set_seed(args.seed)  # the exits' random initialisation is part of the run: seed it too
     model = MultiExitModel.from_backbone(

@@ -90,6 +90,20 @@ def to_jsonable(obj: Any) -> Any:
     raise RomebertError(f"cannot write a value of type {type(obj).__name__} to JSON")
 
 
+def dataclass_from_json(cls: type, data: Any, where: str, what: str = "") -> Any:
+    """``cls(**data)`` from a parsed JSON object; anything else, an unknown field, or a value ``cls``
+    refuses ends in one line naming ``where`` (the file)."""
+    if not isinstance(data, dict):
+        raise RomebertError(f"{where}: the {what or 'config'} must be a JSON object")
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise RomebertError(f"{where}: unknown {what + ' ' if what else ''}fields {unknown}")
+    try:
+        return cls(**data)
+    except (RomebertError, TypeError) as exc:
+        raise RomebertError(f"{where}: {exc}") from None
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented, strict JSON, atomically (numpy types converted)."""
     text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n"
