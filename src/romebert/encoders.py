@@ -5,7 +5,7 @@ The backbone's own modules are called (nothing of their code is forked); an adap
 they are and what each layer call needs besides the hidden state:
 
     embed(input_ids, token_type_ids, mask)  -> hidden [B, T, H]   (embeddings, projected to H if needed)
-    layer_inputs(hidden, mask, padded)      -> what every layer of this batch needs (masks, positions)
+    layer_inputs(hidden, mask)              -> what every layer of this batch needs (masks, positions)
     run_layer(i, hidden, inputs)            -> hidden [B, T, H]
     exit_transform                          -> None, or the module every exit reads its hidden state through
 
@@ -46,7 +46,6 @@ class EncoderAdapter:
     def __init__(self, backbone: PreTrainedModel) -> None:
         self.backbone = backbone
         self.config = backbone.config
-        self._unpadded_none: bool | None = None  # see _unpadded_mask_is_none
 
     # ---------------------------------------------------------------------------------- structure
     @property
@@ -87,26 +86,10 @@ class EncoderAdapter:
         project = getattr(self.backbone, "embeddings_project", None)
         return project(hidden) if project is not None else hidden
 
-    def layer_inputs(self, hidden: Tensor, mask: Tensor, padded: bool = True) -> Any:
-        """The mask the backbone's attention implementation expects (eager, sdpa, ...).
-
-        ``padded=False``: the caller knows (from host-side lengths) that ``mask`` is all ones. The
-        backbone's mask builder then returns None for eager and sdpa attention; that is returned
-        without calling it (about 30 us warm, 150 us right after other work, per batch).
-        """
-        if not padded and self._unpadded_mask_is_none():
-            return None
+    def layer_inputs(self, hidden: Tensor, mask: Tensor) -> Any:
+        """The mask the backbone's attention implementation expects (eager, sdpa, ...); None where it
+        needs none (the backbone's mask builder decides, e.g. for a batch without padding)."""
         return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)
-
-    def _unpadded_mask_is_none(self) -> bool:
-        """Whether this backbone's mask builder gives None for an all-ones mask (checked once)."""
-        if self._unpadded_none is None:
-            hidden = torch.zeros(1, 2, self.hidden_size)
-            ones = torch.ones(1, 2, dtype=torch.long)
-            self._unpadded_none = (
-                create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=ones) is None
-            )
-        return self._unpadded_none
 
     def run_layer(self, index: int, hidden: Tensor, inputs: Any) -> Tensor:
         """Layer ``index`` (0-based) on hidden [B, T, H]."""
@@ -216,7 +199,7 @@ class DebertaV2Adapter(EncoderAdapter):
             mask = torch.ones_like(input_ids)
         return self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, mask=mask)
 
-    def layer_inputs(self, hidden: Tensor, mask: Tensor, padded: bool = True) -> DebertaInputs:
+    def layer_inputs(self, hidden: Tensor, mask: Tensor) -> DebertaInputs:
         enc = self.backbone.encoder
         return DebertaInputs(enc.get_attention_mask(mask), enc.get_rel_pos(hidden), enc.get_rel_embedding(), mask)
 
@@ -274,7 +257,7 @@ class ModernBertAdapter(EncoderAdapter):
     def embed(self, input_ids: Tensor, token_type_ids: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         return self.backbone.embeddings(input_ids=input_ids)  # positions are rotary, in the layers
 
-    def layer_inputs(self, hidden: Tensor, mask: Tensor, padded: bool = True) -> ModernBertInputs:
+    def layer_inputs(self, hidden: Tensor, mask: Tensor) -> ModernBertInputs:
         kw = {"config": self.config, "inputs_embeds": hidden, "attention_mask": mask}
         builders = {
             "full_attention": create_bidirectional_mask,

@@ -37,25 +37,25 @@ class Segments(Protocol):
     """A multi-exit model cut after every layer, as an engine runs it.
 
     States are the runtime's own objects (hidden states, masks); the engine only passes them back.
-    ``padded`` tells a segment, from host-side lengths, whether any row of the state has padding.
     """
 
     num_layers: int
     num_labels: int
     regression: bool
 
-    def start(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None,
-              padded: bool) -> Any: ...  # fmt: skip
+    def start(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None) -> Any:
+        """The embeddings' output for a batch [b, T], ready for layer 0."""
+        ...
 
     def layer(self, index: int, state: Any) -> tuple[Any, np.ndarray]:
         """Layer ``index`` (0-based) and its exit: (the next layer's input state, logits [b, C] float32)."""
         ...
 
-    def select(self, state: Any, rows: np.ndarray, cols: int, padded: bool) -> Any:
+    def select(self, state: Any, rows: np.ndarray, cols: int) -> Any:
         """Rows ``rows`` (int64) of ``state``, cut to its first ``cols`` columns."""
         ...
 
-    def merge(self, states: Sequence[Any], cols: int, padded: bool) -> Any:
+    def merge(self, states: Sequence[Any], cols: int) -> Any:
         """States of the same layer stacked in order, each padded or cut to ``cols`` columns."""
         ...
 
@@ -82,7 +82,6 @@ class Group:
     state: Any  # the segments' state: input of the next layer
     rows: np.ndarray  # [g] int64: output row of each row
     extent: np.ndarray  # [g] int64: last real column + 1
-    count: np.ndarray  # [g] int64: real tokens
     policy: PolicyState
     width: int  # columns of the state
 
@@ -190,16 +189,15 @@ class EarlyExitEngine:
         ``row_thresholds``: one threshold per row instead of the policy's (``ExitPolicy.init_state``)."""
         n, width = ids.shape
         real = mask != 0
-        extent, count = _extent(real), real.sum(1)
+        extent = _extent(real)
         cols = max(int(extent.max()), 1)
         if cols < width:
             ids, mask = ids[:, :cols], mask[:, :cols]
             types = types[:, :cols] if types is not None else None
-        padded = bool((count < cols).any())
-        state = self.segments.start(ids, mask, types, padded)
+        state = self.segments.start(ids, mask, types)
         rows = np.arange(offset, offset + n, dtype=np.int64)
         policy = self.policy.init_state(n, self.num_layers, self.segments.regression, row_thresholds)
-        return Group(state, rows, extent, count, policy, cols)
+        return Group(state, rows, extent, policy, cols)
 
     def run_layer(self, i: int, g: Group, done: list[Done], shapes: list[tuple[int, int]]) -> Group | None:
         """Run layer ``i`` and exit ``i`` on ``g``; record the leavers in ``done``; return the rest."""
@@ -220,25 +218,22 @@ class EarlyExitEngine:
             return None
         done.append((g.rows[leave], logits[leave], i + 1))
         keep = np.flatnonzero(~leave)
-        return self.select_rows(Group(state, g.rows, g.extent, g.count, policy, g.width), keep)
+        return self.select_rows(Group(state, g.rows, g.extent, policy, g.width), keep)
 
     def select_rows(self, g: Group, index: np.ndarray) -> Group:
         """Rows ``index`` (int64) of ``g``, trailing all-padding columns cut off."""
-        extent, count = g.extent[index], g.count[index]
+        extent = g.extent[index]
         cols = int(extent.max())
-        padded = bool((count < cols).any())
-        state = self.segments.select(g.state, index, cols, padded)
-        return Group(state, g.rows[index], extent, count, g.policy.select(index), cols)
+        state = self.segments.select(g.state, index, cols)
+        return Group(state, g.rows[index], extent, g.policy.select(index), cols)
 
     def merge_groups(self, parts: list[Group]) -> Group:
         """Groups of one layer as one (columns: the widest row's extent)."""
         extent = np.concatenate([p.extent for p in parts])
-        count = np.concatenate([p.count for p in parts])
         cols = int(extent.max())
-        padded = bool((count < cols).any())
-        state = self.segments.merge([p.state for p in parts], cols, padded)
+        state = self.segments.merge([p.state for p in parts], cols)
         rows = np.concatenate([p.rows for p in parts])
-        return Group(state, rows, extent, count, PolicyState.cat([p.policy for p in parts]), cols)
+        return Group(state, rows, extent, PolicyState.cat([p.policy for p in parts]), cols)
 
     def _assemble(self, n: int, done: list[Done], shapes: list[tuple[int, int]]) -> EngineOutput:
         """Every row's logits and exit layer, in input order."""
@@ -307,7 +302,7 @@ def all_exit_logits(segments: Any, batches: Iterable[Batch]) -> np.ndarray:
         cols = max(int(_extent(real).max()), 1) if ids.shape[0] else 1
         ids, mask = ids[:, :cols], mask[:, :cols]
         types = types[:, :cols] if types is not None else None
-        state = seg.start(ids, mask, types, bool((real.sum(1) < cols).any()))
+        state = seg.start(ids, mask, types)
         per_layer = []
         for i in range(seg.num_layers):
             state, logits = seg.layer(i, state)

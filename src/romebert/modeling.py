@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,30 +132,11 @@ class ExitHead(nn.Module):
         if self.pooling == "mean" and weights is None:
             weights = pool_weights(mask, hidden.dtype)
         pooled = _pool(hidden, weights if self.pooling == "mean" else None)  # [B, H]
-        # addmm, not F.linear: the same arithmetic (F.linear calls addmm) with less dispatch, and the
-        # same ops as inference_fn, so the engine's logits equal these bit for bit.
+        # addmm, not F.linear: the same arithmetic (F.linear calls addmm) with less dispatch.
         x = torch.addmm(self.pooler.bias, pooled, self.pooler.weight.t()).tanh()
         if self.training:
             x = self.dropout(x)
         return _to_label_units(torch.addmm(self.classifier.bias, x, self.classifier.weight.t()), self.target)
-
-    def inference_fn(self) -> Callable[[Tensor, Tensor | None], Tensor]:
-        """Eval-mode ``forward`` as a closure ``(hidden, weights) -> logits`` over cached weight views.
-
-        The engine runs a head after every layer; at batch size 1 the module call, attribute lookups
-        and transposes cost about as much as the arithmetic. The views share the parameters' storage
-        (in-place updates show through); rebuild after moving the model to another device.
-        """
-        wp, bp = self.pooler.weight.t(), self.pooler.bias  # [H, H], [H]
-        wc, bc = self.classifier.weight.t(), self.classifier.bias  # [H, C], [C]
-        mean = self.pooling == "mean"
-        target = self.target
-
-        def run(hidden: Tensor, weights: Tensor | None) -> Tensor:
-            pooled = _pool(hidden, weights if mean else None)
-            return _to_label_units(torch.addmm(bc, torch.addmm(bp, pooled, wp).tanh_(), wc), target)
-
-        return run
 
 
 def _to_label_units(raw: Tensor, target: tuple[float, float] | None) -> Tensor:
@@ -332,16 +313,13 @@ class MultiExitModel(nn.Module):
         """
         return self.adapter.embed(input_ids, token_type_ids, attention_mask)
 
-    def layer_inputs(self, hidden: Tensor, mask: Tensor, padded: bool = True) -> Any:
+    def layer_inputs(self, hidden: Tensor, mask: Tensor) -> Any:
         """What every layer of this batch needs besides its hidden state, built once per batch from the
         embeddings [B, T, H] and the 0/1 mask [B, T]: for BERT-like families the mask the backbone's
         attention implementation expects (None where it needs none), for DeBERTa relative positions
         too, for ModernBERT per-attention-type masks and rotary tables.
-
-        ``padded=False``: the caller knows (from host-side lengths) that ``mask`` is all ones, so a
-        family whose attention needs no mask then skips building one.
         """
-        return self.adapter.layer_inputs(hidden, mask, padded)
+        return self.adapter.layer_inputs(hidden, mask)
 
     attention_mask = layer_inputs  # the BERT-only name of layer_inputs, kept for callers of that API
 
@@ -412,7 +390,6 @@ class TorchState:
     hidden: Tensor  # [b, T, H]
     mask: Tensor  # [b, T] 0/1, on the model's device
     weights: Tensor | None  # [b, T] mean-pooling weights; None for first-token pooling
-    padded: bool  # whether any row has padding (from host-side lengths)
     # The layers' per-batch inputs for (hidden, mask) (``MultiExitModel.layer_inputs``), built at the first
     # layer these rows run; never sliced: select and merge make a new state, which rebuilds them from its mask.
     layer_inputs: Any = None
@@ -423,7 +400,8 @@ class TorchSegments:
     """A :class:`MultiExitModel` run one layer at a time for the early-exit engine (``engine.Segments``).
 
     Inputs and logits are numpy on the host; hidden states stay on the model's device. The exit heads
-    run as closures over cached weight views (``ExitHead.inference_fn``), rebuilt when the weights move.
+    run as the modules themselves, so the engine's logits are the model's, on whatever device or dtype
+    the model is moved to.
     """
 
     def __init__(self, model: MultiExitModel) -> None:
@@ -432,18 +410,11 @@ class TorchSegments:
         self.num_labels = model.config.num_labels
         self.regression = model.config.is_regression
         self._mean = model.config.pooling == "mean"
-        self._probe = model.exits[0].classifier.weight  # a Parameter keeps its identity across .to(device)
-        self._heads_at: tuple[int, torch.device] | None = None
-        self._heads: list[Callable[[Tensor, Tensor | None], Tensor]] = []
         self._exit_transform = model.adapter.exit_transform  # None for most families: no call at all
 
     @torch.inference_mode()
-    def start(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None,
-              padded: bool) -> TorchState:  # fmt: skip
-        at = (self._probe.data_ptr(), self._probe.device)
-        if at != self._heads_at:
-            self._heads, self._heads_at = [head.inference_fn() for head in self.model.exits], at
-        device = self._probe.device
+    def start(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None) -> TorchState:
+        device = self.model.exits[0].classifier.weight.device
         ids = torch.from_numpy(input_ids).to(device)
         types = torch.from_numpy(token_type_ids).to(device) if token_type_ids is not None else None
         mask = torch.from_numpy(attention_mask).to(device)
@@ -451,32 +422,32 @@ class TorchSegments:
         weights = None
         if self._mean:
             weights = torch.from_numpy(mean_pool_weights(attention_mask)).to(device, hidden.dtype)
-        return TorchState(hidden, mask, weights, padded)
+        return TorchState(hidden, mask, weights)
 
     @torch.inference_mode()
     def layer(self, index: int, state: TorchState) -> tuple[TorchState, np.ndarray]:
         if not state.has_layer_inputs:  # built once per set of rows and columns
-            state.layer_inputs = self.model.layer_inputs(state.hidden, state.mask, state.padded)
+            state.layer_inputs = self.model.layer_inputs(state.hidden, state.mask)
             state.has_layer_inputs = True
         state.hidden = self.model.run_layer(index, state.hidden, state.layer_inputs)
         exit_hidden = state.hidden if self._exit_transform is None else self._exit_transform(state.hidden)
-        logits = self._heads[index](exit_hidden, state.weights)  # [b, C]
+        logits = self.model.exits[index](exit_hidden, state.mask, state.weights)  # [b, C]
         return state, logits.float().cpu().numpy()
 
     @torch.inference_mode()
-    def select(self, state: TorchState, rows: np.ndarray, cols: int, padded: bool) -> TorchState:
+    def select(self, state: TorchState, rows: np.ndarray, cols: int) -> TorchState:
         index = torch.from_numpy(rows).to(state.hidden.device)
         weights = state.weights[:, :cols].index_select(0, index) if state.weights is not None else None
         hidden = state.hidden[:, :cols].index_select(0, index)
-        return TorchState(hidden, state.mask[:, :cols].index_select(0, index), weights, padded)
+        return TorchState(hidden, state.mask[:, :cols].index_select(0, index), weights)
 
     @torch.inference_mode()
-    def merge(self, states: Sequence[TorchState], cols: int, padded: bool) -> TorchState:
+    def merge(self, states: Sequence[TorchState], cols: int) -> TorchState:
         weights = None
         if states[0].weights is not None:
             weights = torch.cat([_width(s.weights, cols) for s in states])
         hidden = torch.cat([_width(s.hidden, cols) for s in states])
-        return TorchState(hidden, torch.cat([_width(s.mask, cols) for s in states]), weights, padded)
+        return TorchState(hidden, torch.cat([_width(s.mask, cols) for s in states]), weights)
 
 
 def _width(x: Tensor, cols: int) -> Tensor:

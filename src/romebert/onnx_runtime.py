@@ -94,8 +94,7 @@ class OrtSegments:
         self._inputs = [g.inputs for g in self.manifest.graphs]
         self._mean = "pool_weights" in self._inputs[0]
 
-    def start(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None,
-              padded: bool) -> OrtState:  # fmt: skip
+    def start(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None) -> OrtState:
         check_lengths(input_ids, self.manifest.max_seq_length)
         arrays = {"input_ids": input_ids, "attention_mask": attention_mask}
         arrays["token_type_ids"] = token_type_ids if token_type_ids is not None else np.zeros_like(input_ids)
@@ -113,10 +112,10 @@ class OrtSegments:
             nxt["pool_weights"] = a["pool_weights"]
         return OrtState(nxt), outs[1]
 
-    def select(self, state: OrtState, rows: np.ndarray, cols: int, padded: bool) -> OrtState:
+    def select(self, state: OrtState, rows: np.ndarray, cols: int) -> OrtState:
         return OrtState({k: np.ascontiguousarray(v[rows, :cols]) for k, v in state.arrays.items()})
 
-    def merge(self, states: Sequence[OrtState], cols: int, padded: bool) -> OrtState:
+    def merge(self, states: Sequence[OrtState], cols: int) -> OrtState:
         keys = states[0].arrays
         return OrtState({k: np.concatenate([_width(s.arrays[k], cols) for s in states]) for k in keys})
 
