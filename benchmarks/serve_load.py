@@ -3,14 +3,19 @@
 Open-loop arrivals (a request every 1/rate seconds, whatever the answers do) for a fixed duration at
 several offered loads, one SST-2 dev sentence per request (in file order, cycling). For each load and
 each service: throughput (answered requests per second), p50 / p95 / p99 latency, errors; and for each
-service the highest throughput that keeps p95 under 50 ms. Both services run the same ONNX Runtime int8
-export with the same workers and threads, one after the other, on 127.0.0.1 only; the client is a short
-asyncio loop on httpx, bounded in requests and time.
+service the highest throughput that keeps p95 under 50 ms. The services run the same ONNX Runtime int8
+export with the same workers and threads, one after the other, on 127.0.0.1 only:
+- early exit, at the export's threshold;
+- full depth: the same segments, every input to the last layer (``serve --full-depth``);
+- the plain model: the export's whole-model graph (``export --full-graph``, ``serve --full-graph``),
+  what a user would serve instead of early exit; measured when the export has one.
+The client is a short asyncio loop on httpx, bounded in requests and time. ``--service-cpus`` and
+``--client-cpus`` pin the two to separate cores, so the client does not steal the service's.
 
-    python benchmarks/serve_load.py --export runs/bench-work/quickstart-sst2/segments-int8-serve \\
-        --rates 20,40,80,120,160,240,320 --duration 20
+    python benchmarks/serve_load.py --export runs/bench-work/serve-sst2-int8 \\
+        --rates 20,40,80,120,160,240,320 --duration 20 --service-cpus 0 --client-cpus 1
 
-Writes results/serve_load.{md,json}. The client shares this machine's cores with the service.
+Writes results/serve_load.{md,json}.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 P95_BUDGET = 0.050
 TARGETS = {"p95_ratio": 0.6, "throughput_ratio": 1.8}
+# (report key, label, `romebert serve` flags); the baselines are compared with early exit
+SERVICES = [("early_exit", "early exit", []), ("full_depth", "full depth", ["--full-depth"]),
+            ("plain_model", "plain model (one graph)", ["--full-graph"])]  # fmt: skip
 
 
 def free_port() -> int:
@@ -40,10 +48,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(export: str, port: int, workers: int, threads: int, full_depth: bool, extra: list[str]) -> subprocess.Popen:
+def start(
+    export: str, port: int, workers: int, threads: int, flags: list[str], cpus: set[int] | None
+) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "romebert", "serve", export, "--port", str(port), "--workers", str(workers),
-           "--intra-op-threads", str(threads), *extra] + (["--full-depth"] if full_depth else [])  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+           "--intra-op-threads", str(threads), *flags]  # fmt: skip
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ},
+                            preexec_fn=pin)  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -89,9 +101,11 @@ async def open_loop(url: str, texts: list[str], rate: float, duration: float, ti
             "statuses": statuses, **pct}  # fmt: skip
 
 
-def measure(export: str, texts: list[str], rates: list[float], args, full_depth: bool) -> list[dict]:
+def measure(export: str, texts: list[str], rates: list[float], args, label: str, flags: list[str]) -> list[dict]:
     port = free_port()
-    proc = start(export, port, args.workers, args.threads, full_depth, shlex.split(args.serve_args))
+    proc = start(
+        export, port, args.workers, args.threads, flags + shlex.split(args.serve_args), _cpus(args.service_cpus)
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         asyncio.run(open_loop(url, texts, rates[0], 2.0, args.timeout))  # warm-up
@@ -99,7 +113,7 @@ def measure(export: str, texts: list[str], rates: list[float], args, full_depth:
         for rate in rates:
             row = asyncio.run(open_loop(url, texts, rate, args.duration, args.timeout))
             rows.append(row)
-            print(f"{'full depth' if full_depth else 'early exit'} @ {rate:g}/s: {row['throughput']:.1f}/s, "
+            print(f"{label} @ {rate:g}/s: {row['throughput']:.1f}/s, "
                   f"p50 {_ms(row['p50'])} p95 {_ms(row['p95'])} p99 {_ms(row['p99'])} ms, {row['statuses']}",
                   flush=True)  # fmt: skip
             if row["p95"] is not None and row["p95"] > 4 * args.timeout / 5:
@@ -124,6 +138,26 @@ def _errors(row: dict) -> int:
     return sum(v for k, v in row["statuses"].items() if k != "200")
 
 
+def _cpus(spec: str | None) -> set[int] | None:
+    return {int(c) for c in spec.split(",")} if spec else None
+
+
+def below_saturation(row: dict) -> bool:
+    """The service kept up: no errors and (nearly) every offered request answered within the run."""
+    return row["p95"] is not None and not _errors(row) and row["throughput"] >= 0.95 * row["offered"]
+
+
+def against(early: list[dict], base: list[dict]) -> dict:
+    """Early exit against one baseline: the throughput ratio at p95 < 50 ms, and the p95 ratio at each
+    offered load where both services kept up."""
+    ee, b = best_within_budget(early), best_within_budget(base)
+    pairs = [(a, c) for a, c in zip(early, base) if below_saturation(a) and below_saturation(c)]
+    return {
+        "throughput_at_p95_50ms": {"early_exit": ee, "baseline": b, "ratio": ee / b if b else None},
+        "p95_ratio_below_saturation": [{"offered": a["offered"], "ratio": a["p95"] / c["p95"]} for a, c in pairs],
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--export", required=True, help="an ONNX export (int8) to serve")
@@ -134,8 +168,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--timeout", type=float, default=10.0, help="client timeout per request, seconds")
     p.add_argument("--serve-args", default="", help="more `romebert serve` flags, e.g. '--max-batch 16'")
     p.add_argument("--examples", type=int, default=872, help="dev sentences to cycle through")
+    p.add_argument("--service-cpus", help="pin the service to these cores, e.g. 0")
+    p.add_argument("--client-cpus", help="pin the load generator to these cores, e.g. 1")
     p.add_argument("--out", default="results/serve_load")
     args = p.parse_args(argv)
+    if args.client_cpus:
+        os.sched_setaffinity(0, _cpus(args.client_cpus))
     sys.path.insert(0, str(ROOT / "src"))
     from romebert.artefacts import ExportManifest
     from romebert.data import DataSpec
@@ -150,14 +188,15 @@ def main(argv: list[str] | None = None) -> dict:
               "environment": environment(), "workers": args.workers, "threads": args.threads,
               "export": {"task": manifest.task, "precision": manifest.precision, "layers": manifest.num_layers,
                          **manifest.early_exit.policy().params(), "source": manifest.source},
-              "duration_s": args.duration}  # fmt: skip
-    report["early_exit"] = measure(args.export, texts, rates, args, full_depth=False)
-    report["full_depth"] = measure(args.export, texts, rates, args, full_depth=True)
-    ee, fd = best_within_budget(report["early_exit"]), best_within_budget(report["full_depth"])
-    report["throughput_at_p95_50ms"] = {"early_exit": ee, "full_depth": fd, "ratio": ee / fd if fd else None}
-    pairs = [(a, b) for a, b in zip(report["early_exit"], report["full_depth"])
-             if b["p95"] is not None and not _errors(b) and b["throughput"] >= 0.95 * b["offered"]]  # fmt: skip
-    report["p95_ratio_below_saturation"] = [{"offered": a["offered"], "ratio": a["p95"] / b["p95"]} for a, b in pairs]
+              "duration_s": args.duration, "service_cpus": args.service_cpus, "client_cpus": args.client_cpus,
+              "serve_args": args.serve_args, "services": {}}  # fmt: skip
+    for key, label, flags in SERVICES:
+        if key == "plain_model" and manifest.full_graph is None:
+            print(f"{args.export} has no whole-model graph (export --full-graph): the plain model is not measured")
+            continue
+        report["services"][key] = {"label": label, "rows": measure(args.export, texts, rates, args, label, flags)}
+    early = report["services"]["early_exit"]["rows"]
+    report["against"] = {k: against(early, v["rows"]) for k, v in report["services"].items() if k != "early_exit"}
     out = Path(args.out)
     write_atomic(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
     write_atomic(out.with_suffix(".md"), markdown(report) + "\n")
@@ -166,36 +205,43 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def markdown(r: dict) -> str:
-    env, ex = r["environment"], r["export"]
+    env, ex, svc = r["environment"], r["export"], r["services"]
+    pinned = "the load generator shares the cores with the service"
+    if r.get("service_cpus") and r.get("client_cpus"):
+        pinned = f"the service pinned to core(s) {r['service_cpus']}, the load generator to {r['client_cpus']}"
     lines = [
-        "# Serving under load: early exit against full depth (loopback)",
+        "# Serving under load: early exit against full depth and the plain model (loopback)",
         "",
         f"Measured {r['created']} with `{r['command']}`.",
         "",
         f"- Machine: {env['cpu']}, {env['cpu_count']} logical CPUs; romebert {env['romebert']}, onnxruntime "
-        f"{env['onnxruntime']}. The load generator runs on the same cores as the service.",
-        f"- Service: `romebert serve` on ONNX Runtime {ex['precision']}, {r['workers']} worker(s) x {r['threads']} "
-        f"thread(s); early exit at the export's {ex['criterion']} threshold {ex['threshold']:.4g} (chosen on "
-        f"dev), against the same service with `--full-depth` (every input to layer {ex['layers']}).",
+        f"{env['onnxruntime']}; {pinned}.",
+        f"- Services: `romebert serve` on ONNX Runtime {ex['precision']}, {r['workers']} worker(s) x {r['threads']} "
+        f"thread(s){', ' + repr(r['serve_args']) if r.get('serve_args') else ''}: early exit at the export's "
+        f"{ex['criterion']} threshold {ex['threshold']:.4g} (chosen on dev); full depth: the same segments with "
+        f"`--full-depth` (every input to layer {ex['layers']}); plain model: the export's whole-model graph "
+        "with `--full-graph`, what one would serve without early exit.",
         f"- Traffic: open-loop, one {ex['task']} dev sentence per request, {r['duration_s']:g} s per offered load.",
         "",
         "| offered /s | service | throughput /s | p50 ms | p95 ms | p99 ms | errors |",
         "|---|---|---|---|---|---|---|",
     ]
-    for a, b in zip(r["early_exit"], r["full_depth"] + [None] * len(r["early_exit"])):
-        for name, row in (("early exit", a), ("full depth", b)):
-            if row is None:
-                continue
-            lines.append(f"| {row['offered']:g} | {name} | {row['throughput']:.1f} | {_ms(row['p50'])} | "
-                         f"{_ms(row['p95'])} | {_ms(row['p99'])} | {_errors(row)} |")  # fmt: skip
-    t = r["throughput_at_p95_50ms"]
-    ratio = "n/a" if t["ratio"] is None else f"{t['ratio']:.2f}"
-    lines += ["", "## Against the targets", "",
-              f"- Highest throughput with p95 under 50 ms: early exit {t['early_exit']:.1f}/s, full depth "
-              f"{t['full_depth']:.1f}/s: ratio {ratio} (target >= {TARGETS['throughput_ratio']}).", ]  # fmt: skip
-    for x in r["p95_ratio_below_saturation"]:
-        lines.append(f"- p95 early exit / full depth at {x['offered']:g}/s (full depth below saturation): "
-                     f"{x['ratio']:.2f} (target <= {TARGETS['p95_ratio']}).")  # fmt: skip
+    rates = sorted({row["offered"] for v in svc.values() for row in v["rows"]})
+    for rate in rates:
+        for v in svc.values():
+            for row in v["rows"]:
+                if row["offered"] == rate:
+                    lines.append(f"| {rate:g} | {v['label']} | {row['throughput']:.1f} | {_ms(row['p50'])} | "
+                                 f"{_ms(row['p95'])} | {_ms(row['p99'])} | {_errors(row)} |")  # fmt: skip
+    lines += ["", "## Against the targets", ""]
+    for key, a in r["against"].items():
+        label, t = svc[key]["label"], a["throughput_at_p95_50ms"]
+        ratio = "n/a" if t["ratio"] is None else f"{t['ratio']:.2f}"
+        lines.append(f"- Against {label}: highest throughput with p95 under 50 ms {t['early_exit']:.1f}/s against "
+                     f"{t['baseline']:.1f}/s, ratio {ratio} (target >= {TARGETS['throughput_ratio']}).")  # fmt: skip
+        ratios = ", ".join(f"{x['ratio']:.2f} at {x['offered']:g}/s" for x in a["p95_ratio_below_saturation"])
+        lines.append(f"- Against {label}: p95 ratio where both keep up: {ratios or 'none'} "
+                     f"(target <= {TARGETS['p95_ratio']}).")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -48,3 +48,38 @@ def test_peak_rss_of_the_onnx_path_is_measured_without_torch(tiny_run, tmp_path)
     row = R.Row("SST-2", "engine <=1pt / ort-int8", "ort-int8", "engine", "<=1pt", 0.3, 0.5, 2.0, 1.5)
     inference_speed.measure_rss(tiny_run, work, [row], threads=1)
     assert 20 < row.peak_rss_mib < 2000
+
+
+def test_the_load_test_measures_every_service_and_compares_them(tiny_run, tmp_path):
+    import serve_load
+    from romebert.cli import main
+
+    export = tmp_path / "export"
+    assert main(["export", str(tiny_run), "-o", str(export), "--threshold", "0.5", "--full-graph"]) == 0
+    out = tmp_path / "load"
+    report = serve_load.main(["--export", str(export), "--rates", "5,10", "--duration", "1", "--examples", "8",
+                              "--out", str(out)])  # fmt: skip
+    assert list(report["services"]) == ["early_exit", "full_depth", "plain_model"]
+    for service in report["services"].values():
+        assert [r["offered"] for r in service["rows"]] == [5.0, 10.0]
+        assert all(r["answered"] == r["sent"] and r["p50"] <= r["p95"] <= r["p99"] for r in service["rows"])
+    for key in ("full_depth", "plain_model"):
+        a = report["against"][key]
+        assert a["throughput_at_p95_50ms"]["baseline"] > 0 or a["throughput_at_p95_50ms"]["ratio"] is None
+        assert all(x["ratio"] > 0 for x in a["p95_ratio_below_saturation"])
+    md = out.with_suffix(".md").read_text()
+    assert "| 10 | plain model (one graph) |" in md and "Against full depth" in md
+    assert "site-packages" not in md  # the export's source is named by run and package, not by path
+
+
+def test_load_test_pairs_only_loads_where_both_services_kept_up():
+    import serve_load
+
+    def row(offered, throughput, p95, statuses=None):
+        return {"offered": offered, "throughput": throughput, "p95": p95, "statuses": statuses or {"200": 1}}
+
+    early = [row(10, 10, 0.02), row(20, 20, 0.03), row(40, 40, 0.04)]
+    base = [row(10, 10, 0.04), row(20, 15, 0.9), row(40, 30, 5.0, {"200": 1, "503": 3})]
+    a = serve_load.against(early, base)
+    assert a["p95_ratio_below_saturation"] == [{"offered": 10, "ratio": 0.5}]
+    assert a["throughput_at_p95_50ms"] == {"early_exit": 40, "baseline": 10, "ratio": 4.0}

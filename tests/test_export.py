@@ -112,6 +112,23 @@ def test_export_round_trips_every_exit(exported, key):
     assert np.abs(got - ref).max() < 1e-4
 
 
+def test_full_graph_is_the_final_exit_in_one_checksummed_graph(tmp_path, tokenizer_dir):
+    model = _model("bert", "mean", seed=2)
+    folder = tmp_path / "export"
+    manifest = export_model(model, tokenizer_dir, folder, max_seq_length=40, full_graph=True)
+    assert manifest.full_graph is not None and manifest.full_graph.file == "full.onnx"
+    assert ExportManifest.load(folder).full_graph == manifest.full_graph  # round-trips through JSON
+    data = _dataset(seed=3)
+    one = OrtSegments(folder, one_graph=True)
+    assert one.num_layers == 1
+    got = all_exit_logits(one, _batches(data, 8))[0]
+    final = all_exit_logits(OrtSegments(folder), _batches(data, 8))[-1]
+    assert np.abs(got - final).max() < 1e-4
+    (folder / "full.onnx").write_bytes(b"not onnx")
+    with pytest.raises(RomebertError, match=r"full.onnx: checksum mismatch"):
+        ExportManifest.load(folder)
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 32])
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_ort_engine_equals_the_pytorch_engine(exported, criterion, batch_size):

@@ -17,6 +17,7 @@ import uvicorn
 
 from romebert.api import EarlyExitClassifier
 from romebert.cli import main
+from romebert.errors import RomebertError
 from romebert.service import ServeConfig, Service
 
 from glue_fixtures import sentence
@@ -25,7 +26,7 @@ from glue_fixtures import sentence
 @pytest.fixture(scope="module")
 def export_dir(tiny_sst2_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("serve") / "export"
-    assert main(["export", str(tiny_sst2_run), "-o", str(out), "--threshold", "0.5"]) == 0
+    assert main(["export", str(tiny_sst2_run), "-o", str(out), "--threshold", "0.5", "--full-graph"]) == 0
     return out
 
 
@@ -235,15 +236,34 @@ def test_a_client_that_disconnects_does_not_break_its_batch(export_dir, referenc
         srv.stop()
 
 
-def test_full_depth_service_runs_every_input_to_the_last_layer(export_dir):
-    service = Service(ServeConfig(str(export_dir), full_depth=True, intra_op_threads=1))
-    srv = Server(service)
-    try:
-        got = _post(srv, {"inputs": [sentence(i) for i in range(5)]}).json()["results"]
-        assert {g["exit_layer"] for g in got} == {service.num_layers}
-        assert _post(srv, {"text": "a", "threshold": 0.3}).status_code == 422
-    finally:
-        srv.stop()
+def test_full_depth_and_full_graph_services_give_the_final_exits_answers(export_dir, reference):
+    # --full-depth runs the segments to the last layer, --full-graph the export's one-graph plain model:
+    # the same answers (the final exit's), every input counted at the last layer.
+    texts = [sentence(i) for i in range(7)]
+    final = reference.predict_proba(texts, criterion="entropy", threshold=0.0)
+    for flags in ({"full_depth": True}, {"full_graph": True}):
+        service = Service(ServeConfig(str(export_dir), intra_op_threads=1, **flags))
+        srv = Server(service)
+        try:
+            got = _post(srv, {"inputs": texts}).json()["results"]
+            assert {g["exit_layer"] for g in got} == {service.num_layers} and service.num_layers > 1
+            probs = np.array([[g["probabilities"][n] for n in reference.label_names] for g in got])
+            assert np.abs(probs - final).max() < 1e-4, flags
+            assert _post(srv, {"text": "a", "threshold": 0.3}).status_code == 422
+            metrics = httpx.get(srv.url + "/metrics").text
+            exits = _histogram(metrics, "romebert_exit_layer")
+            assert exits["count"] == len(texts) and exits["sum"] == len(texts) * service.num_layers
+        finally:
+            srv.stop()
+
+
+def test_full_graph_needs_an_export_that_has_one(export_dir, tiny_sst2_run, tmp_path):
+    bare = tmp_path / "bare"
+    assert main(["export", str(tiny_sst2_run), "-o", str(bare), "--threshold", "0.5"]) == 0
+    with pytest.raises(RomebertError, match="no whole-model graph"):
+        Service(ServeConfig(str(bare), full_graph=True))
+    with pytest.raises(RomebertError, match="needs an ONNX export"):
+        Service(ServeConfig(str(tiny_sst2_run), full_graph=True))
 
 
 def test_a_run_folder_is_served_with_pytorch(tiny_sst2_run):

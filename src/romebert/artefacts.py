@@ -100,6 +100,9 @@ class ExportManifest:
     fusions: list[dict[str, int]] = field(default_factory=list)  # fused operators per graph
     versions: dict[str, str] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # the run it came from (method, backbone package)
+    # The whole model as one graph, final head only (``export --full-graph``): what a service without
+    # early exit runs (``serve --full-graph``), the honest baseline for the segments.
+    full_graph: GraphFile | None = None
     format: str = EXPORT_FORMAT
     format_version: int = EXPORT_FORMAT_VERSION
 
@@ -138,6 +141,8 @@ class ExportManifest:
             data["early_exit"] = EarlyExitConfig.from_dict(data.get("early_exit"), f"{path}: early_exit")
             data["graphs"] = [GraphFile(**g) for g in data["graphs"]]
             data["tokenizer_files"] = [GraphFile(**g) for g in data["tokenizer_files"]]
+            if data.get("full_graph") is not None:
+                data["full_graph"] = GraphFile(**data["full_graph"])
             manifest = cls(**data)
         except (KeyError, TypeError) as exc:
             raise RomebertError(f"{path}: malformed manifest ({exc})") from None
@@ -147,7 +152,7 @@ class ExportManifest:
         if temps is not None and len(temps) != manifest.num_layers:
             raise RomebertError(f"{path}: early_exit.temperatures needs one per exit ({manifest.num_layers})")
         if verify:
-            for f in [*manifest.graphs, *manifest.tokenizer_files]:
+            for f in [*manifest.graphs, *manifest.tokenizer_files, *filter(None, [manifest.full_graph])]:
                 target = folder / f.file
                 if not target.is_file():
                     raise RomebertError(f"{target}: missing (the export is incomplete; export it again)")

@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--calibrated", action="store_true", help="use <run>/calibration.json's temperatures")
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--full-graph", action="store_true",
+                   help="also write the whole model as one graph (full.onnx), for `serve --full-graph`: the "
+                   "plain-model baseline")  # fmt: skip
     _add_criterion_args(p)
     _add_common(p)
 
@@ -384,12 +387,15 @@ def _cmd_export(ns) -> None:
         tolerance=ns.tolerance,
         opset=ns.opset,
         batch_size=ns.eval_batch_size,
+        full_graph=ns.full_graph,
     )
     ee = m.early_exit
     chosen = ee.chosen or {}
     print(f"exported {m.num_layers} segments ({m.precision}, opset {m.opset}) to {ns.output}/")
     for i, f in enumerate(m.fusions, start=1):
         print(f"  segment {i}: fused {', '.join(f'{k} x{v}' for k, v in f.items()) or 'nothing'}")
+    if m.full_graph is not None:
+        print(f"  whole model as one graph: {m.full_graph.file} (serve --full-graph)")
     line = f"  exit: {ee.criterion} threshold {ee.threshold}"
     if "speedup" in chosen:
         line += f", chosen on {chosen['split']}: {chosen['metric_name']} {100 * chosen['metric']:.2f} "

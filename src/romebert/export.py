@@ -37,7 +37,7 @@ from romebert.artefacts import (
     sha256,
 )
 from romebert.data import Collator, DataSpec, encode, mean_pool_weights
-from romebert.engine import dataset_exit_logits
+from romebert.engine import all_exit_logits, dataset_exit_logits
 from romebert.environment import backbone_label
 from romebert.errors import RomebertError
 from romebert.export_graphs import FullModel, segment_io, segment_modules, uses_fused_segments
@@ -46,6 +46,7 @@ from romebert.runs import RunFolder
 
 PRECISIONS = ("fp32", "int8")
 DEFAULT_OPSET = 17
+FULL_GRAPH_FILE = "full.onnx"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 _DYNAMIC = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
             "token_type_ids": {0: "batch", 1: "tokens"}, "state": {0: "batch", 1: "tokens"},
@@ -150,11 +151,14 @@ def export_model(
     data: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
     optimize: bool = True,
+    full_graph: bool = False,
 ) -> ExportManifest:
     """Write ``model`` as an export folder ``out``.
 
     ``choose(folder, manifest)``, if given, picks the early-exit config from the finished graphs
     (on dev); otherwise ``early_exit`` (default: the reference's entropy 0.15) is used as it is.
+    ``full_graph``: also the whole model as one graph (``full.onnx``), the baseline a service without
+    early exit runs.
     """
     if precision not in PRECISIONS:
         raise RomebertError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
@@ -165,6 +169,11 @@ def export_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
     try:
         graphs, fusions = _write_graphs(model, tmp, precision, opset, optimize)
+        full = None
+        if full_graph:
+            export_full_model(model, tmp / FULL_GRAPH_FILE, precision, opset)
+            full = GraphFile(FULL_GRAPH_FILE, sha256(tmp / FULL_GRAPH_FILE), _graph_inputs(tmp / FULL_GRAPH_FILE),
+                             ["logits"])  # fmt: skip
         tok_files = []
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
@@ -191,6 +200,7 @@ def export_model(
             fusions=fusions,
             versions=_versions(),
             source={**(source or {}), "encoder": _encoder_label(model)},
+            full_graph=full,
         )
         _verify(model, tmp, manifest)
         if choose is not None:
@@ -218,6 +228,7 @@ def export_run(
     confidence: str = "entropy",
     opset: int = DEFAULT_OPSET,
     batch_size: int = 64,
+    full_graph: bool = False,
 ) -> ExportManifest:
     """Export a finished run; the threshold is ``threshold`` as given, or chosen on the run's dev split
     with the exported graphs (``target_speedup`` and/or ``max_metric_drop``; default: the largest layer
@@ -263,6 +274,7 @@ def export_run(
         choose=choose,
         data=_portable(data),
         source=source,
+        full_graph=full_graph,
     )
 
 
@@ -317,13 +329,14 @@ def _verify(model: MultiExitModel, folder: Path, manifest: ExportManifest) -> No
     from romebert.onnx_runtime import OrtSegments
 
     ids, mask, types = _probe_inputs(model)
-    seg = OrtSegments(folder, manifest, intra_op_threads=1)
-    from romebert.engine import all_exit_logits
-
-    got = all_exit_logits(seg, [(ids.numpy(), mask.numpy(), types.numpy())])
+    probe = [(ids.numpy(), mask.numpy(), types.numpy())]
+    got = all_exit_logits(OrtSegments(folder, manifest, intra_op_threads=1), probe)
     with torch.no_grad():
         ref = model(ids, mask, types).numpy()
     err = float(np.abs(got - ref).max())
+    if manifest.full_graph is not None:  # the one graph against the final exit
+        full = all_exit_logits(OrtSegments(folder, manifest, intra_op_threads=1, one_graph=True), probe)
+        err = max(err, float(np.abs(full[0] - ref[-1]).max()))
     if manifest.precision == "fp32" and not err < 1e-3:
         raise RomebertError(f"export check failed: the graphs' logits differ from the model's by {err:.3g}")
     manifest.source["probe_max_abs_diff"] = err

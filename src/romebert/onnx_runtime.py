@@ -63,7 +63,11 @@ class OrtState:
 
 
 class OrtSegments:
-    """The graphs of an export, run one segment per layer (``engine.Segments``)."""
+    """The graphs of an export, run one segment per layer (``engine.Segments``).
+
+    ``one_graph``: the export's whole-model graph instead (``export --full-graph``), as a single
+    "layer" whose exit is the final head: the plain model, run by the same code.
+    """
 
     def __init__(
         self,
@@ -72,16 +76,22 @@ class OrtSegments:
         intra_op_threads: int | None = None,
         inter_op_threads: int = 1,
         spinning: bool = False,
+        one_graph: bool = False,
     ) -> None:
         ort = _ort()
         self.folder = Path(folder)
         self.manifest = manifest or ExportManifest.load(self.folder)
-        self.num_layers = self.manifest.num_layers
+        graphs = self.manifest.graphs
+        if one_graph:
+            if self.manifest.full_graph is None:
+                raise RomebertError(f"{self.folder}: has no whole-model graph (export it with --full-graph)")
+            graphs = [self.manifest.full_graph]
+        self.num_layers = len(graphs)
         self.num_labels = self.manifest.num_labels
         self.regression = self.manifest.regression
         so = session_options(intra_op_threads, inter_op_threads, spinning)
         self.sessions = []
-        for g in self.manifest.graphs:
+        for g in graphs:
             try:
                 sess = ort.InferenceSession(str(self.folder / g.file), so, providers=["CPUExecutionProvider"])
             except Exception as exc:  # ORT raises its own exception types for unreadable graphs
@@ -91,7 +101,7 @@ class OrtSegments:
             if got != g.inputs:
                 raise RomebertError(f"{self.folder / g.file}: inputs {got}, the manifest says {g.inputs}")
             self.sessions.append(sess)
-        self._inputs = [g.inputs for g in self.manifest.graphs]
+        self._inputs = [g.inputs for g in graphs]
         self._mean = "pool_weights" in self._inputs[0]
 
     def start(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None) -> OrtState:

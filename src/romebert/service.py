@@ -22,11 +22,13 @@ import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from romebert.api import EarlyExitClassifier, _examples, softmax
+from romebert.artefacts import MANIFEST_FILE
 from romebert.data import encode
 from romebert.errors import RomebertError
 from romebert.options import option
@@ -50,6 +52,8 @@ class ServeConfig:
     intra_op_threads: int | None = option(None, "ONNX Runtime threads per graph call (default: usable cores / workers)")
     device: str = option("cpu", "run and classifier folders only: cpu, cuda, ...")
     full_depth: bool = option(False, "run every input to the last layer (the same service without early exit)")
+    full_graph: bool = option(False, "exports made with --full-graph: run the whole model as one graph, final "
+                              "head only (the plain model, the baseline without exits)")  # fmt: skip
 
 
 class HTTPError(Exception):
@@ -94,15 +98,27 @@ class Service:
     def __init__(self, cfg: ServeConfig, clf: EarlyExitClassifier | None = None) -> None:
         self.cfg = cfg
         runtime = {"intra_op_threads": cfg.intra_op_threads} if cfg.intra_op_threads else {}
+        if cfg.full_graph:
+            if clf is None and not (Path(cfg.source) / MANIFEST_FILE).is_file():
+                raise RomebertError(f"{cfg.source}: --full-graph needs an ONNX export made with --full-graph")
+            runtime["one_graph"] = True
         self.clf = clf or EarlyExitClassifier.from_pretrained(cfg.source, cfg.device, **runtime)
         # full depth: entropy < 0 never holds, so every input runs to the last layer, whatever the criterion
-        self.policy = get_policy("entropy", 0.0) if cfg.full_depth else self.clf.policy()
-        self.num_layers = self.clf.num_layers
-        self.metrics = Metrics(self.num_layers, cfg.max_batch)
+        self.full_depth = cfg.full_depth or cfg.full_graph
+        self.policy = get_policy("entropy", 0.0) if self.full_depth else self.clf.policy()
         temps = self.clf.exit_config.temperatures
+        # One graph is one "layer" to the engine; answers and metrics still count the model's layers.
+        self.num_layers = self.clf.segments.manifest.num_layers if cfg.full_graph else self.clf.num_layers
+        self._one_graph = cfg.full_graph
+        if cfg.full_graph and temps is not None:
+            temps = temps[-1:]
+        self.metrics = Metrics(self.num_layers, cfg.max_batch)
         self.batcher = ContinuousBatcher(self.clf.segments, self.policy, self.clf.collator, temps, cfg.max_batch,
-                                         cfg.max_wait_ms, cfg.max_queue, self.metrics.observe)  # fmt: skip
+                                         cfg.max_wait_ms, cfg.max_queue, self._observe)  # fmt: skip
         self.draining = False
+
+    def _observe(self, event: str, value: float) -> None:
+        self.metrics.observe(event, self.num_layers if event == "exit" and self._one_graph else value)
 
     # ------------------------------------------------------------------------------------ requests
     def parse(self, body: bytes) -> tuple[list[Any], ExitPolicy | None, list[Any] | None]:
@@ -150,7 +166,7 @@ class Service:
         criterion, threshold = data.get("criterion"), data.get("threshold")
         if criterion is None and threshold is None:
             return None, None
-        if self.cfg.full_depth:
+        if self.full_depth:
             raise HTTPError(422, "this service runs every input to the last layer; it takes no threshold")
         if criterion is not None and criterion not in CRITERIA:
             raise HTTPError(422, f"'criterion' must be one of {list(CRITERIA)}")
@@ -195,14 +211,15 @@ class Service:
 
     def _results(self, job: Job) -> list[dict[str, Any]]:
         logits = np.stack(job.logits) if job.logits else np.zeros((0, self.clf.segments.num_labels))
+        exits = [self.num_layers] * job.size if self._one_graph else job.exit_layer
         names = self.clf.label_names
         if names is None:
-            return [{"value": float(v[0]), "exit_layer": int(k)} for v, k in zip(logits, job.exit_layer)]
+            return [{"value": float(v[0]), "exit_layer": int(k)} for v, k in zip(logits, exits)]
         probs = softmax(logits)
         return [
             {"label": names[int(p.argmax())], "probabilities": {n: float(q) for n, q in zip(names, p)},
              "exit_layer": int(k)}
-            for p, k in zip(probs, job.exit_layer)
+            for p, k in zip(probs, exits)
         ]  # fmt: skip
 
     # ------------------------------------------------------------------------------------ the app
@@ -365,9 +382,7 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: 
 
 
 def _check_source(source: str) -> None:
-    from pathlib import Path
-
-    from romebert.artefacts import MANIFEST_FILE, ExportManifest
+    from romebert.artefacts import ExportManifest
     from romebert.runs import RunFolder
 
     path = Path(source)
