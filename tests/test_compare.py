@@ -252,3 +252,75 @@ def test_report_names_no_folder_of_the_machine(comparison, tiny_backbone_dir, tm
     assert "--data-dir glue" in rep["command"] and "--model tiny" in rep["command"]
     assert rep["command"].endswith(" -o cmp") and rep["settings"]["data"]["data_dir"] == "glue"
     assert rep["settings"]["backbone"] == "local folder tiny"
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, tiny_backbone_dir, monkeypatch):
+    # Interrupted right after deebert's first stage is checkpointed: the rerun continues that run (its
+    # summary still holds both stages and their times), retrains nothing else, and drops the checkpoints.
+    from romebert.trainer import Trainer
+
+    data, out = tmp_path / "glue", tmp_path / "cmp"
+    write_glue_fixture(data, "RTE", n=12)
+    args = _compare_args(data, tiny_backbone_dir, out)
+    args[args.index("--methods") + 1], args[args.index("--seeds") + 1] = "deebert", "1"
+    real_save = Trainer._save
+
+    def interrupt_after_first_save(self, *a, **k):
+        real_save(self, *a, **k)
+        if self.args.method == "deebert":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save", interrupt_after_first_save)
+    assert main(args) == 130
+    run = out / "runs" / "mean" / "deebert" / "seed1"
+    assert (run / "checkpoints").is_dir() and not (run / "train_summary.json").exists()
+    monkeypatch.setattr(Trainer, "_save", real_save)
+    resumes: list[bool] = []
+    real_train = pipeline.train_run
+    monkeypatch.setattr(
+        pipeline,
+        "train_run",
+        lambda d, a, resume=False, **k: resumes.append(resume) or real_train(d, a, resume=resume, **k),
+    )
+
+    assert main(args) == 0
+
+    assert resumes == [True]  # plain finished before the interruption; deebert continued
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["resumed_from_step"]["stage"] == "finetune"
+    assert [s["stage"] for s in summary["stages"]] == ["finetune", "exits"]
+    assert all(s["seconds"] > 0 and s["steps"] > 0 for s in summary["stages"])
+    assert json.loads((run / "compare_run.json").read_text())["resumed_from_step"] == summary["resumed_from_step"]
+    assert not (run / "checkpoints").exists()
+
+
+def test_an_interrupted_run_with_other_settings_is_retrained(tmp_path, tiny_backbone_dir, monkeypatch):
+    from romebert.trainer import Trainer
+
+    data, out = tmp_path / "glue", tmp_path / "cmp"
+    write_glue_fixture(data, "RTE", n=12)
+    args = _compare_args(data, tiny_backbone_dir, out)
+    args[args.index("--methods") + 1], args[args.index("--seeds") + 1] = "romebert-sd", "1"
+    real_save = Trainer._save
+
+    def interrupt(self, *a, **k):
+        real_save(self, *a, **k)
+        if self.args.method == "plain":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save", interrupt)
+    assert main([*args, "--epochs", "2"]) == 130
+    monkeypatch.setattr(Trainer, "_save", real_save)
+    resumes: list[bool] = []
+    real_train = pipeline.train_run
+    monkeypatch.setattr(
+        pipeline,
+        "train_run",
+        lambda d, a, resume=False, **k: resumes.append(resume) or real_train(d, a, resume=resume, **k),
+    )
+
+    assert main(args) == 0  # 1 epoch now: the 2-epoch checkpoint must not be continued
+
+    assert resumes == [False, False]  # plain (interrupted at 2 epochs) retrained from scratch, then romebert-sd
+    summary = json.loads((out / "runs" / "mean" / "plain" / "seed1" / "train_summary.json").read_text())
+    assert summary["resumed_from_step"] is None

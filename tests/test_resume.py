@@ -1,5 +1,6 @@
 """Interrupted training loses nothing: a real process is SIGKILLed mid-epoch and resumed bit-exactly."""
 
+import json
 import os
 import signal
 import subprocess
@@ -100,3 +101,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_backbone
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+    # the resumed run reports every stage, with the time spent before the kill counted
+    whole = json.loads((full / "train_summary.json").read_text())
+    resumed = json.loads((cut / "train_summary.json").read_text())
+    assert [(s["stage"], s["steps"]) for s in resumed["stages"]] == [(s["stage"], s["steps"]) for s in whole["stages"]]
+    assert resumed["stages"][0]["seconds"] >= state.seconds > 0

@@ -42,6 +42,11 @@ class TrainerState:
     batches_done: int = 0  # batches of ``epoch`` already consumed
     global_step: int = 0  # optimizer steps taken in this stage
     stage_done: bool = False
+    # Training-loop wall time of this stage up to the checkpoint, summed over resumptions, and the summaries
+    # of the stages finished before it: a resumed run reports what an uninterrupted one would (less the
+    # work lost after the last checkpoint).
+    seconds: float = 0.0
+    finished: list = field(default_factory=list)
     rng: dict = field(default_factory=dict)  # the writing process's (rank 0's) RNG states
     rank_rng: list = field(default_factory=list)  # data parallel: every rank's RNG states, in rank order
 

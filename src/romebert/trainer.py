@@ -167,6 +167,7 @@ class Trainer:
         self.total_steps = max(1, math.ceil(math.ceil(batches / args.gradient_accumulation_steps) * args.epochs))
         self.params: list[nn.Parameter] = []  # what the current stage optimises
         self.clipped: list[nn.Parameter] = []  # whose gradients count in the clipping norm (and are summed)
+        self._stage_start = 0.0  # perf_counter() at which the current stage would have started, if never interrupted
 
     # ------------------------------------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> list[tuple[list[int], int]]:
@@ -203,6 +204,7 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def _save(self, optimizer, scheduler, state: TrainerState) -> None:
+        state.seconds = time.perf_counter() - self._stage_start
         # Every rank's RNG goes into rank 0's checkpoint (ranks draw different dropout masks), so a
         # resumed data-parallel run continues exactly; one small collective per save.
         rank_rng = self.dist.all_gather_json(capture_rng(), self.device) if self.dist.enabled else []
@@ -256,18 +258,20 @@ class Trainer:
                 state, optimizer, scheduler = resumed
                 resumed = None
                 summary["resumed_from_step"] = {"stage": stage.name, "step": state.global_step}
+                summary["stages"] = list(state.finished)
                 if state.stage_done:
+                    done = {"stage": stage.name, "seconds": state.seconds, "steps": state.global_step}
+                    summary["stages"].append(done)
                     continue
                 self._restore_rng(state)
             else:
                 set_seed(args.seed + stage_index + 1000 * self.dist.rank)  # ranks draw different dropout masks
                 optimizer, scheduler = self._make_optim(stage_index)
-                state = TrainerState(stage_index=stage_index, stage=stage.name)
-            t0 = time.perf_counter()
+                state = TrainerState(stage_index=stage_index, stage=stage.name, finished=list(summary["stages"]))
+            self._stage_start = time.perf_counter() - state.seconds  # a resumed stage counts its earlier time
             last = self._train_stage(stage, state, optimizer, scheduler)
-            summary["stages"].append(
-                {"stage": stage.name, "seconds": time.perf_counter() - t0, "steps": state.global_step, **last}
-            )
+            seconds = time.perf_counter() - self._stage_start
+            summary["stages"].append({"stage": stage.name, "seconds": seconds, "steps": state.global_step, **last})
         for p in self.model.parameters():
             p.requires_grad_(True)
         return summary

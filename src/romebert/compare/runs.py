@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from romebert.checkpoint import list_checkpoints
 from romebert.compare.config import CompareConfig
 from romebert.compare.report import write_report
 from romebert.environment import default_backbone, environment, now
@@ -136,6 +137,18 @@ class Comparison:
                 "use another --output-dir or delete that run folder"
             )
 
+    def resumable(self, key: RunKey) -> bool:
+        """An interrupted run continues from its last checkpoint when it was started with this comparison's
+        settings (the trainer resumes bit-exactly, and its stage times add up across the interruption)."""
+        run = self.folder(key)
+        if not list_checkpoints(run.root) or not run.training_args.is_file() or not run.run_file.is_file():
+            return False
+        try:
+            self.check_reusable(key)
+        except RomebertError:
+            return False
+        return True
+
     def run(self) -> dict:
         """Train / evaluate / reuse every run, then write report.md, report.json and the figures."""
         t0 = time.perf_counter()
@@ -172,14 +185,18 @@ class Comparison:
             return "reused"
         meta: dict[str, Any] = {}
         if state == "absent":
-            # half-finished leftovers (checkpoints, a stale eval/) would mix with the new run's files
-            shutil.rmtree(run.root, ignore_errors=True)
-            print(f"{prefix} {key.label()}: training ...", flush=True)
+            resume = self.resumable(key)
+            if not resume:
+                # half-finished leftovers (a stale eval/, another setting's files) would mix with the new run's
+                shutil.rmtree(run.root, ignore_errors=True)
+            print(f"{prefix} {key.label()}: {'resuming from its last checkpoint' if resume else 'training'} ...",
+                  flush=True)  # fmt: skip
             t = time.perf_counter()
-            summary = pipeline.train_run(self.cfg.data, self.training_arguments(key))
-            meta["train_wall_seconds"] = time.perf_counter() - t
-            # checkpoints only serve --resume, which a comparison never uses (a run is retrained whole so its
-            # wall time is one training); they are 3x the model's size, and a comparison has dozens of runs
+            summary = pipeline.train_run(self.cfg.data, self.training_arguments(key), resume=resume)
+            meta["train_wall_seconds"] = time.perf_counter() - t  # this process's share, if resumed
+            meta["resumed_from_step"] = summary.get("resumed_from_step")
+            # checkpoints only serve resuming an interrupted run; once it is trained they are 3x the model's
+            # size for nothing, and a comparison has dozens of runs
             shutil.rmtree(run.checkpoints, ignore_errors=True)
             print(f"{prefix} {key.label()}: trained in {summary['seconds']:.0f} s", flush=True)
         else:
