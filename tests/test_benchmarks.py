@@ -52,6 +52,7 @@ def test_peak_rss_of_the_onnx_path_is_measured_without_torch(tiny_run, tmp_path)
 
 def test_the_load_test_measures_every_service_and_compares_them(tiny_run, tmp_path):
     import serve_load
+
     from romebert.cli import main
 
     export = tmp_path / "export"

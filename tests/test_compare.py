@@ -254,34 +254,42 @@ def test_report_names_no_folder_of_the_machine(comparison, tiny_backbone_dir, tm
     assert rep["settings"]["backbone"] == "local folder tiny"
 
 
-def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, tiny_backbone_dir, monkeypatch):
-    # Interrupted right after deebert's first stage is checkpointed: the rerun continues that run (its
-    # summary still holds both stages and their times), retrains nothing else, and drops the checkpoints.
+def _interrupted(tmp_path, backbone, monkeypatch, method: str, interrupt: str, *extra: str) -> list[str]:
+    """A comparison of ``plain`` and ``method`` (seed 1) stopped right after ``interrupt``'s first checkpoint;
+    returns its arguments (without ``extra``) and records, from then on, the resume flag of every training."""
     from romebert.trainer import Trainer
 
     data, out = tmp_path / "glue", tmp_path / "cmp"
     write_glue_fixture(data, "RTE", n=12)
-    args = _compare_args(data, tiny_backbone_dir, out)
-    args[args.index("--methods") + 1], args[args.index("--seeds") + 1] = "deebert", "1"
+    args = _compare_args(data, backbone, out)
+    args[args.index("--methods") + 1], args[args.index("--seeds") + 1] = method, "1"
     real_save = Trainer._save
 
-    def interrupt_after_first_save(self, *a, **k):
+    def save_then_stop(self, *a, **k):
         real_save(self, *a, **k)
-        if self.args.method == "deebert":
+        if self.args.method == interrupt:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "_save", interrupt_after_first_save)
-    assert main(args) == 130
-    run = out / "runs" / "mean" / "deebert" / "seed1"
-    assert (run / "checkpoints").is_dir() and not (run / "train_summary.json").exists()
+    monkeypatch.setattr(Trainer, "_save", save_then_stop)
+    assert main([*args, *extra]) == 130
     monkeypatch.setattr(Trainer, "_save", real_save)
-    resumes: list[bool] = []
     real_train = pipeline.train_run
-    monkeypatch.setattr(
-        pipeline,
-        "train_run",
-        lambda d, a, resume=False, **k: resumes.append(resume) or real_train(d, a, resume=resume, **k),
-    )
+    resumes: list[bool] = []
+
+    def recording(d, a, resume=False, **k):
+        resumes.append(resume)
+        return real_train(d, a, resume=resume, **k)
+
+    monkeypatch.setattr(pipeline, "train_run", recording)
+    return args, resumes
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, tiny_backbone_dir, monkeypatch):
+    # Interrupted right after deebert's first stage is checkpointed: the rerun continues that run (its
+    # summary still holds both stages and their times), retrains nothing else, and drops the checkpoints.
+    args, resumes = _interrupted(tmp_path, tiny_backbone_dir, monkeypatch, "deebert", "deebert")
+    run = tmp_path / "cmp" / "runs" / "mean" / "deebert" / "seed1"
+    assert (run / "checkpoints").is_dir() and not (run / "train_summary.json").exists()
 
     assert main(args) == 0
 
@@ -295,32 +303,25 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, tiny_backbone_
 
 
 def test_an_interrupted_run_with_other_settings_is_retrained(tmp_path, tiny_backbone_dir, monkeypatch):
-    from romebert.trainer import Trainer
-
-    data, out = tmp_path / "glue", tmp_path / "cmp"
-    write_glue_fixture(data, "RTE", n=12)
-    args = _compare_args(data, tiny_backbone_dir, out)
-    args[args.index("--methods") + 1], args[args.index("--seeds") + 1] = "romebert-sd", "1"
-    real_save = Trainer._save
-
-    def interrupt(self, *a, **k):
-        real_save(self, *a, **k)
-        if self.args.method == "plain":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "_save", interrupt)
-    assert main([*args, "--epochs", "2"]) == 130
-    monkeypatch.setattr(Trainer, "_save", real_save)
-    resumes: list[bool] = []
-    real_train = pipeline.train_run
-    monkeypatch.setattr(
-        pipeline,
-        "train_run",
-        lambda d, a, resume=False, **k: resumes.append(resume) or real_train(d, a, resume=resume, **k),
-    )
+    args, resumes = _interrupted(tmp_path, tiny_backbone_dir, monkeypatch, "romebert-sd", "plain", "--epochs", "2")
 
     assert main(args) == 0  # 1 epoch now: the 2-epoch checkpoint must not be continued
 
-    assert resumes == [False, False]  # plain (interrupted at 2 epochs) retrained from scratch, then romebert-sd
-    summary = json.loads((out / "runs" / "mean" / "plain" / "seed1" / "train_summary.json").read_text())
+    assert resumes == [False, False]  # plain retrained from scratch, then romebert-sd
+    summary = json.loads((tmp_path / "cmp" / "runs" / "mean" / "plain" / "seed1" / "train_summary.json").read_text())
     assert summary["resumed_from_step"] is None
+
+
+def test_a_checkpoint_without_stage_times_is_not_resumed(tmp_path, tiny_backbone_dir, monkeypatch):
+    # written by a romebert that did not keep stage times: resuming would leave the training cost unknown
+    args, resumes = _interrupted(tmp_path, tiny_backbone_dir, monkeypatch, "romebert-sd", "romebert-sd")
+    run = tmp_path / "cmp" / "runs" / "mean" / "romebert-sd" / "seed1"
+    for state_file in (run / "checkpoints").glob("*/trainer_state.json"):
+        state = json.loads(state_file.read_text())
+        del state["seconds"], state["finished"]
+        state_file.write_text(json.dumps(state))
+
+    assert main(args) == 0
+
+    assert resumes == [False]
+    assert json.loads((run / "train_summary.json").read_text())["stages"][0]["seconds"] > 0

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from romebert.checkpoint import list_checkpoints
+from romebert.checkpoint import list_checkpoints, read_state
 from romebert.compare.config import CompareConfig
 from romebert.compare.report import write_report
 from romebert.environment import default_backbone, environment, now
@@ -141,13 +141,15 @@ class Comparison:
         """An interrupted run continues from its last checkpoint when it was started with this comparison's
         settings (the trainer resumes bit-exactly, and its stage times add up across the interruption)."""
         run = self.folder(key)
-        if not list_checkpoints(run.root) or not run.training_args.is_file() or not run.run_file.is_file():
+        found = list_checkpoints(run.root)
+        if not found or not run.training_args.is_file() or not run.run_file.is_file():
             return False
         try:
             self.check_reusable(key)
+            # a checkpoint without stage times (written before they were kept) would leave the cost unknown
+            return read_state(found[-1]).seconds > 0
         except RomebertError:
             return False
-        return True
 
     def run(self) -> dict:
         """Train / evaluate / reuse every run, then write report.md, report.json and the figures."""
