@@ -226,7 +226,7 @@ def test_export_round_trips_every_exit(family, tokenizer_dir, tmp_path):
 
     model = _model(family, seed=4)
     folder = tmp_path / "export"
-    export_model(model, tokenizer_dir, folder, max_seq_length=40)
+    export_model(model, tokenizer_dir, folder, max_seq_length=40, full_graph=True)
     manifest = ExportManifest.load(folder)
     assert manifest.num_layers == LAYERS and "generic segments" in manifest.source["encoder"]
     assert len(manifest.fusions) == LAYERS
@@ -237,6 +237,8 @@ def test_export_round_trips_every_exit(family, tokenizer_dir, tmp_path):
     got = all_exit_logits(ort, batches)
     ref = _one_pass(model, [tuple(torch.from_numpy(a) for a in b) for b in batches])
     assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-3
+    plain = all_exit_logits(OrtSegments(folder, intra_op_threads=1, one_graph=True), batches)  # the one graph
+    assert np.abs(plain[0] - ref[-1]).max() < 1e-3
     # the ONNX Runtime engine decides as the PyTorch one does (threshold away from near-ties)
     policy = get_policy("entropy", _safe_threshold(entropy(ref[0])))
     a = EarlyExitEngine(model, policy).run_stream(batches, batch_size=5)
