@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from romebert.checkpoint import list_checkpoints, read_state
 from romebert.compare.config import CompareConfig
 from romebert.compare.report import write_report
 from romebert.environment import default_backbone, environment, now
@@ -140,6 +139,8 @@ class Comparison:
     def resumable(self, key: RunKey) -> bool:
         """An interrupted run continues from its last checkpoint when it was started with this comparison's
         settings (the trainer resumes bit-exactly, and its stage times add up across the interruption)."""
+        from romebert.checkpoint import list_checkpoints, read_state  # imports torch: not at CLI start-up
+
         run = self.folder(key)
         found = list_checkpoints(run.root)
         if not found or not run.training_args.is_file() or not run.run_file.is_file():
