@@ -124,6 +124,15 @@ def test_full_graph_is_the_final_exit_in_one_checksummed_graph(tmp_path, tokeniz
     got = all_exit_logits(one, _batches(data, 8))[0]
     final = all_exit_logits(OrtSegments(folder), _batches(data, 8))[-1]
     assert np.abs(got - final).max() < 1e-4
+    # through the engine it is the model's last exit: exit layer L, L layers of work per row, and the
+    # final exit's temperature
+    temps = [0.5 + i for i in range(LAYERS)]
+    batch = _batches(data, 40)[0]
+    out = EarlyExitEngine(one, get_policy("entropy", 1.0), temperatures=temps).run(*batch)
+    ref = EarlyExitEngine(OrtSegments(folder), get_policy("entropy", 0.0), temperatures=temps).run(*batch)
+    assert set(out.exit_layer.tolist()) == {LAYERS} and out.layer_work == LAYERS * len(data)
+    assert np.abs(out.logits - ref.logits).max() < 1e-4
+    assert EarlyExitClassifier.from_pretrained(folder, one_graph=True).num_layers == LAYERS
     (folder / "full.onnx").write_bytes(b"not onnx")
     with pytest.raises(RomebertError, match=r"full.onnx: checksum mismatch"):
         ExportManifest.load(folder)

@@ -106,10 +106,11 @@ class TimedSegments:
 
     def __init__(self, segments: OrtSegments) -> None:
         self.inner = segments
-        self.num_layers, self.num_labels, self.regression = (
+        self.num_layers, self.num_labels, self.regression, self.exit_layers = (
             segments.num_layers,
             segments.num_labels,
             segments.regression,
+            segments.exit_layers,
         )
         self.graph_seconds = 0.0
         self.calls = 0

@@ -171,7 +171,8 @@ class EarlyExitClassifier:
     # ------------------------------------------------------------------------------------- predict
     @property
     def num_layers(self) -> int:
-        return self.segments.num_layers
+        """The model's layers (its exits), also when the runtime runs it as one graph."""
+        return self.segments.exit_layers[-1]
 
     @property
     def regression(self) -> bool:

@@ -332,10 +332,11 @@ def _cmd_evaluate(ns) -> dict:
 
 def _cmd_sweep(ns) -> dict:
     from romebert.modeling import CONFIG_NAME, MultiExitConfig
-    from romebert.pipeline import RUN_FILE, DataSpec, sweep_cached
+    from romebert.pipeline import DataSpec, sweep_cached
+    from romebert.runs import RunFolder
     from romebert.tasks import custom_task, get_task
 
-    data = DataSpec.load(Path(ns.run) / RUN_FILE)
+    data = DataSpec.load(RunFolder(ns.run).run_file)
     if data.is_custom:
         cfg = MultiExitConfig.load(Path(ns.run) / "model" / CONFIG_NAME)
         task = custom_task(tuple(cfg.labels) if cfg.labels else None, metric=data.metric, pair=data.text_b is not None)
@@ -428,9 +429,10 @@ def _cmd_run(ns) -> None:
 
 
 def _has_test(run: str) -> bool:
-    from romebert.pipeline import RUN_FILE, DataSpec
+    from romebert.pipeline import DataSpec
+    from romebert.runs import RunFolder
 
-    return bool(DataSpec.load(Path(run) / RUN_FILE).test_files())
+    return bool(DataSpec.load(RunFolder(run).run_file).test_files())
 
 
 def _cmd_compare(ns) -> dict:

@@ -39,9 +39,10 @@ class Segments(Protocol):
     States are the runtime's own objects (hidden states, masks); the engine only passes them back.
     """
 
-    num_layers: int
+    num_layers: int  # segments, each ending at an exit
     num_labels: int
     regression: bool
+    exit_layers: Sequence[int]  # the model's exit (1-based) each segment ends at: 1..L, or [L] for one graph
 
     def start(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None) -> Any:
         """The embeddings' output for a batch [b, T], ready for layer 0."""
@@ -95,8 +96,8 @@ Done = tuple[np.ndarray, np.ndarray, int]  # rows that left together: (output ro
 class EarlyExitEngine:
     """Early-exit inference of ``segments`` (or of a model with a ``segments()`` method) under ``policy``.
 
-    ``temperatures``: one per exit (``calibration.py``); exit i's logits are divided by
-    ``temperatures[i]`` before the policy sees them, and the returned logits are the scaled ones.
+    ``temperatures``: one per exit of the model (``calibration.py``); exit k's logits are divided by
+    ``temperatures[k - 1]`` before the policy sees them, and the returned logits are the scaled ones.
     Padding is assumed on the right (trailing padding columns are trimmed).
     """
 
@@ -104,13 +105,17 @@ class EarlyExitEngine:
         self.segments: Segments = segments.segments() if hasattr(segments, "segments") else segments
         self.policy = policy
         self.num_layers = self.segments.num_layers
+        self.exit_layers = [int(k) for k in self.segments.exit_layers]
+        self.temperatures = None  # per segment
         if temperatures is not None:
             temperatures = [float(t) for t in temperatures]
-            if len(temperatures) != self.num_layers:
-                raise RomebertError(f"temperatures: need one per exit ({self.num_layers}), got {len(temperatures)}")
+            if len(temperatures) != self.exit_layers[-1]:
+                raise RomebertError(
+                    f"temperatures: need one per exit ({self.exit_layers[-1]}), got {len(temperatures)}"
+                )
             if min(temperatures) <= 0:
                 raise RomebertError(f"temperatures must be positive, got {temperatures}")
-        self.temperatures = temperatures
+            self.temperatures = [temperatures[k - 1] for k in self.exit_layers]
         # Fail early: the policy rejects regression for criteria it cannot apply, or bad thresholds.
         policy.init_state(0, self.num_layers, self.segments.regression)
 
@@ -205,8 +210,9 @@ class EarlyExitEngine:
         shapes.append((len(g), g.width))
         if self.temperatures is not None:
             logits = logits / np.float32(self.temperatures[i])
+        exit_layer = self.exit_layers[i]
         if i == self.num_layers - 1:  # the final head takes everyone left; no decision needed
-            done.append((g.rows, logits, i + 1))
+            done.append((g.rows, logits, exit_layer))
             return None
         leave, policy = self.policy.step(i, logits, g.policy)
         n_leave = int(np.count_nonzero(leave))
@@ -214,9 +220,9 @@ class EarlyExitEngine:
             g.state, g.policy = state, policy  # same rows, same columns
             return g
         if n_leave == len(g):
-            done.append((g.rows, logits, i + 1))
+            done.append((g.rows, logits, exit_layer))
             return None
-        done.append((g.rows[leave], logits[leave], i + 1))
+        done.append((g.rows[leave], logits[leave], exit_layer))
         keep = np.flatnonzero(~leave)
         return self.select_rows(Group(state, g.rows, g.extent, policy, g.width), keep)
 
@@ -237,13 +243,13 @@ class EarlyExitEngine:
 
     def _assemble(self, n: int, done: list[Done], shapes: list[tuple[int, int]]) -> EngineOutput:
         """Every row's logits and exit layer, in input order."""
-        work = sum(b for b, _ in shapes)
         out = np.empty((n, self.segments.num_labels), dtype=np.float32)
         exit_layer = np.empty(n, dtype=np.int64)
         for rows, logits, layer in done:
             out[rows] = logits
             exit_layer[rows] = layer
-        return EngineOutput(out, exit_layer, work, shapes)
+        # a row runs every layer up to its exit and none after, whatever the segments span
+        return EngineOutput(out, exit_layer, int(exit_layer.sum()), shapes)
 
 
 class LayerQueues:

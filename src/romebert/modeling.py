@@ -407,6 +407,7 @@ class TorchSegments:
     def __init__(self, model: MultiExitModel) -> None:
         self.model = model.eval()
         self.num_layers = model.num_layers
+        self.exit_layers = list(range(1, self.num_layers + 1))
         self.num_labels = model.config.num_labels
         self.regression = model.config.is_regression
         self._mean = model.config.pooling == "mean"

@@ -87,6 +87,7 @@ class OrtSegments:
                 raise RomebertError(f"{self.folder}: has no whole-model graph (export it with --full-graph)")
             graphs = [self.manifest.full_graph]
         self.num_layers = len(graphs)
+        self.exit_layers = [self.manifest.num_layers] if one_graph else list(range(1, self.num_layers + 1))
         self.num_labels = self.manifest.num_labels
         self.regression = self.manifest.regression
         so = session_options(intra_op_threads, inter_op_threads, spinning)

@@ -29,12 +29,10 @@ from romebert.modeling import MultiExitModel
 from romebert.plots import plot_per_exit, plot_speedup
 from romebert.policies import REFERENCE_THRESHOLDS
 from romebert.reports import write_json, write_per_exit_csv, write_sweep_csv
+from romebert.runs import RunFolder
 from romebert.tasks import TaskSpec
 from romebert.trainer import Trainer, resolve_device, set_seed
 from romebert.training_args import TrainingArguments
-
-RUN_FILE = "run.json"
-MODEL_DIR = "model"
 
 
 def train_run(data: DataSpec, args: TrainingArguments, resume: bool = False, then_evaluate: bool = False) -> dict:
@@ -45,8 +43,8 @@ def train_run(data: DataSpec, args: TrainingArguments, resume: bool = False, the
     checked = data.check_inputs(["train", *(data.eval_splits() if then_evaluate else [])], with_tests=then_evaluate)
     task = data.task_spec()
     args = args.resolved(task.gr_anchor)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run = RunFolder(args.output_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
     backbone = args.backbone or default_backbone()
     tokenizer = load_tokenizer(backbone)
     t0 = time.perf_counter()
@@ -69,18 +67,18 @@ def train_run(data: DataSpec, args: TrainingArguments, resume: bool = False, the
     }
     trainer = Trainer(model, args, train_set, Collator(tokenizer))
     if trainer.dist.is_main:  # under a multi-process launcher only rank 0 writes the run's files
-        write_json(out / RUN_FILE, run_info)
+        write_json(run.run_file, run_info)
     summary = trainer.train(resume=resume)
     summary.update(
         num_train_examples=len(train_set),
         seconds=time.perf_counter() - t0,
-        model_dir=str(out / MODEL_DIR),
+        model_dir=str(run.model),
         is_main_process=trainer.dist.is_main,
     )
     if trainer.dist.is_main:
-        model.save_pretrained(out / MODEL_DIR)
-        tokenizer.save_pretrained(str(out / MODEL_DIR))
-        write_json(out / "train_summary.json", summary)
+        model.save_pretrained(run.model)
+        tokenizer.save_pretrained(str(run.model))
+        write_json(run.train_summary, summary)
     return summary
 
 
@@ -92,10 +90,10 @@ def run_task(model: MultiExitModel, data: DataSpec) -> TaskSpec:
 
 def load_run(run_dir: str | Path, device: str = "auto") -> tuple[MultiExitModel, object, DataSpec]:
     """The trained model, its tokenizer and the data description of a run folder."""
-    run_dir = Path(run_dir)
-    data = DataSpec.load(run_dir / RUN_FILE)
-    model = MultiExitModel.from_pretrained(run_dir / MODEL_DIR, map_location=resolve_device(device))
-    return model, load_tokenizer(str(run_dir / MODEL_DIR)), data
+    run = RunFolder(run_dir)
+    data = DataSpec.load(run.run_file)
+    model = MultiExitModel.from_pretrained(run.model, map_location=resolve_device(device))
+    return model, load_tokenizer(str(run.model)), data
 
 
 def evaluate_run(
@@ -106,8 +104,8 @@ def evaluate_run(
     data_override: dict | None = None,
 ) -> dict[str, dict]:
     """Per-exit metrics and a threshold sweep on every dev split, from one pass each (logits cached)."""
-    run_dir = Path(run_dir)
-    model, tokenizer, data = load_run(run_dir, device)
+    run = RunFolder(run_dir)
+    model, tokenizer, data = load_run(run.root, device)
     data = data.replaced(data_override)
     task = run_task(model, data)
     thresholds = list(thresholds) if thresholds is not None else list(REFERENCE_THRESHOLDS)
@@ -123,12 +121,10 @@ def evaluate_run(
         t0 = time.perf_counter()
         logits = collect_logits(model, dataset, Collator(tokenizer), batch_size)
         seconds = time.perf_counter() - t0
-        write_json(
-            run_dir / "eval" / split / "timing.json",
-            {"examples": len(dataset), "full_pass_seconds": seconds, "batch_size": batch_size},
-        )
+        write_json(run.timing_file(split), {"examples": len(dataset), "full_pass_seconds": seconds,
+                                            "batch_size": batch_size})  # fmt: skip
         results[split] = write_evaluation(
-            run_dir / "eval" / split, logits, labels, task, thresholds, title=f"{task.name} {split}"
+            run.eval(split), logits, labels, task, thresholds, title=f"{task.name} {split}"
         )
         results[split]["full_pass_seconds"] = seconds
     return results

@@ -107,18 +107,11 @@ class Service:
         self.full_depth = cfg.full_depth or cfg.full_graph
         self.policy = get_policy("entropy", 0.0) if self.full_depth else self.clf.policy()
         temps = self.clf.exit_config.temperatures
-        # One graph is one "layer" to the engine; answers and metrics still count the model's layers.
-        self.num_layers = self.clf.segments.manifest.num_layers if cfg.full_graph else self.clf.num_layers
-        self._one_graph = cfg.full_graph
-        if cfg.full_graph and temps is not None:
-            temps = temps[-1:]
+        self.num_layers = self.clf.num_layers
         self.metrics = Metrics(self.num_layers, cfg.max_batch)
         self.batcher = ContinuousBatcher(self.clf.segments, self.policy, self.clf.collator, temps, cfg.max_batch,
-                                         cfg.max_wait_ms, cfg.max_queue, self._observe)  # fmt: skip
+                                         cfg.max_wait_ms, cfg.max_queue, self.metrics.observe)  # fmt: skip
         self.draining = False
-
-    def _observe(self, event: str, value: float) -> None:
-        self.metrics.observe(event, self.num_layers if event == "exit" and self._one_graph else value)
 
     # ------------------------------------------------------------------------------------ requests
     def parse(self, body: bytes) -> tuple[list[Any], ExitPolicy | None, list[Any] | None]:
@@ -211,15 +204,14 @@ class Service:
 
     def _results(self, job: Job) -> list[dict[str, Any]]:
         logits = np.stack(job.logits) if job.logits else np.zeros((0, self.clf.segments.num_labels))
-        exits = [self.num_layers] * job.size if self._one_graph else job.exit_layer
         names = self.clf.label_names
         if names is None:
-            return [{"value": float(v[0]), "exit_layer": int(k)} for v, k in zip(logits, exits)]
+            return [{"value": float(v[0]), "exit_layer": int(k)} for v, k in zip(logits, job.exit_layer)]
         probs = softmax(logits)
         return [
             {"label": names[int(p.argmax())], "probabilities": {n: float(q) for n, q in zip(names, p)},
              "exit_layer": int(k)}
-            for p, k in zip(probs, exits)
+            for p, k in zip(probs, job.exit_layer)
         ]  # fmt: skip
 
     # ------------------------------------------------------------------------------------ the app
