@@ -149,6 +149,7 @@ def test_compare_resumes_where_it_stopped(comparison, tiny_backbone_dir, monkeyp
     untouched = [runs / "deebert" / "seed1", runs / "romebert-sd" / "seed2", runs / "plain" / "seed2"]
     mtimes = {p: (p / "train_summary.json").stat().st_mtime_ns for p in untouched}
     shutil.rmtree(deleted)
+    (out / "report.json").unlink()  # interrupted before its first report (with one, "deleted" is reused from it)
     (half / "train_summary.json").unlink()
     (unevaluated / "eval" / "dev" / "sweep.json").unlink()
     calls = _count_train_runs(monkeypatch)
@@ -285,8 +286,9 @@ def _interrupted(tmp_path, backbone, monkeypatch, method: str, interrupt: str, *
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, tiny_backbone_dir, monkeypatch):
-    # Interrupted right after deebert's first stage is checkpointed: the rerun continues that run (its
-    # summary still holds both stages and their times), retrains nothing else, and drops the checkpoints.
+    # Interrupted right after deebert's first checkpoint (its stage two's: stage one came from plain): the
+    # rerun continues that run (its summary still holds both stages and their times), retrains nothing
+    # else, and drops the checkpoints, plain's included.
     args, resumes = _interrupted(tmp_path, tiny_backbone_dir, monkeypatch, "deebert", "deebert")
     run = tmp_path / "cmp" / "runs" / "mean" / "deebert" / "seed1"
     assert (run / "checkpoints").is_dir() and not (run / "train_summary.json").exists()
@@ -295,8 +297,10 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, tiny_backbone_
 
     assert resumes == [True]  # plain finished before the interruption; deebert continued
     summary = json.loads((run / "train_summary.json").read_text())
-    assert summary["resumed_from_step"]["stage"] == "finetune"
+    assert summary["resumed_from_step"]["stage"] == "exits"
     assert [s["stage"] for s in summary["stages"]] == ["finetune", "exits"]
+    assert json.loads((run / "compare_run.json").read_text())["first_stage_from"] == "plain"
+    assert not (tmp_path / "cmp" / "runs" / "mean" / "plain" / "seed1" / "checkpoints").exists()
     assert all(s["seconds"] > 0 and s["steps"] > 0 for s in summary["stages"])
     assert json.loads((run / "compare_run.json").read_text())["resumed_from_step"] == summary["resumed_from_step"]
     assert not (run / "checkpoints").exists()
@@ -325,3 +329,87 @@ def test_a_checkpoint_without_stage_times_is_not_resumed(tmp_path, tiny_backbone
 
     assert resumes == [False]
     assert json.loads((run / "train_summary.json").read_text())["stages"][0]["seconds"] > 0
+
+
+def _weights(run: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    (path,) = (run / "model").glob("*.safetensors")
+    return load_file(path)
+
+
+def test_two_stage_methods_continue_from_plains_fine_tuning(tmp_path, tiny_backbone_dir, monkeypatch):
+    # DeeBERT's stage one is plain fine-tuning: a comparison trains it once per seed, and every two-stage
+    # method continues from plain's checkpoint, ending with the weights a training from scratch gives.
+    data, out = tmp_path / "glue", tmp_path / "cmp"
+    write_glue_fixture(data, "RTE", n=12)
+    args = _compare_args(data, tiny_backbone_dir, out)
+    args[args.index("--methods") + 1], args[args.index("--seeds") + 1] = "deebert,romebert-sd,mixed", "1"
+    from romebert.trainer import Trainer
+
+    stages_run: list[tuple[str, str]] = []
+    real_stage = Trainer._train_stage
+
+    def recording(self, stage, *a, **k):
+        stages_run.append((self.args.method, stage.name))
+        return real_stage(self, stage, *a, **k)
+
+    monkeypatch.setattr(Trainer, "_train_stage", recording)
+
+    assert main(args) == 0
+
+    assert stages_run == [("plain", "finetune"), ("deebert", "exits"), ("romebert-sd", "joint"), ("mixed", "joint")]
+    runs = out / "runs" / "mean"
+    plain = json.loads((runs / "plain" / "seed1" / "train_summary.json").read_text())["stages"][0]
+    for method in ("deebert", "mixed"):
+        summary = json.loads((runs / method / "seed1" / "train_summary.json").read_text())
+        # the cost is still counted: plain's stage time up to its last checkpoint (the save itself not included)
+        assert 0.5 * plain["seconds"] < summary["stages"][0]["seconds"] <= plain["seconds"]
+        assert summary["stages"][0]["steps"] == plain["steps"] and summary["stages"][1]["seconds"] > 0
+        assert json.loads((runs / method / "seed1" / "compare_run.json").read_text())["first_stage_from"] == "plain"
+        log = [json.loads(line) for line in (runs / method / "seed1" / "train_log.jsonl").read_text().splitlines()]
+        assert {r["stage"] for r in log} == {"finetune", summary["stages"][1]["stage"]}
+    assert not (runs / "plain" / "seed1" / "checkpoints").exists()  # dropped once every method has it
+    rep = json.loads((out / "report.json").read_text())
+    assert {r["method"]: r["first_stage_from"] for r in rep["runs"]}["deebert"] == "plain"
+
+    # the same training from scratch, outside a comparison: bit-identical weights
+    alone = tmp_path / "alone"
+    extra = ["--model", str(tiny_backbone_dir), "--pooling", "mean", "--seed", "1", "-o", str(alone), *TINY]
+    assert main(["train", "--task", "RTE", "--data-dir", str(data), "--method", "deebert", *extra]) == 0
+    mine, theirs = _weights(runs / "deebert" / "seed1"), _weights(alone)
+    assert mine.keys() == theirs.keys() and all((mine[k] == theirs[k]).all() for k in mine)
+
+
+def test_a_comparison_continues_from_its_report_where_the_run_folders_are_gone(
+    comparison, tiny_backbone_dir, tmp_path, monkeypatch, capsys
+):
+    # Run folders (the models) are not committed, report.json is: on another machine the same command with
+    # one more seed trains that seed's runs only, and reports the recorded ones with their numbers.
+    data, src = comparison
+    out = tmp_path / "cmp"
+    out.mkdir()
+    shutil.copy2(src / "report.json", out / "report.json")
+    before = {(r["method"], r["seed"]): r for r in json.loads((src / "report.json").read_text())["runs"]}
+    calls = _count_train_runs(monkeypatch)
+    args = _compare_args(data, tiny_backbone_dir, out)
+    args[args.index("--seeds") + 1] = "1,2,3"
+
+    assert main(args) == 0
+
+    assert sorted(calls) == sorted(str(out / "runs" / "mean" / m / "seed3") for m in ["plain", *METHODS_UNDER_TEST])
+    rep = json.loads((out / "report.json").read_text())
+    after = {(r["method"], r["seed"]): r for r in rep["runs"]}
+    for key, old in before.items():
+        assert after[key]["status"] == "reused"
+        assert after[key]["splits"]["dev"]["per_exit"] == old["splits"]["dev"]["per_exit"]
+    assert {after[(m, 3)]["status"] for m in ["plain", *METHODS_UNDER_TEST]} == {"trained"}
+    assert rep["per_exit"]["dev"]["mean"]["deebert"][0]["n"] == 3
+    capsys.readouterr()
+
+    # other training settings: the recorded runs are other runs, and the command says so
+    calls.clear()
+    assert main([*_compare_args(data, tiny_backbone_dir, out, "--lr", "1e-3"), "--report-only"]) == 2
+    out_err = capsys.readouterr()
+    assert "made with other settings (training); its runs are not reused" in out_err.out
+    assert "no finished runs to report on" in out_err.err and calls == []

@@ -10,9 +10,15 @@ Layout of a comparison folder::
 
 A run is finished when ``train_summary.json`` and ``eval/<split>/sweep.json`` of every dev split exist;
 finished runs are reused, so rerunning the same command continues an interrupted comparison. A run
-that was trained but not evaluated is only evaluated; any other half-finished run is deleted and
-trained again from scratch (not resumed from a checkpoint: its wall time must cover one whole training);
-for the same reason a finished training's checkpoints are deleted (``model/`` is kept).
+that was trained but not evaluated is only evaluated; one interrupted in training resumes from its last
+checkpoint when it was started with the same settings (else it is trained again); a finished training's
+checkpoints are deleted (``model/`` is kept). A run whose folder is absent but whose record is in an
+earlier ``report.json`` of the same settings is reused from that record: run folders (the models) are not
+committed, the report is, so a comparison can continue on another machine or in another session.
+
+The two-stage methods (``deebert``, ``deebert-sd``, ``mixed``) begin with plain fine-tuning, the same
+seed, data order and initialisation as ``plain``: they continue from plain's end-of-training checkpoint
+(bit-identical to training that stage again), and their first stage's time is plain's.
 
 ``plain`` (one classifier on the last layer, DeeBERT's stage one alone) is trained next to the methods
 as the training-cost baseline; only its last exit means anything.

@@ -158,8 +158,9 @@ def training_cost_section(rep: Report) -> list[str]:
         "one process. `× plain`: per seed, divided "
         "by the `plain` run of the same pooling and seed (one classifier on the last layer, DeeBERT's stage "
         "one alone), then mean ± std over seeds. DeeBERT's two stages are listed separately; `romebert-sdgr` "
-        "pays a second backward pass for the gradient projection. Wall time includes everything else "
-        "running on the machine."
+        "pays a second backward pass for the gradient projection. The two-stage methods continue from "
+        "plain's fine-tuning (the same training), so their first stage's time is plain's and their "
+        "`train_run s` covers the rest. Wall time includes everything else running on the machine."
     )
     rows = []
     for pooling in rep["settings"]["poolings"]:

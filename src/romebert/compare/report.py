@@ -26,13 +26,40 @@ def figure_names(splits: list[str], split: str) -> dict[str, str]:
     return {"per_exit": f"per_exit{suffix}.png", "speedup": f"speedup{suffix}.png"}
 
 
-def build_report(comp: Comparison, records: list[dict], env: dict, wall: float) -> dict[str, Any]:
-    """report.json's content from the run records (``Comparison.read_run``'s)."""
+# settings a comparison may grow or change without making its finished runs other runs
+_PLAN_SETTINGS = ("methods", "poolings", "seeds", "speedups")
+
+
+def report_settings(comp: Comparison) -> dict[str, Any]:
+    """report.json's "settings": what every run was trained and evaluated with, and the plan."""
     cfg, task = comp.cfg, comp.task
-    notes = Path(cfg.notes).read_text(encoding="utf-8") if cfg.notes else None
     training = {f.name: getattr(cfg.training, f.name) for f in option_fields(TrainingArguments)}
     if training.get("backbone") is not None:  # as settings.backbone: named, never a machine path
         training["backbone"] = backbone_label(training["backbone"])
+    return {
+        "task": task.name,
+        "metric": task.metric,
+        "splits": comp.splits,
+        "backbone": backbone_label(comp.backbone),
+        "methods": cfg.all_methods,
+        "poolings": cfg.poolings,
+        "seeds": cfg.seeds,
+        "training": {k: v for k, v in training.items() if k not in COMPARE_VARIES} | {"gr_anchor": comp.gr_anchor},
+        "data": asdict(shown_data(cfg.data)),
+        "thresholds": cfg.thresholds,
+        "speedups": cfg.speedups,
+    }
+
+
+def comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    """The part of report settings that two reports must share for one's runs to belong in the other."""
+    return {k: v for k, v in settings.items() if k not in _PLAN_SETTINGS}
+
+
+def build_report(comp: Comparison, records: list[dict], env: dict, wall: float) -> dict[str, Any]:
+    """report.json's content from the run records (``Comparison.read_run``'s)."""
+    cfg = comp.cfg
+    notes = Path(cfg.notes).read_text(encoding="utf-8") if cfg.notes else None
     return {
         "format": FORMAT,
         "created": now(),
@@ -40,19 +67,7 @@ def build_report(comp: Comparison, records: list[dict], env: dict, wall: float) 
         "invocation": shown_invocation(cfg.invocation),
         "wall_seconds": wall,
         "environment": env,
-        "settings": {
-            "task": task.name,
-            "metric": task.metric,
-            "splits": comp.splits,
-            "backbone": backbone_label(comp.backbone),
-            "methods": cfg.all_methods,
-            "poolings": cfg.poolings,
-            "seeds": cfg.seeds,
-            "training": {k: v for k, v in training.items() if k not in COMPARE_VARIES} | {"gr_anchor": comp.gr_anchor},
-            "data": asdict(shown_data(cfg.data)),
-            "thresholds": cfg.thresholds,
-            "speedups": cfg.speedups,
-        },
+        "settings": report_settings(comp),
         **aggregate(cfg, comp.splits, records),
         "figures": {split: figure_names(comp.splits, split) for split in comp.splits},
         "runs": records,

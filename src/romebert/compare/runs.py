@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from romebert.compare.config import CompareConfig
+from romebert.compare.config import PLAIN, CompareConfig
 from romebert.compare.report import write_report
 from romebert.environment import default_backbone, environment, now
 from romebert.errors import RomebertError
+from romebert.methods import get_method
 from romebert.runs import RunFolder
 from romebert.training_args import TrainingArguments
 
@@ -89,6 +90,7 @@ class Comparison:
             for pooling in cfg.poolings
             for method in cfg.all_methods
         ]
+        self.recorded = self._recorded_runs()
 
     def folder(self, key: RunKey) -> RunFolder:
         return RunFolder(key.path(self.out))
@@ -106,13 +108,39 @@ class Comparison:
         )
 
     def state(self, key: RunKey) -> str:
-        """Where a run stands: finished, trained (model saved, evaluation incomplete) or absent (train it)."""
+        """Where a run stands: finished, trained (model saved, evaluation incomplete), recorded (finished
+        elsewhere: its record is in report.json, its folder is not here) or absent (train it)."""
         run = self.folder(key)
-        if not run.train_summary.is_file():
-            return "absent"
-        if all(run.sweep_file(s).is_file() for s in self.splits):
+        if run.train_summary.is_file() and all(run.sweep_file(s).is_file() for s in self.splits):
             return "finished"
-        return "trained" if run.is_trained() else "absent"
+        if run.train_summary.is_file() and run.is_trained():
+            return "trained"
+        # a folder here, even half-written, is this machine's newer attempt at the run: it wins
+        return "recorded" if key in self.recorded and not run.root.exists() else "absent"
+
+    def _recorded_runs(self) -> dict[RunKey, dict[str, Any]]:
+        """Finished runs of an earlier report.json in the output folder, when it was made with these settings.
+
+        Run folders hold the models (90 MB each) and are not committed; the report holds every number of
+        every run. So a comparison spread over several machines or sessions continues from its committed
+        report: a run recorded there is not trained again, though its folder is gone."""
+        from romebert.compare.report import comparable, report_settings
+
+        path = self.out / "report.json"
+        if not path.is_file():
+            return {}
+        old = _read_json(path)
+        here = comparable(json.loads(json.dumps(report_settings(self))))  # as JSON reads back: lists, not tuples
+        there = comparable(old["settings"]) if isinstance(old.get("settings"), dict) else None
+        if there != here:
+            differs = sorted(k for k in here if there is None or there.get(k) != here[k])
+            print(f"{path}: made with other settings ({', '.join(differs)}); its runs are not reused", flush=True)
+            return {}
+        found = {}
+        for rec in old.get("runs", []):
+            if rec.get("status") != "missing":
+                found[RunKey(rec["pooling"], rec["method"], int(rec["seed"]))] = rec
+        return found
 
     def check_reusable(self, key: RunKey) -> None:
         """A run trained with other settings must not be mixed into this comparison."""
@@ -152,15 +180,64 @@ class Comparison:
         except RomebertError:
             return False
 
+    def shares_first_stage(self, key: RunKey) -> bool:
+        """Whether ``key``'s first stage is ``plain``'s whole training: DeeBERT's stage one is plain
+        fine-tuning, with the same seed, data order and initialisation, so a comparison trains it once per
+        seed and pooling and every two-stage method continues from plain's checkpoint (bit-identical to
+        training it again; the stage's time is plain's, so the reported cost is unchanged)."""
+        stages = get_method(key.method)
+        return (
+            key.method != PLAIN
+            and PLAIN in self.cfg.all_methods
+            and len(stages) > 1
+            and stages[0] == get_method(PLAIN)[0]
+        )
+
+    def _plain_key(self, key: RunKey) -> RunKey:
+        return RunKey(key.pooling, PLAIN, key.seed)
+
+    def _start_from_plain(self, key: RunKey) -> bool:
+        """Seed ``key``'s run folder with plain's end-of-training checkpoint; False when there is none."""
+        from romebert.checkpoint import list_checkpoints, read_state
+        from romebert.reports import write_json
+
+        if not self.shares_first_stage(key):
+            return False
+        plain = self.folder(self._plain_key(key))
+        found = list_checkpoints(plain.root)
+        if not found or self.state(self._plain_key(key)) == "absent":
+            return False
+        state = read_state(found[-1])
+        if not (state.stage_index == 0 and state.stage_done and state.seconds > 0):
+            return False
+        run = self.folder(key)
+        tmp = run.root.with_name(run.root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(found[-1], tmp / run.checkpoints.name / found[-1].name)
+        if (plain.root / "train_log.jsonl").is_file():  # the run's log then holds both stages
+            shutil.copy2(plain.root / "train_log.jsonl", tmp / "train_log.jsonl")
+        write_json(tmp / META_FILE, {"first_stage_from": PLAIN})
+        tmp.replace(run.root)
+        return True
+
+    def _drop_plain_checkpoint(self, key: RunKey) -> None:
+        """Once every method that continues from plain's checkpoint is trained, it is not needed."""
+        if key.method != PLAIN and not self.shares_first_stage(key):
+            return
+        same = (key.pooling, key.seed)
+        sharers = [k for k in self.plan if self.shares_first_stage(k) and (k.pooling, k.seed) == same]
+        if all(self.folder(k).train_summary.is_file() for k in sharers):
+            shutil.rmtree(self.folder(self._plain_key(key)).checkpoints, ignore_errors=True)
+
     def run(self) -> dict:
         """Train / evaluate / reuse every run, then write report.md, report.json and the figures."""
         t0 = time.perf_counter()
         states = {key: self.state(key) for key in self.plan}
         # check every reusable run before training anything: a mismatch fails in seconds, not hours in
         for key, st in states.items():
-            if st != "absent":
+            if st in ("finished", "trained"):
                 self.check_reusable(key)
-        if self.cfg.report_only and all(st != "finished" for st in states.values()):
+        if self.cfg.report_only and all(st not in ("finished", "recorded") for st in states.values()):
             raise RomebertError(f"{self.out}: no finished runs to report on")
         env = environment(self.cfg.device)
         records = []
@@ -176,6 +253,9 @@ class Comparison:
         from romebert.reports import write_json
 
         run = self.folder(key)
+        if state == "recorded":
+            print(f"{prefix} {key.label()}: finished elsewhere, reused from report.json", flush=True)
+            return "recorded"
         if self.cfg.report_only:
             if state != "finished":
                 print(f"{prefix} {key.label()}: not finished, left out of the report", flush=True)
@@ -187,20 +267,32 @@ class Comparison:
             print(f"{prefix} {key.label()}: finished earlier, reused", flush=True)
             return "reused"
         meta: dict[str, Any] = {}
+        from_plain = False
         if state == "absent":
             resume = self.resumable(key)
             if not resume:
                 # half-finished leftovers (a stale eval/, another setting's files) would mix with the new run's
                 shutil.rmtree(run.root, ignore_errors=True)
-            print(f"{prefix} {key.label()}: {'resuming from its last checkpoint' if resume else 'training'} ...",
-                  flush=True)  # fmt: skip
+                resume = from_plain = self._start_from_plain(key)
+            doing = "training"
+            if resume:
+                doing = "continuing from plain's fine-tuning" if from_plain else "resuming from its last checkpoint"
+            print(f"{prefix} {key.label()}: {doing} ...", flush=True)
+            meta = self._meta(run) if resume else {}
             t = time.perf_counter()
             summary = pipeline.train_run(self.cfg.data, self.training_arguments(key), resume=resume)
             meta["train_wall_seconds"] = time.perf_counter() - t  # this process's share, if resumed
             meta["resumed_from_step"] = summary.get("resumed_from_step")
-            # checkpoints only serve resuming an interrupted run; once it is trained they are 3x the model's
-            # size for nothing, and a comparison has dozens of runs
-            shutil.rmtree(run.checkpoints, ignore_errors=True)
+            # checkpoints only serve resuming an interrupted run (and plain's, the methods that continue from
+            # it); once a run is trained they are 3x the model's size for nothing, and a comparison has dozens
+            if key.method != PLAIN or not any(self.shares_first_stage(k) for k in self.plan):
+                shutil.rmtree(run.checkpoints, ignore_errors=True)
+            else:
+                from romebert.checkpoint import list_checkpoints
+
+                for old in list_checkpoints(run.root)[:-1]:
+                    shutil.rmtree(old, ignore_errors=True)
+            self._drop_plain_checkpoint(key)
             print(f"{prefix} {key.label()}: trained in {summary['seconds']:.0f} s", flush=True)
         else:
             meta = self._meta(run)
@@ -232,6 +324,8 @@ class Comparison:
 
     def read_run(self, key: RunKey, status: str) -> dict[str, Any]:
         """The numbers of one run that the report needs (metric values are fractions)."""
+        if status == "recorded":
+            return {**self.recorded[key], "status": "reused"}
         run = self.folder(key)
         rec: dict[str, Any] = {**asdict(key), "status": status, "dir": str(run.root.relative_to(self.out))}
         if status == "missing":
@@ -252,6 +346,7 @@ class Comparison:
             eval_wall_seconds=meta.get("eval_wall_seconds"),
             finished_at=meta.get("finished_at"),
             environment=meta.get("environment"),
+            first_stage_from=meta.get("first_stage_from"),
             splits={},
         )
         for split in self.splits:
