@@ -292,6 +292,8 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, tiny_backbone_
     args, resumes = _interrupted(tmp_path, tiny_backbone_dir, monkeypatch, "deebert", "deebert")
     run = tmp_path / "cmp" / "runs" / "mean" / "deebert" / "seed1"
     assert (run / "checkpoints").is_dir() and not (run / "train_summary.json").exists()
+    so_far = json.loads((tmp_path / "cmp" / "report.json").read_text())  # written after each finished run
+    assert {r["method"]: r["status"] for r in so_far["runs"]} == {"plain": "trained", "deebert": "missing"}
 
     assert main(args) == 0
 

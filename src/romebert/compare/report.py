@@ -75,13 +75,17 @@ def build_report(comp: Comparison, records: list[dict], env: dict, wall: float) 
     }
 
 
-def write_report(comp: Comparison, records: list[dict], env: dict, wall: float) -> dict[str, Any]:
-    """report.json, report.md and the figures; returns the JSON object."""
+def write_report(comp: Comparison, records: list[dict], env: dict, wall: float, final: bool = True) -> dict[str, Any]:
+    """report.json, report.md and the figures; returns the JSON object. ``final=False``: report.json only,
+    written after each run so that an interrupted comparison's report holds every run finished so far."""
     from romebert.plots import comparison_figures  # matplotlib only when a report is drawn
     from romebert.reports import write_atomic, write_json
 
     out = comp.out
     report = build_report(comp, records, env, wall)
+    if not final:
+        write_json(out / "report.json", report)
+        return report
     comparison_figures(out, report)
     write_json(out / "report.json", report)
     write_atomic(out / "report.md", render_markdown(report))

@@ -244,6 +244,11 @@ class Comparison:
         for i, key in enumerate(self.plan, start=1):
             status = self.ensure(key, states[key], env, f"[{i}/{len(self.plan)}]")
             records.append(self.read_run(key, status))
+            if status in ("trained", "evaluated") and i < len(self.plan):
+                # the report so far (the rest "missing"): a comparison stopped now continues from it elsewhere
+                later = self.plan[i:]
+                pending = [self.read_run(k, "recorded" if states[k] == "recorded" else "missing") for k in later]
+                write_report(self, records + pending, env, time.perf_counter() - t0, final=False)
         wall = time.perf_counter() - t0
         return write_report(self, records, env, wall)
 
