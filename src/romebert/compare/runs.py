@@ -111,10 +111,11 @@ class Comparison:
         """Where a run stands: finished, trained (model saved, evaluation incomplete), recorded (finished
         elsewhere: its record is in report.json, its folder is not here) or absent (train it)."""
         run = self.folder(key)
-        if run.train_summary.is_file() and all(run.sweep_file(s).is_file() for s in self.splits):
-            return "finished"
-        if run.train_summary.is_file() and run.is_trained():
-            return "trained"
+        if run.train_summary.is_file():
+            if all(run.sweep_file(s).is_file() for s in self.splits):
+                return "finished"
+            if run.is_trained():
+                return "trained"
         # a folder here, even half-written, is this machine's newer attempt at the run: it wins
         return "recorded" if key in self.recorded and not run.root.exists() else "absent"
 
@@ -290,13 +291,13 @@ class Comparison:
             meta["resumed_from_step"] = summary.get("resumed_from_step")
             # checkpoints only serve resuming an interrupted run (and plain's, the methods that continue from
             # it); once a run is trained they are 3x the model's size for nothing, and a comparison has dozens
-            if key.method != PLAIN or not any(self.shares_first_stage(k) for k in self.plan):
-                shutil.rmtree(run.checkpoints, ignore_errors=True)
-            else:
+            if key.method == PLAIN:  # its newest stays until every method that continues from it is trained
                 from romebert.checkpoint import list_checkpoints
 
                 for old in list_checkpoints(run.root)[:-1]:
                     shutil.rmtree(old, ignore_errors=True)
+            else:
+                shutil.rmtree(run.checkpoints, ignore_errors=True)
             self._drop_plain_checkpoint(key)
             print(f"{prefix} {key.label()}: trained in {summary['seconds']:.0f} s", flush=True)
         else:
