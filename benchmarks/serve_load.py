@@ -1,19 +1,22 @@
 """Loopback load test of `romebert serve`: early exit against the same service at full depth.
 
-Open-loop arrivals (a request every 1/rate seconds, whatever the answers do) for a fixed duration at
-several offered loads, one SST-2 dev sentence per request (in file order, cycling). For each load and
-each service: throughput (answered requests per second), p50 / p95 / p99 latency, errors; and for each
-service the highest throughput that keeps p95 under 50 ms. The services run the same ONNX Runtime int8
-export with the same workers and threads, one after the other, on 127.0.0.1 only:
+Open-loop arrivals (a request every 1/rate seconds, whatever the answers do) for a fixed duration,
+repeated (the run with the median p95 counts), at several offered loads, one SST-2 dev sentence per
+request (in file order, cycling). For each load and each service: throughput (answered requests per
+second), p50 / p95 / p99 latency, errors; and for each service the highest throughput that keeps p95
+under 50 ms. The services run the same ONNX Runtime int8 export with the same workers and threads, one
+after the other, on 127.0.0.1 only:
 - early exit, at the export's threshold;
 - full depth: the same segments, every input to the last layer (``serve --full-depth``);
 - the plain model: the export's whole-model graph (``export --full-graph``, ``serve --full-graph``),
   what a user would serve instead of early exit; measured when the export has one.
-The client is a short asyncio loop on httpx, bounded in requests and time. ``--service-cpus`` and
-``--client-cpus`` pin the two to separate cores, so the client does not steal the service's.
+The client is a short asyncio loop on aiohttp (on uvloop where installed), bounded in requests and
+time; httpx's client saturated one core at about 350 requests/s here, below the service's capacity, so
+it is not used. ``--service-cpus`` and ``--client-cpus`` pin the two to separate cores, so the client
+does not steal the service's.
 
     python benchmarks/serve_load.py --export runs/bench-work/serve-sst2-int8 \\
-        --rates 20,40,80,120,160,240,320 --duration 20 --service-cpus 0 --client-cpus 1
+        --rates 50,100,150,200,250,300,350,400 --service-cpus 0 --client-cpus 1
 
 Writes results/serve_load.{md,json}.
 """
@@ -29,9 +32,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-import httpx
+import aiohttp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,9 +64,10 @@ def start(
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except (urllib.error.URLError, OSError):
             pass
         if proc.poll() is not None:
             raise RuntimeError(f"the service exited: {proc.stderr.read().decode()[-2000:]}")
@@ -76,16 +82,17 @@ async def open_loop(url: str, texts: list[str], rate: float, duration: float, ti
     n = max(1, int(rate * duration))
     latencies: list[float] = []
     statuses: dict[str, int] = {}
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=512)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as client:
 
         async def one(i: int, at: float) -> None:
             await asyncio.sleep(max(0.0, at - time.perf_counter()))
             t0 = time.perf_counter()
             try:
-                r = await client.post("/predict", json={"text": texts[i % len(texts)]})
-                key = str(r.status_code)
-            except httpx.HTTPError as exc:
+                async with client.post("/predict", json={"text": texts[i % len(texts)]}) as r:
+                    await r.read()
+                    key = str(r.status)
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 key = type(exc).__name__
             if key == "200":
                 latencies.append(time.perf_counter() - t0)
@@ -108,20 +115,32 @@ def measure(export: str, texts: list[str], rates: list[float], args, label: str,
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        asyncio.run(open_loop(url, texts, rates[0], 2.0, args.timeout))  # warm-up
+        _run(open_loop(url, texts, rates[0], 2.0, args.timeout))  # warm-up
         rows = []
         for rate in rates:
-            row = asyncio.run(open_loop(url, texts, rate, args.duration, args.timeout))
+            # a load runs `repeats` times and the run with the median p95 stands for it: on a shared VM
+            # one stolen second backs the queue up for several, which one run alone would report
+            runs = sorted((_run(open_loop(url, texts, rate, args.duration, args.timeout)) for _ in range(args.repeats)),
+                          key=lambda r: float("inf") if r["p95"] is None else r["p95"])  # fmt: skip
+            row = {**runs[len(runs) // 2], "p95_of_repeats": [r["p95"] for r in runs]}
             rows.append(row)
             print(f"{label} @ {rate:g}/s: {row['throughput']:.1f}/s, "
                   f"p50 {_ms(row['p50'])} p95 {_ms(row['p95'])} p99 {_ms(row['p99'])} ms, {row['statuses']}",
                   flush=True)  # fmt: skip
-            if row["p95"] is not None and row["p95"] > 4 * args.timeout / 5:
-                break  # far past saturation: higher loads only queue more
+            if not below_saturation(row):
+                break  # saturated: higher loads only queue more
         return rows
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def _run(coro):
+    try:  # uvloop's event loop costs the client less per request than asyncio's
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def _ms(x: float | None) -> str:
@@ -161,8 +180,9 @@ def against(early: list[dict], base: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--export", required=True, help="an ONNX export (int8) to serve")
-    p.add_argument("--rates", default="20,40,80,120,160,240,320", help="offered loads, requests per second")
-    p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per load")
+    p.add_argument("--rates", default="50,100,150,200,250,300,350,400", help="offered loads, requests per second")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of arrivals per run of a load")
+    p.add_argument("--repeats", type=int, default=3, help="runs per load; the median p95 run is reported")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per worker")
     p.add_argument("--timeout", type=float, default=10.0, help="client timeout per request, seconds")
@@ -188,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
               "environment": environment(), "workers": args.workers, "threads": args.threads,
               "export": {"task": manifest.task, "precision": manifest.precision, "layers": manifest.num_layers,
                          **manifest.early_exit.policy().params(), "source": manifest.source},
-              "duration_s": args.duration, "service_cpus": args.service_cpus, "client_cpus": args.client_cpus,
+              "duration_s": args.duration, "repeats": args.repeats,
+              "service_cpus": args.service_cpus, "client_cpus": args.client_cpus,
               "serve_args": args.serve_args, "services": {}}  # fmt: skip
     for key, label, flags in SERVICES:
         if key == "plain_model" and manifest.full_graph is None:
@@ -221,7 +242,8 @@ def markdown(r: dict) -> str:
         f"{ex['criterion']} threshold {ex['threshold']:.4g} (chosen on dev); full depth: the same segments with "
         f"`--full-depth` (every input to layer {ex['layers']}); plain model: the export's whole-model graph "
         "with `--full-graph`, what one would serve without early exit.",
-        f"- Traffic: open-loop, one {ex['task']} dev sentence per request, {r['duration_s']:g} s per offered load.",
+        f"- Traffic: open-loop, one {ex['task']} dev sentence per request, {r['duration_s']:g} s per run; each "
+        f"offered load runs {r.get('repeats', 1)} times and the run with the median p95 is shown.",
         "",
         "| offered /s | service | throughput /s | p50 ms | p95 ms | p99 ms | errors |",
         "|---|---|---|---|---|---|---|",

@@ -58,12 +58,13 @@ def test_the_load_test_measures_every_service_and_compares_them(tiny_run, tmp_pa
     export = tmp_path / "export"
     assert main(["export", str(tiny_run), "-o", str(export), "--threshold", "0.5", "--full-graph"]) == 0
     out = tmp_path / "load"
-    report = serve_load.main(["--export", str(export), "--rates", "5,10", "--duration", "1", "--examples", "8",
-                              "--out", str(out)])  # fmt: skip
+    report = serve_load.main(["--export", str(export), "--rates", "5,10", "--duration", "1", "--repeats", "2",
+                              "--examples", "8", "--out", str(out)])  # fmt: skip
     assert list(report["services"]) == ["early_exit", "full_depth", "plain_model"]
     for service in report["services"].values():
         assert [r["offered"] for r in service["rows"]] == [5.0, 10.0]
         assert all(r["answered"] == r["sent"] and r["p50"] <= r["p95"] <= r["p99"] for r in service["rows"])
+        assert all(len(r["p95_of_repeats"]) == 2 and r["p95"] in r["p95_of_repeats"] for r in service["rows"])
     for key in ("full_depth", "plain_model"):
         a = report["against"][key]
         assert a["throughput_at_p95_50ms"]["baseline"] > 0 or a["throughput_at_p95_50ms"]["ratio"] is None

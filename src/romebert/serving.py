@@ -4,9 +4,9 @@ One worker thread runs the engine's loop for every request at once. New inputs e
 survivors of earlier batches wait in per-layer queues to run deeper layers together (``LayerQueues``:
 the deepest full queue runs first); an input's answer is ready when it exits, and a request completes
 when its last input has exited, not when its batch finishes. When no queue is full the worker waits at
-most ``max_wait_ms`` for more inputs before running a smaller batch, so a lone request is not held
-back. The number of inputs in flight is bounded: past ``max_queue`` a submission is refused
-(:class:`Overloaded`), and the caller answers 503.
+most ``max_wait_ms`` (0 by default) for more inputs before running a smaller batch; inputs that arrive
+while it is busy form the next batch anyway. The number of inputs in flight is bounded: past
+``max_queue`` a submission is refused (:class:`Overloaded`), and the caller answers 503.
 
 Requests may bring their own threshold (one per row, ``PolicyState`` carries them) and criterion (a
 *lane* per criterion: its own engine and queues). Torch-free; PyTorch segments work too.
@@ -83,7 +83,7 @@ class ContinuousBatcher:
         collator: Collator,
         temperatures: Sequence[float] | None = None,
         max_batch: int = 32,
-        max_wait_ms: float = 5.0,
+        max_wait_ms: float = 0.0,
         max_queue: int = 1024,
         observe: Callable[[str, float], None] | None = None,
     ) -> None:
