@@ -1,11 +1,12 @@
 """Loopback load test of `romebert serve`: early exit against the same service at full depth.
 
 Open-loop arrivals (a request every 1/rate seconds, whatever the answers do) for a fixed duration,
-repeated (the run with the median p95 counts), at several offered loads, one SST-2 dev sentence per
-request (in file order, cycling). For each load and each service: throughput (answered requests per
-second), p50 / p95 / p99 latency, errors; and for each service the highest throughput that keeps p95
-under 50 ms. The services run the same ONNX Runtime int8 export with the same workers and threads, one
-after the other, on 127.0.0.1 only:
+repeated (the run with the median p95 counts), at a grid of offered loads up to saturation and then at
+a few loads found by bisection around the 50 ms knee, one SST-2 dev sentence per request (in file
+order, cycling). For each load and each service: throughput (answered requests per second), p50 /
+p95 / p99 latency, errors; and for each service the highest throughput that keeps p95 under 50 ms. The
+services run the same ONNX Runtime int8 export with the same workers and threads, one after the other,
+on 127.0.0.1 only:
 - early exit, at the export's threshold;
 - full depth: the same segments, every input to the last layer (``serve --full-depth``);
 - the plain model: the export's whole-model graph (``export --full-graph``, ``serve --full-graph``),
@@ -34,6 +35,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -109,6 +111,8 @@ async def open_loop(url: str, texts: list[str], rate: float, duration: float, ti
 
 
 def measure(export: str, texts: list[str], rates: list[float], args, label: str, flags: list[str]) -> list[dict]:
+    """One service's rows: see :func:`sweep` (the bisection makes the capacity figure finer than the
+    grid)."""
     port = free_port()
     proc = start(
         export, port, args.workers, args.threads, flags + shlex.split(args.serve_args), _cpus(args.service_cpus)
@@ -116,23 +120,41 @@ def measure(export: str, texts: list[str], rates: list[float], args, label: str,
     try:
         url = f"http://127.0.0.1:{port}"
         _run(open_loop(url, texts, rates[0], 2.0, args.timeout))  # warm-up
-        rows = []
-        for rate in rates:
+
+        def load(rate: float, searched: bool = False) -> dict:
             # a load runs `repeats` times and the run with the median p95 stands for it: on a shared VM
             # one stolen second backs the queue up for several, which one run alone would report
             runs = sorted((_run(open_loop(url, texts, rate, args.duration, args.timeout)) for _ in range(args.repeats)),
                           key=lambda r: float("inf") if r["p95"] is None else r["p95"])  # fmt: skip
-            row = {**runs[len(runs) // 2], "p95_of_repeats": [r["p95"] for r in runs]}
-            rows.append(row)
-            print(f"{label} @ {rate:g}/s: {row['throughput']:.1f}/s, "
+            row = {**runs[len(runs) // 2], "p95_of_repeats": [r["p95"] for r in runs], "searched": searched}
+            print(f"{label} @ {rate:g}/s{' (search)' if searched else ''}: {row['throughput']:.1f}/s, "
                   f"p50 {_ms(row['p50'])} p95 {_ms(row['p95'])} p99 {_ms(row['p99'])} ms, {row['statuses']}",
                   flush=True)  # fmt: skip
-            if not below_saturation(row):
-                break  # saturated: higher loads only queue more
-        return rows
+            return row
+
+        return sweep(load, rates, args.search)
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def sweep(load: Callable[[float, bool], dict], rates: list[float], steps: int) -> list[dict]:
+    """``load(rate, searched)`` at each grid rate up to the first saturated one, then ``steps`` bisection
+    steps between the highest rate within the p95 budget and the next grid rate above it."""
+    rows = []
+    for rate in rates:
+        rows.append(load(rate, False))
+        if not below_saturation(rows[-1]):
+            break  # saturated: higher loads only queue more
+    ok = [r["offered"] for r in rows if within_budget(r)]
+    over = [r["offered"] for r in rows if not within_budget(r) and r["offered"] > max(ok, default=0.0)]
+    if ok and over:
+        lo, hi = max(ok), min(over)
+        for _ in range(steps):
+            mid = round((lo + hi) / 2, 1)
+            rows.append(load(mid, True))
+            lo, hi = (mid, hi) if within_budget(rows[-1]) else (lo, mid)
+    return sorted(rows, key=lambda r: r["offered"])
 
 
 def _run(coro):
@@ -147,10 +169,13 @@ def _ms(x: float | None) -> str:
     return "n/a" if x is None else f"{1e3 * x:.1f}"
 
 
+def within_budget(row: dict) -> bool:
+    return row["p95"] is not None and row["p95"] < P95_BUDGET and not _errors(row)
+
+
 def best_within_budget(rows: list[dict]) -> float:
     """The highest throughput among loads whose p95 stays under 50 ms (0 if none does)."""
-    ok = [r["throughput"] for r in rows if r["p95"] is not None and r["p95"] < P95_BUDGET and not _errors(r)]
-    return max(ok, default=0.0)
+    return max((r["throughput"] for r in rows if within_budget(r)), default=0.0)
 
 
 def _errors(row: dict) -> int:
@@ -170,7 +195,9 @@ def against(early: list[dict], base: list[dict]) -> dict:
     """Early exit against one baseline: the throughput ratio at p95 < 50 ms, and the p95 ratio at each
     offered load where both services kept up."""
     ee, b = best_within_budget(early), best_within_budget(base)
-    pairs = [(a, c) for a, c in zip(early, base) if below_saturation(a) and below_saturation(c)]
+    grid = {c["offered"]: c for c in base if not c.get("searched")}  # searched loads differ by service
+    pairs = [(a, grid[a["offered"]]) for a in early if not a.get("searched") and a["offered"] in grid]
+    pairs = [(a, c) for a, c in pairs if below_saturation(a) and below_saturation(c)]
     return {
         "throughput_at_p95_50ms": {"early_exit": ee, "baseline": b, "ratio": ee / b if b else None},
         "p95_ratio_below_saturation": [{"offered": a["offered"], "ratio": a["p95"] / c["p95"]} for a, c in pairs],
@@ -183,6 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rates", default="50,100,150,200,250,300,350,400", help="offered loads, requests per second")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of arrivals per run of a load")
     p.add_argument("--repeats", type=int, default=3, help="runs per load; the median p95 run is reported")
+    p.add_argument("--search", type=int, default=3,
+                   help="bisection steps between the grid's last load within the p95 budget and the next")  # fmt: skip
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per worker")
     p.add_argument("--timeout", type=float, default=10.0, help="client timeout per request, seconds")
@@ -208,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
               "environment": environment(), "workers": args.workers, "threads": args.threads,
               "export": {"task": manifest.task, "precision": manifest.precision, "layers": manifest.num_layers,
                          **manifest.early_exit.policy().params(), "source": manifest.source},
-              "duration_s": args.duration, "repeats": args.repeats,
+              "duration_s": args.duration, "repeats": args.repeats, "search": args.search,
               "service_cpus": args.service_cpus, "client_cpus": args.client_cpus,
               "serve_args": args.serve_args, "services": {}}  # fmt: skip
     for key, label, flags in SERVICES:
@@ -243,7 +272,8 @@ def markdown(r: dict) -> str:
         f"`--full-depth` (every input to layer {ex['layers']}); plain model: the export's whole-model graph "
         "with `--full-graph`, what one would serve without early exit.",
         f"- Traffic: open-loop, one {ex['task']} dev sentence per request, {r['duration_s']:g} s per run; each "
-        f"offered load runs {r.get('repeats', 1)} times and the run with the median p95 is shown.",
+        f"offered load runs {r.get('repeats', 1)} times and the run with the median p95 is shown; loads marked "
+        f"(search) bisect between the grid's last load with p95 under 50 ms and the next.",
         "",
         "| offered /s | service | throughput /s | p50 ms | p95 ms | p99 ms | errors |",
         "|---|---|---|---|---|---|---|",
@@ -253,7 +283,8 @@ def markdown(r: dict) -> str:
         for v in svc.values():
             for row in v["rows"]:
                 if row["offered"] == rate:
-                    lines.append(f"| {rate:g} | {v['label']} | {row['throughput']:.1f} | {_ms(row['p50'])} | "
+                    searched = " (search)" if row.get("searched") else ""
+                    lines.append(f"| {rate:g}{searched} | {v['label']} | {row['throughput']:.1f} | {_ms(row['p50'])} | "
                                  f"{_ms(row['p95'])} | {_ms(row['p99'])} | {_errors(row)} |")  # fmt: skip
     lines += ["", "## Against the targets", ""]
     for key, a in r["against"].items():

@@ -85,3 +85,20 @@ def test_load_test_pairs_only_loads_where_both_services_kept_up():
     a = serve_load.against(early, base)
     assert a["p95_ratio_below_saturation"] == [{"offered": 10, "ratio": 0.5}]
     assert a["throughput_at_p95_50ms"] == {"early_exit": 40, "baseline": 10, "ratio": 4.0}
+
+
+def test_load_sweep_stops_at_saturation_and_bisects_the_50ms_knee():
+    import serve_load
+
+    calls = []
+
+    def load(rate, searched):  # a service whose p95 passes 50 ms at 130/s and that saturates at 300/s
+        calls.append((rate, searched))
+        thr = min(rate, 300.0)
+        return {"offered": rate, "throughput": thr, "p95": 0.01 if rate < 130 else 0.2, "statuses": {"200": 1}}
+
+    rows = serve_load.sweep(load, [50, 100, 200, 400, 800], steps=3)
+    assert [r for r, s in calls if not s] == [50, 100, 200, 400]  # 400 saturated: 800 never runs
+    assert [r for r, s in calls if s] == [150.0, 125.0, 137.5]  # between 100 (within) and 200 (over)
+    assert [r["offered"] for r in rows] == sorted(r for r, _ in calls)
+    assert serve_load.best_within_budget(rows) == 125.0
