@@ -333,3 +333,43 @@ def test_a_request_is_answered_when_its_inputs_exit_not_when_the_batch_ends(refe
     assert [events[i][1] for i in calls] == [6] + [3] * (reference.num_layers - 1)  # one batch, then the survivors
     assert calls[0] < events.index(("early done", 0)) < calls[1]
     assert early.exit_layer == [1, 1, 1] and late.exit_layer == [reference.num_layers] * 3
+
+
+def test_several_worker_processes_share_one_port(export_dir, reference):
+    """`romebert serve --workers 2`, as a user starts it: two uvicorn worker processes, each with its
+    own model, answer on one port, and SIGTERM stops them all."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "romebert", "serve", str(export_dir), "--port", str(port),
+                             "--workers", "2"], stderr=subprocess.PIPE, env={**os.environ})  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        workers = [c for c in kids if "spawn_main" in " ".join(c.cmdline())]  # not the resource tracker
+        assert len(workers) == 2, [c.cmdline() for c in kids]
+        for text in [sentence(i) for i in range(12)]:  # a connection each: the kernel spreads them
+            r = httpx.post(url + "/predict", json={"text": text}, timeout=30)
+            assert r.status_code == 200
+            got = r.json()["results"][0]
+            assert (got["label"], got["exit_layer"]) == _expected(reference, [text])[0]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(30) == 0, proc.stderr.read().decode()[-2000:]
+        finally:
+            proc.kill()
