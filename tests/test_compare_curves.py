@@ -51,6 +51,8 @@ def test_aggregate_matches_hand_computed_tables(tmp_path):
     assert cost["deebert"]["ratio_to_plain"]["values"] == pytest.approx([2.0, 2.0])
     assert cost["deebert"]["seconds_per_epoch"]["mean"] == pytest.approx(5.0)
     assert cost["plain"]["train_seconds"]["mean"] == pytest.approx(3.5)
+    assert cost["deebert"]["cpu_ratio_to_plain"]["values"] == [pytest.approx(2.0), None]
+    assert cost["deebert"]["cpu_seconds_per_epoch"]["mean"] == pytest.approx(2.0)  # seed 1 only
 
 
 def test_aggregate_leaves_missing_runs_out(tmp_path):

@@ -106,3 +106,4 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_backbone
     resumed = json.loads((cut / "train_summary.json").read_text())
     assert [(s["stage"], s["steps"]) for s in resumed["stages"]] == [(s["stage"], s["steps"]) for s in whole["stages"]]
     assert resumed["stages"][0]["seconds"] >= state.seconds > 0
+    assert resumed["stages"][0]["cpu_seconds"] >= state.cpu_seconds > 0

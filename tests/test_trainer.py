@@ -52,6 +52,7 @@ def test_gradient_accumulation_equals_double_batch_for_gr(tmp_path):
 def test_deebert_stage_two_trains_only_the_exits(tmp_path, method):
     model, summary = _train(tmp_path, "s1", method=method)
     assert [s["stage"] for s in summary["stages"]] == ["finetune", "exits"]
+    assert all(s["cpu_seconds"] > 0 for s in summary["stages"])
     # replay stage one alone from the same seed: backbone and final head must equal the two-stage result
     from romebert import methods
 

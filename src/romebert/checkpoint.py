@@ -46,6 +46,9 @@ class TrainerState:
     # of the stages finished before it: a resumed run reports what an uninterrupted one would (less the
     # work lost after the last checkpoint).
     seconds: float = 0.0
+    # The same stage's CPU time (all the process's threads): unlike wall time, a stopped process
+    # (SIGSTOP) or a job on another core does not inflate it, so comparisons on a shared machine hold.
+    cpu_seconds: float = 0.0
     finished: list = field(default_factory=list)
     rng: dict = field(default_factory=dict)  # the writing process's (rank 0's) RNG states
     rank_rng: list = field(default_factory=list)  # data parallel: every rank's RNG states, in rank order

@@ -205,6 +205,7 @@ class Trainer:
 
     def _save(self, optimizer, scheduler, state: TrainerState) -> None:
         state.seconds = time.perf_counter() - self._stage_start
+        state.cpu_seconds = time.process_time() - self._stage_cpu_start
         # Every rank's RNG goes into rank 0's checkpoint (ranks draw different dropout masks), so a
         # resumed data-parallel run continues exactly; one small collective per save.
         rank_rng = self.dist.all_gather_json(capture_rng(), self.device) if self.dist.enabled else []
@@ -260,7 +261,8 @@ class Trainer:
                 summary["resumed_from_step"] = {"stage": stage.name, "step": state.global_step}
                 summary["stages"] = list(state.finished)
                 if state.stage_done:
-                    done = {"stage": stage.name, "seconds": state.seconds, "steps": state.global_step}
+                    done = {"stage": stage.name, "seconds": state.seconds, "cpu_seconds": state.cpu_seconds,
+                            "steps": state.global_step}  # fmt: skip
                     summary["stages"].append(done)
                     continue
                 self._restore_rng(state)
@@ -269,9 +271,11 @@ class Trainer:
                 optimizer, scheduler = self._make_optim(stage_index)
                 state = TrainerState(stage_index=stage_index, stage=stage.name, finished=list(summary["stages"]))
             self._stage_start = time.perf_counter() - state.seconds  # a resumed stage counts its earlier time
+            self._stage_cpu_start = time.process_time() - state.cpu_seconds
             last = self._train_stage(stage, state, optimizer, scheduler)
-            seconds = time.perf_counter() - self._stage_start
-            summary["stages"].append({"stage": stage.name, "seconds": seconds, "steps": state.global_step, **last})
+            seconds, cpu = time.perf_counter() - self._stage_start, time.process_time() - self._stage_cpu_start
+            summary["stages"].append({"stage": stage.name, "seconds": seconds, "cpu_seconds": cpu,
+                                      "steps": state.global_step, **last})  # fmt: skip
         for p in self.model.parameters():
             p.requires_grad_(True)
         return summary

@@ -97,10 +97,12 @@ def _training_cost(cfg: CompareConfig, by: dict[tuple, dict]) -> dict[str, Any]:
             if not any(runs):
                 continue
             stage_names = next(r for r in runs if r)["stage_seconds_per_epoch"].keys()
-            ratios = []
+            ratios, cpu_ratios = [], []
             for seed, r in zip(cfg.seeds, runs):
                 base = by.get((pooling, PLAIN, seed))  # same pooling and seed: the fairest pairing
                 ratios.append(r["seconds_per_epoch"] / base["seconds_per_epoch"] if r and base else None)
+                cpu, base_cpu = (x.get("cpu_seconds_per_epoch") if x else None for x in (r, base))
+                cpu_ratios.append(cpu / base_cpu if cpu and base_cpu else None)
             cost[pooling][method] = {
                 "seconds_per_epoch": mean_std([r["seconds_per_epoch"] if r else None for r in runs]),
                 "stages": {
@@ -108,6 +110,8 @@ def _training_cost(cfg: CompareConfig, by: dict[tuple, dict]) -> dict[str, Any]:
                     for name in stage_names
                 },
                 "ratio_to_plain": mean_std(ratios),
+                "cpu_seconds_per_epoch": mean_std([r.get("cpu_seconds_per_epoch") if r else None for r in runs]),
+                "cpu_ratio_to_plain": mean_std(cpu_ratios),
                 "train_seconds": mean_std([r["train_seconds"] if r else None for r in runs]),
             }
     return cost

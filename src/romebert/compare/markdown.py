@@ -160,7 +160,10 @@ def training_cost_section(rep: Report) -> list[str]:
         "one alone), then mean ± std over seeds. DeeBERT's two stages are listed separately; `romebert-sdgr` "
         "pays a second backward pass for the gradient projection. The two-stage methods continue from "
         "plain's fine-tuning (the same training), so their first stage's time is plain's and their "
-        "`train_run s` covers the rest. Wall time includes everything else running on the machine."
+        "`train_run s` covers the rest. Wall time includes everything else running on the machine, and "
+        "the time a paused run stood still; `CPU s / epoch` is the training process's CPU time (all its "
+        "threads), which neither inflates, and `× plain (CPU)` its ratio (n/a for runs trained before "
+        "romebert recorded it)."
     )
     rows = []
     for pooling in rep["settings"]["poolings"]:
@@ -173,10 +176,13 @@ def training_cost_section(rep: Report) -> list[str]:
                     _plain(c["seconds_per_epoch"]),
                     stages,
                     _plain(c["ratio_to_plain"], ".2f"),
+                    _plain(c.get("cpu_seconds_per_epoch")),
+                    _plain(c.get("cpu_ratio_to_plain"), ".2f"),
                     _plain(c["train_seconds"], ".0f"),
                 ]
             )
-    header = ["pooling", "method", "s / epoch", "per stage (s / epoch)", "× plain", "train_run s"]
+    header = ["pooling", "method", "s / epoch", "per stage (s / epoch)", "× plain", "CPU s / epoch", "× plain (CPU)",
+              "train_run s"]  # fmt: skip
     return lines + [""] + _table(header, rows) + [""]
 
 

@@ -340,8 +340,10 @@ class Comparison:
         epochs = float(_read_json(run.training_args)["epochs"])
         meta = self._meta(run)
         stages = [
-            {"stage": s["stage"], "seconds": float(s["seconds"]), "steps": s.get("steps")} for s in summary["stages"]
-        ]
+            {"stage": s["stage"], "seconds": float(s["seconds"]), "cpu_seconds": s.get("cpu_seconds"),
+             "steps": s.get("steps")} for s in summary["stages"]
+        ]  # fmt: skip
+        cpu = [s["cpu_seconds"] for s in stages]  # None in runs written before romebert recorded it
         rec.update(
             epochs=epochs,
             num_train_examples=summary.get("num_train_examples"),
@@ -349,6 +351,7 @@ class Comparison:
             stages=stages,
             seconds_per_epoch=sum(s["seconds"] for s in stages) / epochs,
             stage_seconds_per_epoch={s["stage"]: s["seconds"] / epochs for s in stages},
+            cpu_seconds_per_epoch=None if None in cpu else sum(cpu) / epochs,
             eval_wall_seconds=meta.get("eval_wall_seconds"),
             finished_at=meta.get("finished_at"),
             environment=meta.get("environment"),
