@@ -121,7 +121,7 @@ def measure(export: str, texts: list[str], rates: list[float], args, label: str,
         url = f"http://127.0.0.1:{port}"
         _run(open_loop(url, texts, rates[0], 2.0, args.timeout))  # warm-up
 
-        def load(rate: float, searched: bool = False) -> dict:
+        def load(rate: float, searched: bool) -> dict:
             # a load runs `repeats` times and the run with the median p95 stands for it: on a shared VM
             # one stolen second backs the queue up for several, which one run alone would report
             runs = sorted((_run(open_loop(url, texts, rate, args.duration, args.timeout)) for _ in range(args.repeats)),

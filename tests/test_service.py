@@ -30,13 +30,17 @@ def export_dir(tiny_sst2_run, tmp_path_factory):
     return out
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Server:
     """uvicorn in a thread, on a free loopback port."""
 
     def __init__(self, service: Service) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = _free_port()
         self.service = service
         config = uvicorn.Config(service.app(), host="127.0.0.1", port=self.port, log_level="error",
                                 timeout_graceful_shutdown=10)  # fmt: skip
@@ -345,9 +349,7 @@ def test_several_worker_processes_share_one_port(export_dir, reference):
 
     import psutil
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "romebert", "serve", str(export_dir), "--port", str(port),
                              "--workers", "2"], stderr=subprocess.PIPE, env={**os.environ})  # fmt: skip
     url = f"http://127.0.0.1:{port}"

@@ -167,7 +167,8 @@ class Trainer:
         self.total_steps = max(1, math.ceil(math.ceil(batches / args.gradient_accumulation_steps) * args.epochs))
         self.params: list[nn.Parameter] = []  # what the current stage optimises
         self.clipped: list[nn.Parameter] = []  # whose gradients count in the clipping norm (and are summed)
-        self._stage_start = 0.0  # perf_counter() at which the current stage would have started, if never interrupted
+        # (perf_counter(), process_time()) at which the current stage would have started, if never interrupted
+        self._stage_start = (0.0, 0.0)
 
     # ------------------------------------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> list[tuple[list[int], int]]:
@@ -203,9 +204,13 @@ class Trainer:
             with self.log_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def _elapsed(self) -> tuple[float, float]:
+        """Wall and CPU seconds of the current stage so far."""
+        wall, cpu = self._stage_start
+        return time.perf_counter() - wall, time.process_time() - cpu
+
     def _save(self, optimizer, scheduler, state: TrainerState) -> None:
-        state.seconds = time.perf_counter() - self._stage_start
-        state.cpu_seconds = time.process_time() - self._stage_cpu_start
+        state.seconds, state.cpu_seconds = self._elapsed()
         # Every rank's RNG goes into rank 0's checkpoint (ranks draw different dropout masks), so a
         # resumed data-parallel run continues exactly; one small collective per save.
         rank_rng = self.dist.all_gather_json(capture_rng(), self.device) if self.dist.enabled else []
@@ -270,10 +275,10 @@ class Trainer:
                 set_seed(args.seed + stage_index + 1000 * self.dist.rank)  # ranks draw different dropout masks
                 optimizer, scheduler = self._make_optim(stage_index)
                 state = TrainerState(stage_index=stage_index, stage=stage.name, finished=list(summary["stages"]))
-            self._stage_start = time.perf_counter() - state.seconds  # a resumed stage counts its earlier time
-            self._stage_cpu_start = time.process_time() - state.cpu_seconds
+            # a resumed stage counts its earlier time
+            self._stage_start = (time.perf_counter() - state.seconds, time.process_time() - state.cpu_seconds)
             last = self._train_stage(stage, state, optimizer, scheduler)
-            seconds, cpu = time.perf_counter() - self._stage_start, time.process_time() - self._stage_cpu_start
+            seconds, cpu = self._elapsed()
             summary["stages"].append({"stage": stage.name, "seconds": seconds, "cpu_seconds": cpu,
                                       "steps": state.global_step, **last})  # fmt: skip
         for p in self.model.parameters():

@@ -87,6 +87,12 @@ def _speedup_entry(cfg: CompareConfig, method: str, runs: list, vals: list, spli
     return entry
 
 
+def _ratio(run: dict | None, base: dict | None, key: str) -> float | None:
+    """``run[key] / base[key]``; None when either run or value is missing (CPU time of older runs)."""
+    a, b = (x.get(key) if x else None for x in (run, base))
+    return a / b if a and b else None
+
+
 def _training_cost(cfg: CompareConfig, by: dict[tuple, dict]) -> dict[str, Any]:
     """Seconds per epoch (whole and per stage), the ratio to plain and train_run seconds, per pooling and method."""
     cost: dict = {}
@@ -97,12 +103,9 @@ def _training_cost(cfg: CompareConfig, by: dict[tuple, dict]) -> dict[str, Any]:
             if not any(runs):
                 continue
             stage_names = next(r for r in runs if r)["stage_seconds_per_epoch"].keys()
-            ratios, cpu_ratios = [], []
-            for seed, r in zip(cfg.seeds, runs):
-                base = by.get((pooling, PLAIN, seed))  # same pooling and seed: the fairest pairing
-                ratios.append(r["seconds_per_epoch"] / base["seconds_per_epoch"] if r and base else None)
-                cpu, base_cpu = (x.get("cpu_seconds_per_epoch") if x else None for x in (r, base))
-                cpu_ratios.append(cpu / base_cpu if cpu and base_cpu else None)
+            bases = [by.get((pooling, PLAIN, seed)) for seed in cfg.seeds]  # same pooling and seed: the fairest
+            ratios = [_ratio(r, base, "seconds_per_epoch") for r, base in zip(runs, bases)]
+            cpu_ratios = [_ratio(r, base, "cpu_seconds_per_epoch") for r, base in zip(runs, bases)]
             cost[pooling][method] = {
                 "seconds_per_epoch": mean_std([r["seconds_per_epoch"] if r else None for r in runs]),
                 "stages": {
