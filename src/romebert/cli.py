@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"romebert {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune a multi-exit model with one of the four methods")
+    p = sub.add_parser("train", help="fine-tune a multi-exit model with one of the training methods")
     _add_data_args(p, for_training=True)
     _add_train_args(p)
     _add_common(p)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from romebert.data import DataSpec
 
 PLAIN = "plain"
-DEFAULT_METHODS: tuple[str, ...] = ("deebert", "deebert-sd", "romebert-sd", "romebert-sdgr")
+DEFAULT_METHODS: tuple[str, ...] = ("deebert", "deebert-sd", "romebert-sd", "romebert-sdgr", "mixed")
 DEFAULT_SEEDS: tuple[int, ...] = (42, 43, 44)
 DEFAULT_POOLINGS: tuple[str, ...] = ("mean", "cls")
 DEFAULT_SPEEDUPS: tuple[float, ...] = (1.5, 2.0, 3.0)
