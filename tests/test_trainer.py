@@ -159,6 +159,7 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
     model = tiny_model(layers=3, dropout=0.0, seed=99)
     args = TrainingArguments(
         output_dir=str(tmp_path / "c"),
+        method="romebert-sdgr",  # as _train's runs
         epochs=2,
         learning_rate=1e-3,
         progress=False,
@@ -234,7 +235,7 @@ def test_weight_decay_spares_biases_and_norms_unless_asked():
 
 def test_gr_anchor_auto_is_resolved_from_the_models_task_or_refused(tmp_path):
     model = tiny_model(layers=2)
-    args = TrainingArguments(output_dir=str(tmp_path / "a"), progress=False)  # romebert-sdgr, gr_anchor auto
+    args = TrainingArguments(output_dir=str(tmp_path / "a"), method="romebert-sdgr", progress=False)  # gr_anchor auto
     with pytest.raises(RomebertError, match="gr_anchor 'auto' .* names no task"):
         Trainer(model, args, _dataset(), Collator(pad_token_id=0))
     model.config.task = "QQP"

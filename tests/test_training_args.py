@@ -14,6 +14,7 @@ from romebert.training_args import PRESETS, TrainingArguments
 
 # What the reference code does (method.md), spelled out here independently of PRESETS.
 REFERENCE = {
+    "method": "romebert-sdgr",
     "pooling": "cls",
     "group_by_length": False,
     "clip_frozen_gradients": True,
@@ -52,7 +53,7 @@ def test_the_preset_differs_from_the_defaults_where_the_project_does():
     default = TrainingArguments(output_dir="x")
     preset = TrainingArguments.from_preset("reference", output_dir="x")
     changed = {f.name for f in dataclasses.fields(default) if getattr(default, f.name) != getattr(preset, f.name)}
-    assert changed == {"preset", "pooling", "group_by_length", "clip_frozen_gradients"}
+    assert changed == {"preset", "method", "pooling", "group_by_length", "clip_frozen_gradients"}
 
 
 def test_flags_given_with_a_preset_take_precedence():
