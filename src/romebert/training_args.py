@@ -23,7 +23,8 @@ POOLINGS = ("cls", "mean")
 # the reference code") with the reason for each.
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": {
-        "method": "romebert-sdgr",  # the paper's (new_scripts/train_high.sh); the default, mixed, is not the reference's
+        # the paper's method (new_scripts/train_high.sh); the default, mixed, is not one of the reference's
+        "method": "romebert-sdgr",
         "pooling": "cls",  # the first token's hidden state, as BERT's pooler
         "group_by_length": False,  # uniformly shuffled batches
         "clip_frozen_gradients": True,  # DeeBERT stage 2 clips over the encoder's (unused) gradients too
