@@ -1,4 +1,4 @@
-"""Loss terms of the four training methods, as pure functions over tensors.
+"""Loss terms of the training methods, as pure functions over tensors.
 
 Shapes: ``exit_logits`` [K, B, C] (the K early exits), ``final_logits`` [B, C], ``labels`` [B]
 (long, or float for regression, where C = 1). Nothing here touches a model, so every term can be
