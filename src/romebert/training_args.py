@@ -23,7 +23,7 @@ POOLINGS = ("cls", "mean")
 # the reference code") with the reason for each.
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": {
-        # the paper's method (new_scripts/train_high.sh); the default, mixed, is not one of the reference's
+        # the paper's method (new_scripts/train_high.sh)
         "method": "romebert-sdgr",
         "pooling": "cls",  # the first token's hidden state, as BERT's pooler
         "group_by_length": False,  # uniformly shuffled batches
@@ -58,8 +58,7 @@ class TrainingArguments:
     output_dir: str = option(help="run folder (created)", aliases=("-o",))
     method: str = option(
         "mixed",
-        "training method (default mixed: the best exits at 1x-2x speed-up in the 3-epoch comparisons, at about 2x "
-        "plain fine-tuning's training cost; see README.md, Comparison results)",
+        "training method (why mixed is the default: README.md, Comparison results)",
         choices=tuple(sorted(METHODS)),
     )
     preset: str | None = option(
