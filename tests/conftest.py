@@ -6,6 +6,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402, I001
 import torch  # noqa: E402
+
+# ROMEBERT_TEST_PRETEND_GPU=1 makes torch report one CUDA device that cannot be used: every test that
+# lets device "auto" pick a GPU fails at once instead of quietly switching devices on a GPU machine. A
+# check of the suite that needs no GPU (the suite must pass with a GPU visible, and without one).
+HAS_CUDA = torch.cuda.is_available()  # the real answer, before any pretending
+if os.environ.get("ROMEBERT_TEST_PRETEND_GPU") == "1":
+    torch.cuda.is_available = lambda: True
+    torch.cuda.device_count = lambda: 1
 from transformers import BertConfig  # noqa: E402
 
 from romebert.modeling import MultiExitConfig, MultiExitModel  # noqa: E402
@@ -37,6 +45,17 @@ def tiny_model(
         tiny_bert_config(layers, vocab_size, dropout),
         MultiExitConfig(num_labels=num_labels, pooling=pooling, exit_dropout=dropout),
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need CUDA; where there is none they are skipped (they test GPU-only paths; every
+    decision they check on the GPU is checked on the CPU by the rest of the suite)."""
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

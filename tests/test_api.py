@@ -212,7 +212,7 @@ def test_choose_threshold_from_logits_matches_its_sweep():
 
 
 def test_cli_evaluate_sweep_predict_with_a_criterion(run, capsys):
-    assert main(["evaluate", str(run), "--criterion", "maxprob", "--thresholds", "0.9,0.6"]) == 0
+    assert main(["evaluate", str(run), "--criterion", "maxprob", "--thresholds", "0.9,0.6", "--device", "cpu"]) == 0
     rows = json.loads((run / "eval" / "dev" / "sweep.json").read_text())
     assert [(r["criterion"], r["threshold"]) for r in rows] == [("maxprob", 0.9), ("maxprob", 0.6)]
     assert main(["sweep", str(run), "--criterion", "patience"]) == 0  # default grid: k = 1..L
@@ -223,6 +223,6 @@ def test_cli_evaluate_sweep_predict_with_a_criterion(run, capsys):
     assert {r["patience"] for r in rows} == {3}
     assert main(["sweep", str(run), "--thresholds", "0.1"]) == 0  # plain numbers: entropy thresholds
     assert json.loads((run / "eval" / "dev" / "sweep.json").read_text())[0]["criterion"] == "entropy"
-    assert main(["predict", str(run), "--criterion", "patience", "--threshold", "2"]) == 0
+    assert main(["predict", str(run), "--criterion", "patience", "--threshold", "2", "--device", "cpu"]) == 0
     assert "criterion patience, threshold 2.0" in capsys.readouterr().out
     assert len((run / "predictions" / "SST-2.tsv").read_text().splitlines()) == 13

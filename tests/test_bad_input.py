@@ -127,9 +127,9 @@ def trained_run(tmp_path, tiny_backbone_dir):
 
 
 def test_model_of_another_task_or_label_count(trained_run, capsys):
-    err = _error(capsys, ["evaluate", str(trained_run), "--task", "MRPC"])
+    err = _error(capsys, ["evaluate", str(trained_run), "--task", "MRPC", "--device", "cpu"])
     assert "trained for MNLI" in err and "MRPC" in err
-    err = _error(capsys, ["predict", str(trained_run), "--task", "MRPC"])
+    err = _error(capsys, ["predict", str(trained_run), "--task", "MRPC", "--device", "cpu"])
     assert "trained for MNLI" in err
 
 
@@ -138,14 +138,14 @@ def test_config_from_a_newer_format_version(trained_run, capsys):
     cfg = json.loads(cfg_path.read_text())
     cfg["format_version"] = 7
     cfg_path.write_text(json.dumps(cfg))
-    err = _error(capsys, ["evaluate", str(trained_run)])
+    err = _error(capsys, ["evaluate", str(trained_run), "--device", "cpu"])
     assert "romebert_config.json" in err and "newer than this romebert" in err
 
 
 def test_truncated_model_weights(trained_run, capsys):
     weights = trained_run / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:64])
-    err = _error(capsys, ["predict", str(trained_run)])
+    err = _error(capsys, ["predict", str(trained_run), "--device", "cpu"])
     assert "model.safetensors" in err and "corrupt or truncated" in err
 
 
@@ -199,8 +199,37 @@ def test_custom_dev_label_outside_the_training_set_fails_before_training(tmp_pat
     argv = ["run", "--train-file", str(tmp_path / "train.csv"), "--dev-file", str(tmp_path / "dev.csv"),
             "--text-column", "text", "--label-column", "label", "-o", str(out), *TINY]  # fmt: skip
     err = _error(capsys, argv)
-    assert "dev.csv" in err and "'neutral'" in err
+    assert f"{tmp_path / 'dev.csv'}:2: label 'neutral' is not one of ['neg', 'pos']" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_dev_only_label_is_accepted_when_labels_name_it(tmp_path, tiny_backbone_dir):
+    (tmp_path / "train.csv").write_text("text,label\ngood,pos\nbad,neg\nfine,pos\nawful,neg\n")
+    (tmp_path / "dev.csv").write_text("text,label\nfine,neutral\ngood,pos\n")
+    out = tmp_path / "run"
+    argv = ["train", "--train-file", str(tmp_path / "train.csv"), "--dev-file", str(tmp_path / "dev.csv"),
+            "--text-column", "text", "--label-column", "label", "--labels", "neg,neutral,pos",
+            "--model", str(tiny_backbone_dir), "-o", str(out), *TINY]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((out / "model" / "romebert_config.json").read_text())["labels"] == ["neg", "neutral", "pos"]
+
+
+@pytest.mark.parametrize("suffix", ["csv", "tsv", "jsonl"])
+def test_an_empty_training_label_fails_before_training(tmp_path, capsys, suffix):
+    rows = [("good", "positive"), ("no label here", ""), ("bad", "negative")]
+    if suffix == "jsonl":
+        text = "".join(json.dumps({"review": r, "sentiment": y}) + "\n" for r, y in rows)
+    else:
+        sep = "," if suffix == "csv" else "\t"
+        text = f"review{sep}sentiment\n" + "".join(f"{r}{sep}{y}\n" for r, y in rows)
+    path = tmp_path / f"train.{suffix}"
+    path.write_text(text)
+    out = tmp_path / "run"
+    argv = ["train", "--train-file", str(path), "--text-column", "review", "--label-column", "sentiment",
+            "-o", str(out), *TINY]  # fmt: skip
+    line = 2 if suffix == "jsonl" else 3
+    assert _error(capsys, argv) == f"romebert: error: {path}:{line}: empty label in column 'sentiment'"
+    assert not (out / "model").exists()
 
 
 def test_no_pickle_loading_anywhere():

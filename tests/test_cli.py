@@ -48,7 +48,7 @@ def test_train_every_method_then_evaluate(tmp_path, tiny_backbone_dir, method, c
     assert stages == ({"finetune", "exits"} if method.startswith("deebert") else {"joint"})
     if method == "romebert-sdgr":
         assert all("gr_angle_deg" in r and "gr_norm_a" in r for r in log)
-    assert main(["evaluate", str(run), "--thresholds", "0,0.3,10"]) == 0
+    assert main(["evaluate", str(run), "--thresholds", "0,0.3,10", "--device", "cpu"]) == 0
     per_exit = json.loads((run / "eval" / "dev" / "per_exit.json").read_text())
     assert [r["exit"] for r in per_exit] == [1, 2, 3]
     sweep = json.loads((run / "eval" / "dev" / "sweep.json").read_text())
@@ -62,7 +62,7 @@ def test_train_every_method_then_evaluate(tmp_path, tiny_backbone_dir, method, c
 
 def test_sweep_command_reuses_cached_logits(tmp_path, tiny_backbone_dir):
     _, run = _train(tmp_path, tiny_backbone_dir, "MRPC", "romebert-sd")
-    assert main(["evaluate", str(run)]) == 0
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 0
     (run / "model" / "model.safetensors").unlink()  # the sweep must not need the model
     assert main(["sweep", str(run), "--thresholds", "0.05,0.5"]) == 0
     rows = json.loads((run / "eval" / "dev" / "sweep.json").read_text())
@@ -72,7 +72,7 @@ def test_sweep_command_reuses_cached_logits(tmp_path, tiny_backbone_dir):
 
 def test_predict_writes_glue_submission_files(tmp_path, tiny_backbone_dir):
     data, run = _train(tmp_path, tiny_backbone_dir, "SST-2", "romebert-sdgr")
-    assert main(["predict", str(run), "--threshold", "0.15"]) == 0
+    assert main(["predict", str(run), "--threshold", "0.15", "--device", "cpu"]) == 0
     lines = (run / "predictions" / "SST-2.tsv").read_text().splitlines()
     assert lines[0] == "index\tprediction"
     assert len(lines) == 1 + 12
@@ -84,11 +84,11 @@ def test_mnli_matched_and_mismatched_and_ax(tmp_path, tiny_backbone_dir):
     data, run = _train(tmp_path, tiny_backbone_dir, "MNLI", "romebert-sdgr")
     write_glue_fixture(data, "AX", n=12)
     assert json.loads((run / "training_args.json").read_text())["gr_anchor"] == "final"  # reference default
-    assert main(["evaluate", str(run)]) == 0
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 0
     matched = np.load(run / "eval" / "dev_matched" / "logits.npy")
     mismatched = np.load(run / "eval" / "dev_mismatched" / "logits.npy")
     assert matched.shape[0] == 3 and matched.shape[2] == 3 and mismatched.shape[2] == 3
-    assert main(["predict", str(run)]) == 0
+    assert main(["predict", str(run), "--device", "cpu"]) == 0
     for name in ("MNLI-m.tsv", "MNLI-mm.tsv", "AX.tsv"):
         rows = (run / "predictions" / name).read_text().splitlines()[1:]
         assert rows and {r.split("\t")[1] for r in rows} <= {"entailment", "neutral", "contradiction"}
@@ -97,10 +97,10 @@ def test_mnli_matched_and_mismatched_and_ax(tmp_path, tiny_backbone_dir):
 @pytest.mark.parametrize("method", ["deebert-sd", "romebert-sdgr"])
 def test_regression_sts_b(tmp_path, tiny_backbone_dir, method):
     _, run = _train(tmp_path, tiny_backbone_dir, "STS-B", method)
-    assert main(["evaluate", str(run)]) == 0
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 0
     per_exit = json.loads((run / "eval" / "dev" / "per_exit.json").read_text())
     assert {"pearson", "spearman", "corr"} <= set(per_exit[0])
-    assert main(["predict", str(run)]) == 0
+    assert main(["predict", str(run), "--device", "cpu"]) == 0
     values = [float(r.split("\t")[1]) for r in (run / "predictions" / "STS-B.tsv").read_text().splitlines()[1:]]
     assert values and all(0.0 <= v <= 5.0 for v in values)
 
@@ -240,7 +240,8 @@ def test_predict_runs_real_early_exit_with_the_offline_decisions(tmp_path, tiny_
     threshold = float(np.median(entropy(logits[0]))) if criterion == "entropy" else 2.0
     preds, offline_layers = predictions(logits, get_policy(criterion, threshold), task)
 
-    assert main(["predict", str(run), "--criterion", criterion, "--threshold", repr(threshold), "--quiet"]) == 0
+    argv = ["predict", str(run), "--criterion", criterion, "--threshold", repr(threshold), "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
     written = (run / "predictions" / "SST-2.tsv").read_text().splitlines()[1:]
     layers = np.load(run / "predictions" / "SST-2.exit_layers.npy")
     assert layers.tolist() == offline_layers.tolist()

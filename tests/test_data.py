@@ -189,7 +189,7 @@ def test_read_custom_errors(tmp_path: Path) -> None:
         read_custom(path, text_a="text")
     with pytest.raises(RomebertError, match="column 'label'"):
         read_custom(path, text_a="review", label="label")
-    with pytest.raises(RomebertError, match=r"cannot tell the delimiter from the extension '\.json'"):
+    with pytest.raises(RomebertError, match=r"cannot tell the format from the extension '\.json'"):
         read_custom(tmp_path / "x.json", text_a="a")
     with pytest.raises(RomebertError, match="file not found"):
         read_custom(tmp_path / "absent.csv", text_a="a")
@@ -201,6 +201,43 @@ def test_read_custom_errors(tmp_path: Path) -> None:
         read_custom(only_header, text_a="a")
     with pytest.raises(RomebertError, match="file is empty"):
         read_custom(_write(tmp_path / "e.csv", ""), text_a="a")
+
+
+def test_read_custom_json_lines(tmp_path: Path) -> None:
+    path = _write(tmp_path / "mine.jsonl", '{"id": 7, "review": "good, \\"really\\"", "stars": 5}\n\n'
+                  '{"id": 8, "review": "bad", "stars": 1, "extra": [1]}\n')  # fmt: skip
+    examples = read_custom(path, text_a="review", label="stars")
+    assert [(ex.text_a, ex.label, ex.where) for ex in examples] == [
+        ('good, "really"', "5", f"{path}:1"),
+        ("bad", "1", f"{path}:3"),
+    ]
+    with pytest.raises(RomebertError, match=re.escape(f"{path}:1: no 'text' field (for text_a)")):
+        read_custom(path, text_a="text")
+    broken = _write(tmp_path / "broken.jsonl", '{"t": "a", "y": "0"}\n{"t": "b", "y"\n')
+    with pytest.raises(RomebertError, match=re.escape(f"{broken}:2: not a JSON object")):
+        read_custom(broken, text_a="t", label="y")
+    listed = _write(tmp_path / "listed.jsonl", '["a", "0"]\n')
+    with pytest.raises(RomebertError, match=re.escape(f"{listed}:1: not a JSON object (a list)")):
+        read_custom(listed, text_a="t")
+
+
+GOOD_JSONL = '{"review": "good", "sentiment": "positive"}\n'
+EMPTY_LABELS = {
+    "csv": ("train.csv", 'id,review,sentiment\n1,"good, really",positive\n999,"no label here",\n3,bad,negative\n', 3),
+    "tsv": ("train.tsv", "id\treview\tsentiment\n1\tgood\tpositive\n2\tbad\t  \n", 3),
+    "jsonl (empty)": ("train.jsonl", GOOD_JSONL + '{"review": "x", "sentiment": ""}\n', 2),
+    "jsonl (null)": ("train.jsonl", GOOD_JSONL + '{"review": "x", "sentiment": null}\n', 2),
+    "jsonl (missing)": ("train.jsonl", GOOD_JSONL + '{"review": "x"}\n', 2),
+}
+
+
+@pytest.mark.parametrize("case", list(EMPTY_LABELS))
+def test_an_empty_or_missing_label_is_refused_with_its_line(tmp_path: Path, case: str) -> None:
+    name, text, line = EMPTY_LABELS[case]
+    path = _write(tmp_path / name, text)
+    with pytest.raises(RomebertError, match=rf"^{re.escape(str(path))}:{line}: (empty label in column|no) 'sentiment'"):
+        read_custom(path, text_a="review", label="sentiment")
+    assert read_custom(path, text_a="review")  # without a label column (a test file) the row is fine
 
 
 # ---------------------------------------------------------------------------------------- hub

@@ -119,3 +119,44 @@ def test_two_process_resume_is_exact_with_dropout(tmp_path):
         b = load_file(str(resumed / f"rank{rank}.safetensors"))
         for key in a:
             assert torch.equal(a[key], b[key]), f"rank {rank}: {key} differs after resume"
+
+
+# ------------------------------------------------------------------------------ GPU hygiene, on the CPU
+def test_each_rank_binds_its_own_gpu_before_the_process_group_starts(monkeypatch):
+    import torch.distributed as dist
+
+    from romebert.distributed import init_distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    ctx = init_distributed(torch.device("cuda", 1))
+    assert calls == [("set_device", "cuda:1"), ("init", "nccl")]
+    assert (ctx.rank, ctx.world_size) == (1, 2)
+    calls.clear()
+    init_distributed(torch.device("cpu"))
+    assert calls == [("init", "gloo")]
+
+
+def test_rng_capture_and_restore_touch_only_this_ranks_gpu(monkeypatch):
+    from romebert.checkpoint import capture_rng, restore_rng
+
+    read, written = [], []
+    state4 = torch.arange(4, dtype=torch.uint8)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: read.append(str(d)) or state4)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: written.append((s.tolist(), str(d))))
+    for every in ("get_rng_state_all", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, every, lambda *a: pytest.fail("every visible GPU's RNG was touched"))
+    state = capture_rng(torch.device("cuda", 1))
+    assert read == ["cuda:1"] and state["cuda"] == [0, 1, 2, 3]
+    restore_rng(state, torch.device("cuda", 1))
+    assert written == [([0, 1, 2, 3], "cuda:1")]
+    # a checkpoint of an older version holds every GPU's state: this rank takes its own
+    written.clear()
+    restore_rng({**state, "cuda": [[9, 9, 9, 9], [5, 6, 7, 8]]}, torch.device("cuda", 1))
+    assert written == [([5, 6, 7, 8], "cuda:1")]
+    assert "cuda" not in capture_rng(torch.device("cpu"))

@@ -146,7 +146,7 @@ def test_a_gradient_projection_training_step_changes_every_layer(family, tmp_pat
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args = TrainingArguments(output_dir=str(tmp_path / "run"), method="romebert-sdgr", gr_anchor="exits", epochs=1,
                              batch_size=4, learning_rate=1e-3, progress=False, group_by_length=False,
-                             log_every=1)  # fmt: skip
+                             log_every=1, device="cpu")  # fmt: skip
     Trainer(model, args, _training_set(), COLLATE).train()
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert {f"exits.{i}.classifier.weight" for i in range(LAYERS)} <= changed

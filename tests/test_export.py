@@ -75,6 +75,16 @@ def exported(tmp_path_factory, tokenizer_dir):
 COLLATE = Collator(pad_token_id=0, return_tensors="np")
 
 
+def test_export_leaves_the_callers_model_as_it_found_it(tmp_path, tokenizer_dir):
+    model = _model().train()
+    model.backbone.config._attn_implementation = "sdpa"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_model(model, tokenizer_dir, tmp_path / "export", max_seq_length=40)
+    assert model.training and model.backbone.config._attn_implementation == "sdpa"
+    assert next(model.parameters()).device.type == "cpu"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def _batches(dataset: EncodedDataset, batch_size: int):
     out = []
     for start in range(0, len(dataset), batch_size):
@@ -307,7 +317,8 @@ def test_cli_export_then_predict_with_the_export(trained_run, tmp_path, capsys):
     assert main(["predict", str(out), "--predictions-dir", str(preds), "--intra-op-threads", "1"]) == 0
     assert f"threshold {manifest.early_exit.threshold}" in capsys.readouterr().out
     from_export = (preds / "SST-2.tsv").read_text()
-    assert main(["predict", str(trained_run), "--threshold", repr(manifest.early_exit.threshold)]) == 0
+    threshold = repr(manifest.early_exit.threshold)
+    assert main(["predict", str(trained_run), "--threshold", threshold, "--device", "cpu"]) == 0
     assert (trained_run / "predictions" / "SST-2.tsv").read_text() == from_export
     layers = np.load(preds / "SST-2.exit_layers.npy")
     assert np.array_equal(layers, np.load(trained_run / "predictions" / "SST-2.exit_layers.npy"))

@@ -81,7 +81,7 @@ def _engine_equals_offline_on_real_inputs(run_dir) -> None:
     from romebert.api import EarlyExitClassifier
     from romebert.policies import CRITERIA, entropy, get_policy, maxprob
 
-    clf = EarlyExitClassifier.from_run(run_dir)
+    clf = EarlyExitClassifier.from_run(run_dir, device="cpu")
     split = clf.data.eval_splits()[0]
     n = 200
     texts = [e.text_a for e in clf.data.examples(split)[:n]]

@@ -35,6 +35,7 @@ def _train(tmp_path, name, method="romebert-sdgr", dataset=None, **kw):
         progress=False,
         group_by_length=False,
         log_every=1,
+        device="cpu",
         **{"gr_anchor": "exits", **kw},
     )
     summary = Trainer(model, args, dataset or _dataset(), Collator(pad_token_id=0)).train()
@@ -101,7 +102,7 @@ def test_regression_learns_with_every_method(tmp_path, method):
     model = tiny_model(num_labels=1, layers=2, pooling="mean", dropout=0.0, seed=0)
     args = TrainingArguments(
         output_dir=str(tmp_path / method), method=method, epochs=3, learning_rate=1e-4, batch_size=16,
-        progress=False, save_total_limit=0, gr_anchor="exits",
+        progress=False, save_total_limit=0, gr_anchor="exits", device="cpu",
     )  # fmt: skip
     Trainer(model, args, train, Collator(pad_token_id=0)).train()
     labels = np.array([f["labels"] for f in dev.features])
@@ -115,7 +116,7 @@ def test_regression_heads_start_at_the_training_labels_mean(tmp_path):
     labels = np.array([f["labels"] for f in train.features])
     model = tiny_model(num_labels=1, layers=2, pooling="mean", dropout=0.0, seed=0)
     args = TrainingArguments(output_dir=str(tmp_path / "r"), method="romebert-sd", epochs=1, learning_rate=0.0,
-                             progress=False, save_total_limit=0)  # fmt: skip
+                             progress=False, save_total_limit=0, device="cpu")  # fmt: skip
     Trainer(model, args, train, Collator(pad_token_id=0)).train()
     assert model.config.target_mean == pytest.approx(labels.mean())
     assert model.config.target_std == pytest.approx(labels.std())
@@ -165,6 +166,7 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
         progress=False,
         group_by_length=False,
         gr_anchor="exits",
+        device="cpu",
     )
     with pytest.warns(UserWarning, match="skipping checkpoint .*step0000004"):
         summary = Trainer(model, args, _dataset(), Collator(pad_token_id=0)).train(resume=True)
@@ -235,7 +237,7 @@ def test_weight_decay_spares_biases_and_norms_unless_asked():
 
 def test_gr_anchor_auto_is_resolved_from_the_models_task_or_refused(tmp_path):
     model = tiny_model(layers=2)
-    args = TrainingArguments(output_dir=str(tmp_path / "a"), method="romebert-sdgr", progress=False)  # gr_anchor auto
+    args = TrainingArguments(output_dir=str(tmp_path / "a"), method="romebert-sdgr", progress=False, device="cpu")
     with pytest.raises(RomebertError, match="gr_anchor 'auto' .* names no task"):
         Trainer(model, args, _dataset(), Collator(pad_token_id=0))
     model.config.task = "QQP"

@@ -54,32 +54,45 @@ class TrainerState:
     rank_rng: list = field(default_factory=list)  # data parallel: every rank's RNG states, in rank order
 
 
-def capture_rng() -> dict:
+def capture_rng(device: torch.device | None = None) -> dict:
+    """This process's RNG states: Python, numpy, torch's CPU generator and, on a GPU, the generator of
+    ``device`` alone (each rank owns one GPU; touching the others would create a context on each)."""
     state = {
         "python": _jsonable(random.getstate()),
         "numpy": _jsonable(np.random.get_state()),
         "torch": torch.get_rng_state().tolist(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).tolist()
     return state
 
 
-def restore_rng(state: dict) -> None:
+def restore_rng(state: dict, device: torch.device | None = None) -> None:
+    """Restore what :func:`capture_rng` recorded; the GPU state goes to ``device`` (this rank's GPU)."""
     if not state:
         return
     random.setstate(_tuples(state["python"]))
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    cuda = state.get("cuda")
+    if cuda and device is not None and device.type == "cuda":
+        if isinstance(cuda[0], list):  # written by older versions: every visible GPU's state
+            cuda = cuda[device.index or 0]
+        torch.cuda.set_rng_state(torch.tensor(cuda, dtype=torch.uint8), device)
 
 
 def save_checkpoint(
-    output_dir: str | Path, model: MultiExitModel, optimizer, scheduler, state: TrainerState, keep: int = 2
+    output_dir: str | Path,
+    model: MultiExitModel,
+    optimizer,
+    scheduler,
+    state: TrainerState,
+    keep: int = 2,
+    device: torch.device | None = None,
 ) -> Path:
-    """Write a complete checkpoint atomically, then drop all but the newest ``keep``."""
+    """Write a complete checkpoint atomically, then drop all but the newest ``keep``; ``device``: the
+    writing process's own device, whose RNG state is saved."""
     root = Path(output_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"stage{state.stage_index}-step{state.global_step:07d}"
@@ -88,7 +101,7 @@ def save_checkpoint(
     model.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    state.rng = capture_rng()
+    state.rng = capture_rng(device)
     (tmp / STATE_NAME).write_text(json.dumps(asdict(state)) + "\n", encoding="utf-8")
     _fsync_dir(tmp)
     if final.exists():  # the same step saved twice (epoch end right after a step save)

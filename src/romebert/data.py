@@ -5,11 +5,10 @@ training's samplers and loader are in ``batching.py``."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ class Example:
     text_a: str
     text_b: str | None
     label: str | float | None
+    where: str | None = None  # "file:line" of a user's file, for messages
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -138,7 +138,118 @@ def read_split(task: TaskSpec, data_dir: str | Path, split: str) -> list[Example
     return examples
 
 
-_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+# A user's file format, by extension: a delimiter, or JSON Lines (one JSON object per line).
+JSONL = "jsonl"
+FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": JSONL, ".ndjson": JSONL}
+
+
+def file_format(path: str | Path, delimiter: str | None = None) -> str:
+    """``delimiter`` if given, else the format the extension names ("," for .csv, tab for .tsv, JSONL)."""
+    path = Path(path)
+    if delimiter is not None:
+        return delimiter
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise RomebertError(
+            f"{path}: cannot tell the format from the extension '{path.suffix}' "
+            f"(use {', '.join(FORMATS)}, or give the delimiter)"
+        )
+    return fmt
+
+
+@dataclass
+class Records:
+    """The rows of a user's CSV / TSV / JSON Lines file, read one at a time (nothing is held but the
+    current row): ``columns`` (the header row; for JSON Lines the keys of the first object) and
+    ``rows()``, which yields ``(line number, {column: value})``. CSV uses standard quoting; TSV has
+    quoting disabled, like the GLUE files. Blank lines are skipped."""
+
+    path: Path
+    format: str
+    columns: list[str]
+
+    def rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        with _open_text(self.path) as f:
+            if self.format == JSONL:
+                yield from _jsonl_rows(self.path, f)
+                return
+            reader = _csv_reader(f, self.format)
+            line = 0
+            try:
+                for row in reader:
+                    start, line = line + 1, reader.line_num
+                    if start == 1 or not any(cell.strip() for cell in row):
+                        continue  # the header (read by open_records), or a blank line
+                    # a short row lacks its last columns: refused only where one of them is asked for
+                    yield start, dict(zip(self.columns, row))
+            except csv.Error as err:
+                raise RomebertError(f"{self.path}:{reader.line_num}: malformed {self.path.suffix} row: {err}") from None
+            except UnicodeDecodeError as err:
+                raise RomebertError(f"{self.path}:{line + 1}: file is not valid UTF-8 ({err.reason})") from None
+
+
+def open_records(path: str | Path, delimiter: str | None = None) -> Records:
+    """The user's file ``path`` as :class:`Records`; its header (or first object) is read now, so a
+    missing, empty or unreadable file fails in one line before any work."""
+    path = Path(path)
+    fmt = file_format(path, delimiter)
+    if not path.is_file():
+        raise RomebertError(f"{path}: file not found")
+    with _open_text(path) as f:
+        try:
+            if fmt == JSONL:
+                first = next(_jsonl_rows(path, f), None)
+                if first is None:
+                    raise RomebertError(f"{path}: file is empty")
+                return Records(path, fmt, list(first[1]))
+            header = next(_csv_reader(f, fmt), None)
+        except UnicodeDecodeError as err:
+            raise RomebertError(f"{path}:1: file is not valid UTF-8 ({err.reason})") from None
+        except csv.Error as err:
+            raise RomebertError(f"{path}:1: malformed header row: {err}") from None
+    if header is None or not any(cell.strip() for cell in header):
+        raise RomebertError(f"{path}: file is empty (the first line must name the columns)")
+    return Records(path, fmt, [name.strip() for name in header])
+
+
+def _open_text(path: Path):
+    try:
+        return open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115 - the caller closes it
+    except OSError as err:
+        raise RomebertError(f"{path}: cannot read file: {err.strerror or err}") from None
+
+
+def _csv_reader(f: Any, delimiter: str):
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    return csv.reader(f, delimiter=delimiter, quoting=quoting)
+
+
+def _jsonl_rows(path: Path, f: Any) -> Iterator[tuple[int, dict[str, Any]]]:
+    number = 0
+    try:
+        for number, text in enumerate(f, start=1):  # noqa: B007 - the number names a bad line below
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise RomebertError(f"{path}:{number}: not a JSON object ({err.msg})") from None
+            if not isinstance(obj, dict):
+                raise RomebertError(f"{path}:{number}: not a JSON object (a {type(obj).__name__})")
+            yield number, obj
+    except UnicodeDecodeError as err:
+        raise RomebertError(f"{path}:{number + 1}: file is not valid UTF-8 ({err.reason})") from None
+
+
+def _cell_text(value: Any) -> str | None:
+    """A cell as text: JSON numbers and booleans as written, None (JSON null, a missing cell) as None."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return json.dumps(value)
+    raise ValueError(type(value).__name__)
 
 
 def read_custom(
@@ -148,61 +259,54 @@ def read_custom(
     label: str | None = None,
     delimiter: str | None = None,
 ) -> list[Example]:
-    """Read the user's own CSV/TSV file whose header row names the columns.
+    """Read the user's own CSV / TSV / JSON Lines file (the header row, or each object's keys, name the
+    columns). Labels are returned as stripped strings (turn them into ids with ``label_ids``); an
+    empty or missing label is refused with the file and line (it would otherwise become a class)."""
+    return list(iter_custom(open_records(path, delimiter), text_a, text_b, label))
 
-    The delimiter follows the extension (.csv -> ",", .tsv -> tab) unless given. CSV uses standard
-    quoting; TSV has quoting disabled like the GLUE files. Labels are returned as stripped strings
-    (turn them into ids with ``label_ids``). Blank lines are skipped.
-    """
-    path = Path(path)
-    if delimiter is None:
-        delimiter = _DELIMITERS.get(path.suffix.lower())
-        if delimiter is None:
-            raise RomebertError(
-                f"{path}: cannot tell the delimiter from the extension '{path.suffix}' "
-                "(use .csv or .tsv, or give the delimiter)"
-            )
-    if not path.is_file():
-        raise RomebertError(f"{path}: file not found")
-    text = _read_text(path)
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
-    try:
-        header = next(reader, None)
-        while header is not None and not any(cell.strip() for cell in header):
-            header = next(reader, None)
-        if header is None:
-            raise RomebertError(f"{path}: file is empty")
-        names = [name.strip() for name in header]
-        wanted = {"text_a": text_a, "text_b": text_b, "label": label}
-        index: dict[str, int] = {}
+
+def iter_custom(
+    records: Records, text_a: str, text_b: str | None = None, label: str | None = None
+) -> Iterator[Example]:
+    """:func:`read_custom` one example at a time, each naming its ``file:line`` in ``where``."""
+    path = records.path
+    wanted = {"text_a": text_a, "text_b": text_b, "label": label}
+    if records.format != JSONL:
+        for role, column in wanted.items():
+            if column is not None and column not in records.columns:
+                raise RomebertError(
+                    f"{path}: column '{column}' (for {role}) not found; available columns: {records.columns}"
+                )
+    needed = max((records.columns.index(c) + 1 for c in wanted.values() if c in records.columns), default=0)
+    count = 0
+    for number, row in records.rows():
+        if records.format != JSONL and len(row) < needed:
+            raise RomebertError(f"{path}:{number}: expected at least {needed} columns, got {len(row)}")
+        values: dict[str, str | None] = {}
         for role, column in wanted.items():
             if column is None:
                 continue
-            if column not in names:
-                raise RomebertError(f"{path}: column '{column}' (for {role}) not found; available columns: {names}")
-            index[role] = names.index(column)
-        needed = max(index.values()) + 1
-
-        examples: list[Example] = []
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) < needed:
-                raise RomebertError(f"{path}:{reader.line_num}: expected at least {needed} columns, got {len(row)}")
-            examples.append(
-                Example(
-                    guid=f"{path.stem}-{len(examples)}",
-                    text_a=row[index["text_a"]],
-                    text_b=row[index["text_b"]] if "text_b" in index else None,
-                    label=row[index["label"]].strip() if "label" in index else None,
-                )
-            )
-    except csv.Error as err:
-        raise RomebertError(f"{path}:{reader.line_num}: malformed {path.suffix or 'delimited'} row: {err}") from None
-    if not examples:
+            if column not in row:
+                raise RomebertError(f"{path}:{number}: no '{column}' field (for {role})")
+            try:
+                values[role] = _cell_text(row[column])
+            except ValueError as err:
+                raise RomebertError(f"{path}:{number}: '{column}' must be text or a number, got {err}") from None
+        if label is not None and not (values["label"] or "").strip():
+            raise RomebertError(f"{path}:{number}: empty label in column '{label}'")
+        for role in ("text_a", "text_b"):
+            if role in values and values[role] is None:
+                raise RomebertError(f"{path}:{number}: '{wanted[role]}' is null")
+        yield Example(
+            guid=f"{path.stem}-{count}",
+            text_a=values["text_a"],  # type: ignore[arg-type]
+            text_b=values.get("text_b"),
+            label=values["label"].strip() if label is not None else None,  # type: ignore[union-attr]
+            where=f"{path}:{number}",
+        )
+        count += 1
+    if count == 0:
         raise RomebertError(f"{path}: file has a header row but no data rows")
-    return examples
 
 
 def load_hub_glue(task: TaskSpec, split: str) -> list[Example]:
@@ -261,6 +365,10 @@ def _is_int(text: str) -> bool:
     return True
 
 
+def _where(ex: Example) -> str:
+    return ex.where or f"example {ex.guid}"
+
+
 def label_ids(examples: Sequence[Example], labels: tuple[str, ...] | None) -> list[int | float | None]:
     """Label strings -> class indices (position in ``labels``); regression (``labels=None``) -> floats."""
     ids: list[int | float | None] = []
@@ -272,7 +380,7 @@ def label_ids(examples: Sequence[Example], labels: tuple[str, ...] | None) -> li
             try:
                 ids.append(float(ex.label))
             except ValueError:
-                raise RomebertError(f"example {ex.guid}: score '{ex.label}' is not a number") from None
+                raise RomebertError(f"{_where(ex)}: score '{ex.label}' is not a number") from None
         return ids
     position = {label: i for i, label in enumerate(labels)}
     for ex in examples:
@@ -281,7 +389,7 @@ def label_ids(examples: Sequence[Example], labels: tuple[str, ...] | None) -> li
         elif str(ex.label) in position:
             ids.append(position[str(ex.label)])
         else:
-            raise RomebertError(f"example {ex.guid}: label '{ex.label}' is not one of {list(labels)}")
+            raise RomebertError(f"{_where(ex)}: label '{ex.label}' is not one of {list(labels)}")
     return ids
 
 
@@ -295,9 +403,9 @@ class DataSpec:
     task: str | None = option(None, "GLUE task: CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI")
     data_dir: str | None = option(None, "GLUE folder in the classic layout (<dir>/<TASK>/train.tsv ...)")
     hub: bool = option(False, "load GLUE from the Hugging Face hub (needs romebert[hub] and a network)")
-    train_file: str | None = option(None, "your own train CSV/TSV with a header row")
-    dev_file: str | None = option(None, "your own dev CSV/TSV with a header row")
-    test_file: str | None = option(None, "your own test CSV/TSV with a header row")
+    train_file: str | None = option(None, "your own train file: CSV, TSV or JSON Lines")
+    dev_file: str | None = option(None, "your own dev file: CSV, TSV or JSON Lines")
+    test_file: str | None = option(None, "your own test file: CSV, TSV or JSON Lines")
     text_a: str | None = option(None, "custom data: column of the (first) text", flag="--text-column")
     text_b: str | None = option(None, "custom data: column of the second text, if any", flag="--text-pair-column")
     label_column: str | None = option(None, "custom data: column of the label")
@@ -389,6 +497,8 @@ class DataSpec:
             try:
                 label_ids(examples, task.labels)
             except RomebertError as exc:
+                if self.is_custom:
+                    raise  # the message names the file and line
                 raise RomebertError(f"{self.describe(split)}: {exc}") from None
             read[split] = examples
         if with_tests:

@@ -164,7 +164,10 @@ def export_model(
         raise RomebertError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     out = Path(out)
     _check_target(out)
-    model = model.to("cpu").eval()
+    # traced on the CPU in eval mode with eager attention; the caller's model is put back as it was
+    device, training = next(model.parameters()).device, model.training
+    attention = model.backbone.config._attn_implementation
+    model.to("cpu").eval()
     _use_eager_attention(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
     try:
@@ -210,6 +213,9 @@ def export_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        model.backbone.config._attn_implementation = attention
+        model.to(device).train(training)
     return manifest
 
 

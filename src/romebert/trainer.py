@@ -213,10 +213,11 @@ class Trainer:
         state.seconds, state.cpu_seconds = self._elapsed()
         # Every rank's RNG goes into rank 0's checkpoint (ranks draw different dropout masks), so a
         # resumed data-parallel run continues exactly; one small collective per save.
-        rank_rng = self.dist.all_gather_json(capture_rng(), self.device) if self.dist.enabled else []
+        rank_rng = self.dist.all_gather_json(capture_rng(self.device), self.device) if self.dist.enabled else []
         if self.dist.is_main:
             state.rank_rng = rank_rng
-            save_checkpoint(self.output_dir, self.model, optimizer, scheduler, state, self.args.save_total_limit)
+            save_checkpoint(self.output_dir, self.model, optimizer, scheduler, state, self.args.save_total_limit,
+                            self.device)  # fmt: skip
 
     def _restore_rng(self, state: TrainerState) -> None:
         saved_world = len(state.rank_rng) or 1
@@ -228,9 +229,9 @@ class Trainer:
                 stacklevel=2,
             )
         if len(state.rank_rng) == self.dist.world_size:
-            restore_rng(state.rank_rng[self.dist.rank])
+            restore_rng(state.rank_rng[self.dist.rank], self.device)
         else:
-            restore_rng(state.rng)
+            restore_rng(state.rng, self.device)
 
     def train(self, resume: bool = False) -> dict:
         """Run every stage of the method; returns a summary (wall time per stage, steps, last loss).
