@@ -25,17 +25,17 @@ import torch
 import transformers
 from transformers import BertConfig
 
-from romebert.checkpoint import TrainerState, save_checkpoint
-from romebert.modeling import MultiExitConfig, MultiExitModel
-from romebert.trainer import make_optimizer
-from romebert.training_args import TrainingArguments
+from romebert.model.modeling import MultiExitConfig, MultiExitModel
+from romebert.training.checkpoint import TrainerState, save_checkpoint
+from romebert.training.trainer import make_optimizer
+from romebert.training.training_args import TrainingArguments
 
 WORKER = r"""
 import sys, time, torch
-from romebert.data import Collator, EncodedDataset
-from romebert.modeling import MultiExitModel
-from romebert.trainer import Trainer
-from romebert.training_args import TrainingArguments
+from romebert.runtime.encoding import Collator, EncodedDataset
+from romebert.model.modeling import MultiExitModel
+from romebert.training.trainer import Trainer
+from romebert.training.training_args import TrainingArguments
 n, per_rank = int(sys.argv[2]), int(sys.argv[3])
 g = torch.Generator().manual_seed(0)
 feats = [{"input_ids": [101] + torch.randint(1000, 20000, (62,), generator=g).tolist() + [102],

@@ -34,8 +34,8 @@ CRITERIA = ("entropy", "maxprob", "patience", "patience-confidence")
 
 def near_tie(all_logits: np.ndarray, rows: np.ndarray, upto: np.ndarray, policy, tol: float) -> np.ndarray:
     """Rows that pass within ``tol`` of a decision at some layer < ``upto`` (1-based exits)."""
-    from romebert.api import softmax
-    from romebert.policies import entropy, maxprob
+    from romebert.deploy.classifier import softmax
+    from romebert.runtime.policies import entropy, maxprob
 
     lg = all_logits[:, rows]  # [L, r, C]
     p = softmax(lg)
@@ -53,12 +53,13 @@ def parity(run: Path, work: Path, tol: float, drop: float) -> dict:
     import torch  # noqa: F401
     from inference_speed import metric_of, prepare
 
-    from romebert.data import Collator, DataSpec, encode
-    from romebert.engine import EarlyExitEngine, dataset_exit_logits
-    from romebert.exits import choose_threshold, per_exit_metrics
-    from romebert.onnx_runtime import OrtSegments
-    from romebert.pipeline import load_run
-    from romebert.policies import get_policy
+    from romebert.data.spec import DataSpec
+    from romebert.evaluation.exits import choose_threshold, per_exit_metrics
+    from romebert.model.loading import load_run
+    from romebert.runtime.encoding import Collator, encode
+    from romebert.runtime.engine import EarlyExitEngine, dataset_exit_logits
+    from romebert.runtime.onnx_runtime import OrtSegments
+    from romebert.runtime.policies import get_policy
 
     files = prepare(run, work)
     model, tok, data = load_run(run, "cpu")
@@ -69,7 +70,7 @@ def parity(run: Path, work: Path, tol: float, drop: float) -> dict:
     labels = np.asarray([f["labels"] for f in dataset.features])
     segs = {"torch": model.segments(), "fp32": OrtSegments(files["ort-fp32"]), "int8": OrtSegments(files["ort-int8"])}
     logits = {k: dataset_exit_logits(s, dataset, collate) for k, s in segs.items()}  # [L, N, C] each
-    from romebert.api import softmax
+    from romebert.deploy.classifier import softmax
 
     out: dict = {"task": task.name, "examples": int(labels.size), "tolerance": tol,
                  "max_prob_diff_fp32_vs_torch": float(np.abs(softmax(logits["fp32"]) - softmax(logits["torch"])).max()),
@@ -141,8 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-metric-drop", type=float, default=0.01)
     p.add_argument("--out", default="results/export_parity")
     args = p.parse_args(argv)
-    from romebert.environment import environment, now
-    from romebert.reports import write_atomic
+    from romebert.core.environment import environment, now
+    from romebert.core.files import write_atomic
 
     rep = {"created": now(), "environment": environment(),
            "command": shlex.join(["python", "benchmarks/export_parity.py", *(sys.argv[1:] if argv is None else argv)]),

@@ -34,8 +34,8 @@ SPEEDUPS = (1.5, 2.0, 3.0)
 
 def prepare(run: Path, work: Path) -> dict[str, Path]:
     """The run's fp32 and int8 exports and full-model graphs, built once into ``work``."""
-    from romebert.export import export_full_model, export_model
-    from romebert.pipeline import load_run
+    from romebert.deploy.export import export_full_model, export_model
+    from romebert.model.loading import load_run
 
     work.mkdir(parents=True, exist_ok=True)
     files = {"ort-fp32": work / "segments-fp32", "ort-int8": work / "segments-int8",
@@ -52,8 +52,9 @@ def prepare(run: Path, work: Path) -> dict[str, Path]:
 
 def dev_data(run: Path, bs1_examples: int):
     """(task, labels, all dev batches length-sorted by 32 with their order, bs-1 batches, the dataset)."""
-    from romebert.data import Collator, DataSpec, encode
-    from romebert.pipeline import load_tokenizer
+    from romebert.data.spec import DataSpec
+    from romebert.model.loading import load_tokenizer
+    from romebert.runtime.encoding import Collator, encode
 
     data = DataSpec.load(run / "run.json")
     task = data.task_spec()
@@ -74,16 +75,16 @@ def dev_data(run: Path, bs1_examples: int):
 
 
 def metric_of(task, logits: np.ndarray, labels: np.ndarray) -> float:
-    from romebert.metrics import compute_metrics, main_metric
+    from romebert.data.metrics import compute_metrics, main_metric
 
     preds = logits[:, 0] if task.is_regression else logits.argmax(-1)
     return float(main_metric(task, compute_metrics(task, preds, labels)))
 
 
 def bench_task(run: Path, work: Path, args) -> tuple[list[R.Row], dict, str]:
-    from romebert.exits import choose_threshold
-    from romebert.pipeline import load_run
-    from romebert.policies import get_policy
+    from romebert.evaluation.exits import choose_threshold
+    from romebert.model.loading import load_run
+    from romebert.runtime.policies import get_policy
 
     files = prepare(run, work)
     task, labels, sorted32, order, one, dataset, collate = dev_data(run, args.bs1_examples)
@@ -126,8 +127,8 @@ def bench_task(run: Path, work: Path, args) -> tuple[list[R.Row], dict, str]:
 def _breakdown(rt: P.Runtime, one, paths, repeats: int) -> dict:
     """Where the int8 engine's time goes at batch size 1: graph calls against host work, and what cutting
     the model into per-layer graphs costs by itself (every row at full depth, against the one graph)."""
-    from romebert.engine import EarlyExitEngine
-    from romebert.policies import get_policy
+    from romebert.runtime.engine import EarlyExitEngine
+    from romebert.runtime.policies import get_policy
 
     best = next(p for p in paths if p.runtime == rt.name and p.target == "<=1pt")
     timed = P.TimedSegments(rt.segments)
@@ -157,23 +158,24 @@ def rss_probe(spec: dict) -> float:
 
     run = Path(spec["run"])
     if spec["runtime"] == "torch":
-        from romebert.pipeline import load_run
+        from romebert.model.loading import load_run
 
         model = load_run(run, "cpu")[0]
         rt = P.torch_runtime(model)
     else:
         rt = P.ort_runtime(spec["runtime"], Path(spec["segments"]), Path(spec["full"]), spec["threads"])
-    from romebert.data import Collator, DataSpec, FastTokenizer, encode
-    from romebert.policies import get_policy
+    from romebert.data.spec import DataSpec
+    from romebert.runtime.encoding import Collator, FastTokenizer, encode
+    from romebert.runtime.policies import get_policy
 
     data = DataSpec.load(run / "run.json")
     if spec["runtime"] == "torch":
-        from romebert.pipeline import load_tokenizer
+        from romebert.model.loading import load_tokenizer
 
         tok = load_tokenizer(str(run / "model"))
         pad = tok.pad_token_id
     else:
-        from romebert.artefacts import ExportManifest
+        from romebert.runtime.artefacts import ExportManifest
 
         pad = ExportManifest.load(spec["segments"], verify=False).pad_token_id
         tok = FastTokenizer(run / "model" / "tokenizer.json", pad)
@@ -219,9 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.rss_probe:
         print(rss_probe(json.loads(args.rss_probe)))
         return {}
-    from romebert.environment import backbone_label, environment, now
-    from romebert.onnx_runtime import default_threads
-    from romebert.reports import write_atomic
+    from romebert.core.environment import backbone_label, environment, now
+    from romebert.core.files import write_atomic
+    from romebert.runtime.onnx_runtime import default_threads
 
     args.threads = args.threads or default_threads()
     busy = T.wait_idle(args.wait_idle) if args.wait_idle else T.busy_cores()

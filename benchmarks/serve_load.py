@@ -224,10 +224,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.client_cpus:
         os.sched_setaffinity(0, _cpus(args.client_cpus))
     sys.path.insert(0, str(ROOT / "src"))
-    from romebert.artefacts import ExportManifest
-    from romebert.data import DataSpec
-    from romebert.environment import environment, now
-    from romebert.reports import write_atomic
+    from romebert.core.environment import environment, now
+    from romebert.core.files import write_atomic
+    from romebert.data.spec import DataSpec
+    from romebert.runtime.artefacts import ExportManifest
 
     manifest = ExportManifest.load(args.export)
     data = DataSpec(**manifest.data)

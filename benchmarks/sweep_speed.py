@@ -34,8 +34,8 @@ def measure(examples: int, layers: int, repeats: int) -> dict[str, float]:
     """Median seconds of one sweep per criterion, with whatever ``romebert`` is importable."""
     import numpy as np
 
-    from romebert.exits import sweep
-    from romebert.tasks import get_task
+    from romebert.data.tasks import get_task
+    from romebert.evaluation.exits import sweep
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, examples)
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="results/sweep_speed")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
-    from romebert.environment import environment, now
-    from romebert.reports import write_atomic
+    from romebert.core.environment import environment, now
+    from romebert.core.files import write_atomic
 
     report = {"created": now(), "environment": environment(), "examples": args.examples, "layers": args.layers,
               "command": shlex.join(["python", "benchmarks/sweep_speed.py", *(argv if argv is not None else

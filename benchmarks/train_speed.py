@@ -22,11 +22,12 @@ from tempfile import TemporaryDirectory
 import torch
 import transformers
 
-from romebert.data import Collator, encode, read_split
-from romebert.modeling import MultiExitModel, default_backbone
-from romebert.tasks import get_task
-from romebert.trainer import Trainer
-from romebert.training_args import TrainingArguments
+from romebert.data.glue import read_split
+from romebert.data.tasks import get_task
+from romebert.model.modeling import MultiExitModel, default_backbone
+from romebert.runtime.encoding import Collator, encode
+from romebert.training.trainer import Trainer
+from romebert.training.training_args import TrainingArguments
 
 PLAIN = "plain"
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from romebert.compare import CompareConfig, Comparison
-from romebert.data import DataSpec
-from romebert.training_args import TrainingArguments
+from romebert.data.spec import DataSpec
+from romebert.jobs.compare import CompareConfig, Comparison
+from romebert.training.training_args import TrainingArguments
 
 from glue_fixtures import write_glue_fixture
 

@@ -16,7 +16,7 @@ if os.environ.get("ROMEBERT_TEST_PRETEND_GPU") == "1":
     torch.cuda.device_count = lambda: 1
 from transformers import BertConfig  # noqa: E402
 
-from romebert.modeling import MultiExitConfig, MultiExitModel  # noqa: E402
+from romebert.model.modeling import MultiExitConfig, MultiExitModel  # noqa: E402
 
 
 def tiny_bert_config(layers: int = 2, vocab_size: int = 100, dropout: float = 0.1) -> BertConfig:

@@ -10,9 +10,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from test_trainer import _dataset  # noqa: E402
 
-from romebert.data import Collator  # noqa: E402
-from romebert.trainer import Trainer  # noqa: E402
-from romebert.training_args import TrainingArguments  # noqa: E402
+from romebert.runtime.encoding import Collator  # noqa: E402
+from romebert.training.trainer import Trainer  # noqa: E402
+from romebert.training.training_args import TrainingArguments  # noqa: E402
 
 from conftest import tiny_model  # noqa: E402
 

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from romebert.tasks import SplitSpec, TaskSpec
+from romebert.data.tasks import SplitSpec, TaskSpec
 
 
 @dataclass(frozen=True)
 class FakeTask(TaskSpec):
-    """A :class:`~romebert.tasks.TaskSpec` with test defaults: a binary task named SST-2, without
+    """A :class:`~romebert.data.tasks.TaskSpec` with test defaults: a binary task named SST-2, without
     files, scored by :func:`fake_metrics`. Give fields by keyword."""
 
     name: str = "SST-2"

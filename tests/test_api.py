@@ -9,14 +9,15 @@ import pytest
 import torch
 from fakes import FakeTask, fake_metrics
 
-from romebert.api import EarlyExitClassifier
-from romebert.calibration import CALIBRATION_FILE, apply_temperatures
 from romebert.cli import main
-from romebert.data import Collator, Example, encode
-from romebert.errors import RomebertError
-from romebert.evaluation import collect_logits
-from romebert.exits import choose_threshold, pick_from_sweep, sweep
-from romebert.policies import CRITERIA, entropy, get_policy
+from romebert.core.errors import RomebertError
+from romebert.data.examples import Example
+from romebert.deploy.classifier import EarlyExitClassifier
+from romebert.evaluation.calibration import CALIBRATION_FILE, apply_temperatures
+from romebert.evaluation.exits import choose_threshold, pick_from_sweep, sweep
+from romebert.evaluation.logits import collect_logits
+from romebert.runtime.encoding import Collator, encode
+from romebert.runtime.policies import CRITERIA, entropy, get_policy
 
 from glue_fixtures import sentence, write_glue_fixture
 
@@ -110,7 +111,7 @@ def test_predict_returns_labels_and_predict_proba_probabilities(clf):
 
 
 def test_save_pretrained_keeps_model_tokenizer_and_exit_config_together(clf, tmp_path):
-    from romebert.artefacts import EarlyExitConfig
+    from romebert.runtime.artefacts import EarlyExitConfig
 
     clf.exit_config = EarlyExitConfig(criterion="maxprob", threshold=0.8, temperatures=[1.5] * clf.num_layers)
     try:

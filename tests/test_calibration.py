@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from romebert.calibration import (
+from romebert.core.errors import RomebertError
+from romebert.evaluation.calibration import (
     CalibrationReport,
     apply_temperatures,
     calibrate,
@@ -13,7 +14,6 @@ from romebert.calibration import (
     fit_temperature,
     nll,
 )
-from romebert.errors import RomebertError
 
 
 def _synthetic(scales=(4.0, 1.0, 0.4), n=3000, c=3, seed=0):

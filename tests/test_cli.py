@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from romebert.cli import main
-from romebert.modeling import MultiExitModel
+from romebert.model.modeling import MultiExitModel
 
 from glue_fixtures import write_glue_fixture
 
@@ -224,11 +224,12 @@ def test_predict_runs_real_early_exit_with_the_offline_decisions(tmp_path, tiny_
     decisions taken from every exit's cached logits."""
     from transformers import AutoTokenizer
 
-    from romebert.data import Collator, encode, read_split
-    from romebert.evaluation import collect_logits
-    from romebert.exits import predictions
-    from romebert.policies import entropy, get_policy
-    from romebert.tasks import get_task
+    from romebert.data.glue import read_split
+    from romebert.data.tasks import get_task
+    from romebert.evaluation.exits import predictions
+    from romebert.evaluation.logits import collect_logits
+    from romebert.runtime.encoding import Collator, encode
+    from romebert.runtime.policies import entropy, get_policy
 
     data, run = _train(tmp_path, tiny_backbone_dir, "SST-2", "romebert-sd")
     task = get_task("SST-2")

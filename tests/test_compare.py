@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from romebert import pipeline
 from romebert.cli import main
-from romebert.compare import metric_at_speedup
-from romebert.methods import METHODS
+from romebert.jobs import pipeline
+from romebert.jobs.compare import metric_at_speedup
+from romebert.training.methods import METHODS
 
 from compare_fixtures import assert_no_machine_paths
 from glue_fixtures import write_glue_fixture
@@ -224,7 +224,7 @@ def test_bad_compare_arguments_give_one_line_errors(tmp_path, tiny_backbone_dir,
 
 
 def test_a_missing_dev_file_fails_before_any_run_trains(tmp_path, tiny_backbone_dir, capsys, monkeypatch):
-    from romebert import pipeline
+    from romebert.jobs import pipeline
 
     data = tmp_path / "glue"
     write_glue_fixture(data, "RTE", n=12)
@@ -258,7 +258,7 @@ def test_report_names_no_folder_of_the_machine(comparison, tiny_backbone_dir, tm
 def _interrupted(tmp_path, backbone, monkeypatch, method: str, interrupt: str, *extra: str) -> list[str]:
     """A comparison of ``plain`` and ``method`` (seed 1) stopped right after ``interrupt``'s first checkpoint;
     returns its arguments (without ``extra``) and records, from then on, the resume flag of every training."""
-    from romebert.trainer import Trainer
+    from romebert.training.trainer import Trainer
 
     data, out = tmp_path / "glue", tmp_path / "cmp"
     write_glue_fixture(data, "RTE", n=12)
@@ -347,7 +347,7 @@ def test_two_stage_methods_continue_from_plains_fine_tuning(tmp_path, tiny_backb
     write_glue_fixture(data, "RTE", n=12)
     args = _compare_args(data, tiny_backbone_dir, out)
     args[args.index("--methods") + 1], args[args.index("--seeds") + 1] = "deebert,romebert-sd,mixed", "1"
-    from romebert.trainer import Trainer
+    from romebert.training.trainer import Trainer
 
     stages_run: list[tuple[str, str]] = []
     real_stage = Trainer._train_stage

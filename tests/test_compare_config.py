@@ -1,4 +1,4 @@
-"""``romebert.compare.config``: the full command reads back as the same comparison, and shows no machine path."""
+"""``romebert.jobs.compare.config``: the full command reads back as the same comparison, and shows no machine path."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import shlex
 from dataclasses import asdict
 
 from romebert.cli import _compare_config, build_parser
-from romebert.compare import COMPARE_VARIES, full_command
-from romebert.compare.config import shown_invocation
-from romebert.environment import default_backbone
+from romebert.core.environment import default_backbone
+from romebert.jobs.compare import COMPARE_VARIES, full_command
+from romebert.jobs.compare.config import shown_invocation
 
 from compare_fixtures import hand_comparison
 

@@ -1,10 +1,10 @@
-"""The arithmetic of ``romebert.compare.curves`` against hand-computed values."""
+"""The arithmetic of ``romebert.jobs.compare.curves`` against hand-computed values."""
 
 from __future__ import annotations
 
 import pytest
 
-from romebert.compare import aggregate, mean_std, metric_at_speedup, speedup_curve
+from romebert.jobs.compare import aggregate, mean_std, metric_at_speedup, speedup_curve
 
 from compare_fixtures import hand_comparison, hand_records
 

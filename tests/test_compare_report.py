@@ -8,9 +8,9 @@ import shlex
 
 import pytest
 
-from romebert.compare import build_report, render_markdown
-from romebert.compare.markdown import SECTIONS, reading_section, title_section
-from romebert.environment import default_backbone
+from romebert.core.environment import default_backbone
+from romebert.jobs.compare import build_report, render_markdown
+from romebert.jobs.compare.markdown import SECTIONS, reading_section, title_section
 
 from compare_fixtures import ENV, assert_no_machine_paths, hand_comparison, hand_records
 

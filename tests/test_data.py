@@ -11,20 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from romebert.batching import LengthGroupedSampler, make_dataloader, set_epoch
-from romebert.data import (
-    Collator,
-    EncodedDataset,
-    Example,
-    encode,
-    label_ids,
-    label_set,
-    load_hub_glue,
-    read_custom,
-    read_split,
-)
-from romebert.errors import RomebertError
-from romebert.tasks import get_task
+from romebert.core.errors import RomebertError
+from romebert.data.custom import read_custom
+from romebert.data.examples import Example, label_ids, label_set
+from romebert.data.glue import load_hub_glue, read_split
+from romebert.data.tasks import get_task
+from romebert.runtime.encoding import Collator, EncodedDataset, encode
+from romebert.training.batching import LengthGroupedSampler, make_dataloader, set_epoch
 
 from glue_fixtures import TASK_NAMES, fixture_splits, real_glue_dir, sentence, write_glue_fixture
 from tiny import make_tiny_tokenizer

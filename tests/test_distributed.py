@@ -125,7 +125,7 @@ def test_two_process_resume_is_exact_with_dropout(tmp_path):
 def test_each_rank_binds_its_own_gpu_before_the_process_group_starts(monkeypatch):
     import torch.distributed as dist
 
-    from romebert.distributed import init_distributed
+    from romebert.training.distributed import init_distributed
 
     calls = []
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -143,7 +143,7 @@ def test_each_rank_binds_its_own_gpu_before_the_process_group_starts(monkeypatch
 
 
 def test_rng_capture_and_restore_touch_only_this_ranks_gpu(monkeypatch):
-    from romebert.checkpoint import capture_rng, restore_rng
+    from romebert.training.checkpoint import capture_rng, restore_rng
 
     read, written = [], []
     state4 = torch.arange(4, dtype=torch.uint8)

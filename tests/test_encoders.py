@@ -10,16 +10,16 @@ import torch
 from fakes import FakeTask, fake_metrics, padded_batches
 from transformers import AlbertConfig, BertConfig, DebertaV2Config, DistilBertConfig, GPT2Config, ModernBertConfig
 
-from romebert.data import Collator, EncodedDataset
-from romebert.encoders import ADAPTERS
-from romebert.engine import EarlyExitEngine, all_exit_logits
-from romebert.errors import RomebertError
-from romebert.evaluation import collect_logits
-from romebert.exits import sweep
-from romebert.modeling import MultiExitConfig, MultiExitModel
-from romebert.policies import entropy, get_policy
-from romebert.trainer import Trainer
-from romebert.training_args import TrainingArguments
+from romebert.core.errors import RomebertError
+from romebert.evaluation.exits import sweep
+from romebert.evaluation.logits import collect_logits
+from romebert.model.encoders import ADAPTERS
+from romebert.model.modeling import MultiExitConfig, MultiExitModel
+from romebert.runtime.encoding import Collator, EncodedDataset
+from romebert.runtime.engine import EarlyExitEngine, all_exit_logits
+from romebert.runtime.policies import entropy, get_policy
+from romebert.training.trainer import Trainer
+from romebert.training.training_args import TrainingArguments
 
 LAYERS = 2
 VOCAB = 100
@@ -220,9 +220,9 @@ EXPORTED = ["distilbert", "albert", "deberta-v3", "deberta-v2", "modernbert"]
 
 @pytest.mark.parametrize("family", EXPORTED)
 def test_export_round_trips_every_exit(family, tokenizer_dir, tmp_path):
-    from romebert.artefacts import ExportManifest
-    from romebert.export import export_model
-    from romebert.onnx_runtime import OrtSegments
+    from romebert.deploy.export import export_model
+    from romebert.runtime.artefacts import ExportManifest
+    from romebert.runtime.onnx_runtime import OrtSegments
 
     model = _model(family, seed=4)
     folder = tmp_path / "export"

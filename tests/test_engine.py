@@ -7,13 +7,13 @@ import pytest
 import torch
 from fakes import FakeTask, fake_metrics, padded_batches
 
-from romebert.calibration import apply_temperatures
-from romebert.data import Collator, EncodedDataset
-from romebert.engine import EarlyExitEngine
-from romebert.errors import RomebertError
-from romebert.evaluation import collect_logits
-from romebert.exits import sweep
-from romebert.policies import CRITERIA, change, entropy, get_policy, maxprob
+from romebert.core.errors import RomebertError
+from romebert.evaluation.calibration import apply_temperatures
+from romebert.evaluation.exits import sweep
+from romebert.evaluation.logits import collect_logits
+from romebert.runtime.encoding import Collator, EncodedDataset
+from romebert.runtime.engine import EarlyExitEngine
+from romebert.runtime.policies import CRITERIA, change, entropy, get_policy, maxprob
 
 from conftest import sharpen_exits, tiny_model
 
@@ -274,7 +274,7 @@ def test_engine_errors(setup):
 
 
 def test_row_extent_handles_right_and_left_padding_and_empty_rows():
-    from romebert.engine import _extent
+    from romebert.runtime.engine import _extent
 
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 0], [0, 0, 0, 0, 0]])
     assert _extent(mask != 0).tolist() == [3, 5, 4, 5]  # last real column + 1; left padding is never trimmed
@@ -305,7 +305,7 @@ def test_engine_follows_the_model_to_another_dtype_and_new_weights(setup):
 def test_host_side_pooling_weights_match_the_model(setup):
     # The segments build mean-pooling weights from the host copy of the mask; they must be exactly what
     # the model itself uses.
-    from romebert.modeling import pool_weights
+    from romebert.model.modeling import pool_weights
 
     model, data, _, _ = setup
     batch = COLLATE([data[i] for i in range(5)])

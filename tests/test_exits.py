@@ -9,9 +9,9 @@ import pytest
 import scipy.stats
 from fakes import FakeTask, fake_metrics
 
-from romebert.errors import RomebertError
-from romebert.exits import layer_stats, per_exit_metrics, predictions, sweep
-from romebert.policies import REFERENCE_THRESHOLDS, EntropyPolicy, entropy
+from romebert.core.errors import RomebertError
+from romebert.evaluation.exits import layer_stats, per_exit_metrics, predictions, sweep
+from romebert.runtime.policies import REFERENCE_THRESHOLDS, EntropyPolicy, entropy
 
 
 def exit_decisions(logits, threshold, regression=False):
@@ -201,12 +201,12 @@ def test_sweep_regression_and_per_exit_thresholds() -> None:
 
 
 def test_sweep_with_real_metrics_module() -> None:
-    """Default metric path (romebert.metrics / romebert.tasks), once those modules exist."""
-    metrics = pytest.importorskip("romebert.metrics")
-    tasks = pytest.importorskip("romebert.tasks")
+    """Default metric path (romebert.data.metrics / romebert.data.tasks), once those modules exist."""
+    metrics = pytest.importorskip("romebert.data.metrics")
+    tasks = pytest.importorskip("romebert.data.tasks")
     task = tasks.get_task("SST-2") if hasattr(tasks, "get_task") else None
     if task is None:
-        pytest.skip("romebert.tasks has no get_task()")
+        pytest.skip("romebert.data.tasks has no get_task()")
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, size=30)
     logits = rng.normal(size=(3, 30, 2))

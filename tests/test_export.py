@@ -11,16 +11,17 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, RobertaConfig
 
-from romebert.api import EarlyExitClassifier
-from romebert.artefacts import MANIFEST_FILE, EarlyExitConfig, ExportManifest
 from romebert.cli import main
-from romebert.data import Collator, EncodedDataset, Example, FastTokenizer, encode
-from romebert.engine import EarlyExitEngine, all_exit_logits
-from romebert.errors import RomebertError
-from romebert.export import export_model
-from romebert.modeling import MultiExitConfig, MultiExitModel
-from romebert.onnx_runtime import OrtSegments
-from romebert.policies import CRITERIA, entropy, get_policy, maxprob
+from romebert.core.errors import RomebertError
+from romebert.data.examples import Example
+from romebert.deploy.classifier import EarlyExitClassifier
+from romebert.deploy.export import export_model
+from romebert.model.modeling import MultiExitConfig, MultiExitModel
+from romebert.runtime.artefacts import MANIFEST_FILE, EarlyExitConfig, ExportManifest
+from romebert.runtime.encoding import Collator, EncodedDataset, FastTokenizer, encode
+from romebert.runtime.engine import EarlyExitEngine, all_exit_logits
+from romebert.runtime.onnx_runtime import OrtSegments
+from romebert.runtime.policies import CRITERIA, entropy, get_policy, maxprob
 
 from conftest import sharpen_exits
 from glue_fixtures import sentence
@@ -268,7 +269,7 @@ def test_a_manifest_from_a_newer_format_version_is_refused(exported, tmp_path):
 
 
 def test_an_interrupted_export_leaves_nothing_that_loads(tmp_path, tokenizer_dir, monkeypatch, exported):
-    from romebert import export
+    from romebert.deploy import export
 
     model, folder = exported["bert", "mean"]
     calls = []

@@ -4,8 +4,8 @@ tested everywhere else; here the same decisions are taken on the GPU."""
 import numpy as np
 import pytest
 
-from romebert.engine import EarlyExitEngine
-from romebert.policies import get_policy
+from romebert.runtime.engine import EarlyExitEngine
+from romebert.runtime.policies import get_policy
 
 from conftest import sharpen_exits, tiny_model
 

@@ -78,8 +78,8 @@ def _engine_equals_offline_on_real_inputs(run_dir) -> None:
     import numpy as np
     import torch
 
-    from romebert.api import EarlyExitClassifier
-    from romebert.policies import CRITERIA, entropy, get_policy, maxprob
+    from romebert.deploy.classifier import EarlyExitClassifier
+    from romebert.runtime.policies import CRITERIA, entropy, get_policy, maxprob
 
     clf = EarlyExitClassifier.from_run(run_dir, device="cpu")
     split = clf.data.eval_splits()[0]

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from romebert.losses import distillation_loss, exit_loss, stage_losses, task_loss
-from romebert.methods import METHODS, LossSettings
+from romebert.training.losses import distillation_loss, exit_loss, stage_losses, task_loss
+from romebert.training.methods import METHODS, LossSettings
 
 
 def ce(logits, label):

@@ -7,8 +7,8 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from romebert.errors import RomebertError
-from romebert.metrics import (
+from romebert.core.errors import RomebertError
+from romebert.data.metrics import (
     accuracy,
     compute_metrics,
     compute_metrics_by_names,
@@ -18,7 +18,7 @@ from romebert.metrics import (
     pearson,
     spearman,
 )
-from romebert.tasks import TASKS, get_task
+from romebert.data.tasks import TASKS, get_task
 
 
 @pytest.mark.parametrize("seed", range(5))

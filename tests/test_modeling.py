@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import ElectraConfig, RobertaConfig
 
-from romebert.errors import RomebertError
-from romebert.modeling import CONFIG_NAME, WEIGHTS_NAME, MultiExitConfig, MultiExitModel, pool_weights
+from romebert.core.errors import RomebertError
+from romebert.model.modeling import CONFIG_NAME, WEIGHTS_NAME, MultiExitConfig, MultiExitModel, pool_weights
 
 from conftest import tiny_model
 
@@ -61,8 +61,8 @@ def test_save_pretrained_round_trip(tmp_path):
 
 
 def test_regression_target_scaling_round_trips_and_the_engine_applies_it(tmp_path):
-    from romebert.engine import EarlyExitEngine
-    from romebert.policies import get_policy
+    from romebert.runtime.engine import EarlyExitEngine
+    from romebert.runtime.policies import get_policy
 
     model = tiny_model(num_labels=1, layers=2, pooling="mean").eval()
     ids, mask = _padded_batch()

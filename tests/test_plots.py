@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from romebert.compare import build_report
-from romebert.errors import RomebertError
-from romebert.plots import comparison_figures, plot_per_exit, plot_speedup
+from romebert.core.errors import RomebertError
+from romebert.evaluation.plots import plot_per_exit, plot_speedup
+from romebert.jobs.compare import build_report
+from romebert.jobs.compare.figures import comparison_figures
 
 from compare_fixtures import ENV, hand_comparison, hand_records
 

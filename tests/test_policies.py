@@ -7,9 +7,9 @@ import pytest
 from fakes import FakeTask, fake_metrics
 from oracles import entropy_oracle, entropy_rule_oracle
 
-from romebert.errors import RomebertError
-from romebert.exits import predictions, sweep
-from romebert.policies import (
+from romebert.core.errors import RomebertError
+from romebert.evaluation.exits import predictions, sweep
+from romebert.runtime.policies import (
     CRITERIA,
     EntropyPolicy,
     MaxProbPolicy,

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from romebert.projection import project_conflicting
-from romebert.trainer import GradientAccumulator
+from romebert.training.projection import project_conflicting
+from romebert.training.trainer import GradientAccumulator
 
 from conftest import tiny_model
 
@@ -47,7 +47,7 @@ def _batch(n, seed):
 
 
 def _losses(model, ids, labels):
-    from romebert.losses import exit_loss, task_loss
+    from romebert.training.losses import exit_loss, task_loss
 
     logits = model(ids)
     return exit_loss(logits[:-1], labels, logits[-1]), task_loss(logits[-1], labels)

@@ -11,14 +11,9 @@ import numpy as np
 import pytest
 from fakes import FakeTask
 
-from romebert.errors import RomebertError
-from romebert.reports import (
-    submission_files,
-    write_json,
-    write_per_exit_csv,
-    write_submission,
-    write_sweep_csv,
-)
+from romebert.core.errors import RomebertError
+from romebert.core.files import write_json
+from romebert.evaluation.reports import submission_files, write_per_exit_csv, write_submission, write_sweep_csv
 
 SST2 = FakeTask(name="SST-2", labels=("0", "1"), test_files=(("test", "SST-2.tsv"),))
 MNLI = FakeTask(
@@ -145,7 +140,7 @@ def test_write_per_exit_csv(tmp_path: Path) -> None:
 
 
 def test_write_submission_with_real_task_table(tmp_path: Path) -> None:
-    tasks = pytest.importorskip("romebert.tasks")
+    tasks = pytest.importorskip("romebert.data.tasks")
     mnli = tasks.get_task("MNLI")
     assert [name for _, name in submission_files(mnli)] == ["MNLI-m.tsv", "MNLI-mm.tsv"]
     out = tmp_path / "MNLI-m.tsv"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from romebert.checkpoint import list_checkpoints, read_state
+from romebert.training.checkpoint import list_checkpoints, read_state
 
 from glue_fixtures import write_glue_fixture
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import uvicorn
 
-from romebert.api import EarlyExitClassifier
 from romebert.cli import main
-from romebert.errors import RomebertError
-from romebert.service import ServeConfig, Service
+from romebert.core.errors import RomebertError
+from romebert.deploy.classifier import EarlyExitClassifier
+from romebert.deploy.service import ServeConfig, Service
 
 from glue_fixtures import sentence
 
@@ -283,8 +283,9 @@ def test_a_run_folder_is_served_with_pytorch(tiny_sst2_run):
 
 def test_batcher_results_match_the_engine(export_dir, reference):
     """The continuous batcher (no HTTP) gives every input the engine's decision, whatever its arrival."""
-    from romebert.data import Example, encode
-    from romebert.serving import ContinuousBatcher
+    from romebert.data.examples import Example
+    from romebert.deploy.serving import ContinuousBatcher
+    from romebert.runtime.encoding import encode
 
     texts = [sentence(i, 1 + (i * 3) % 10) for i in range(40)]
     feats = encode([Example(str(i), t, None, None) for i, t in enumerate(texts)], reference.tokenizer, None, 32)
@@ -321,8 +322,9 @@ def test_per_request_criterion_and_threshold(server, reference):
 def test_a_request_is_answered_when_its_inputs_exit_not_when_the_batch_ends(reference):
     """Two requests in one batch: the one whose inputs all leave at exit 1 completes before the layer
     calls that the other still needs."""
-    from romebert.data import Example, encode
-    from romebert.serving import ContinuousBatcher
+    from romebert.data.examples import Example
+    from romebert.deploy.serving import ContinuousBatcher
+    from romebert.runtime.encoding import encode
 
     events: list[tuple[str, float]] = []
     feats = encode([Example(str(i), sentence(i, 4), None, None) for i in range(6)], reference.tokenizer, None).features

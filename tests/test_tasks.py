@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from romebert.errors import RomebertError
-from romebert.tasks import TASKS, custom_task, get_task
+from romebert.core.errors import RomebertError
+from romebert.data.tasks import TASKS, custom_task, get_task
 
 from glue_fixtures import real_glue_dir
 

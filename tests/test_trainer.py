@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from romebert.data import Collator, EncodedDataset
-from romebert.errors import RomebertError
-from romebert.evaluation import collect_logits
-from romebert.methods import METHODS
-from romebert.trainer import Trainer, find_latest_checkpoint
-from romebert.training_args import TrainingArguments
+from romebert.core.errors import RomebertError
+from romebert.evaluation.logits import collect_logits
+from romebert.runtime.encoding import Collator, EncodedDataset
+from romebert.training.methods import METHODS
+from romebert.training.trainer import Trainer, find_latest_checkpoint
+from romebert.training.training_args import TrainingArguments
 
 from conftest import tiny_model
 
@@ -55,7 +55,7 @@ def test_deebert_stage_two_trains_only_the_exits(tmp_path, method):
     assert [s["stage"] for s in summary["stages"]] == ["finetune", "exits"]
     assert all(s["cpu_seconds"] > 0 for s in summary["stages"])
     # replay stage one alone from the same seed: backbone and final head must equal the two-stage result
-    from romebert import methods
+    from romebert.training import methods
 
     stage_one = (methods.METHODS[method][0],)
     original = methods.METHODS["deebert"]
@@ -150,7 +150,7 @@ def test_epoch_checkpoints_are_complete_and_resumable(tmp_path):
 
 
 def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
-    from romebert.checkpoint import list_checkpoints
+    from romebert.training.checkpoint import list_checkpoints
 
     reference, _ = _train(tmp_path, "c", epochs=2)
     ckpts = list_checkpoints(tmp_path / "c")
@@ -177,7 +177,7 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
 
 def _replay_stage_one(tmp_path, method, name):
     """The model after ``method``'s first stage alone, from the same seed."""
-    from romebert import methods
+    from romebert.training import methods
 
     original = methods.METHODS[method]
     methods.METHODS[method] = original[:1]
@@ -224,7 +224,7 @@ def test_deebert_stage_two_clips_over_the_encoder_gradients_only_with_the_preset
 
 
 def test_weight_decay_spares_biases_and_norms_unless_asked():
-    from romebert.trainer import make_optimizer
+    from romebert.training.trainer import make_optimizer
 
     model = tiny_model()
     params = list(model.parameters())

@@ -6,11 +6,11 @@ import dataclasses
 
 import pytest
 
-from romebert import options
 from romebert.cli import _compare_config, _data_spec, _training_arguments, build_parser
-from romebert.data import DataSpec
-from romebert.errors import RomebertError
-from romebert.training_args import PRESETS, TrainingArguments
+from romebert.core import options
+from romebert.core.errors import RomebertError
+from romebert.data.spec import DataSpec
+from romebert.training.training_args import PRESETS, TrainingArguments
 
 # What the reference code does (method.md), spelled out here independently of PRESETS.
 REFERENCE = {

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from romebert.engine import EarlyExitEngine, dataset_exit_logits
-from romebert.onnx_runtime import OrtSegments, session_options
-from romebert.policies import ExitPolicy
+from romebert.runtime.engine import EarlyExitEngine, dataset_exit_logits
+from romebert.runtime.onnx_runtime import OrtSegments, session_options
+from romebert.runtime.policies import ExitPolicy
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
 RUNTIMES = ("torch", "ort-fp32", "ort-int8")

@@ -8,12 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from romebert import __version__, options
-from romebert.errors import RomebertError
-from romebert.policies import REFERENCE_THRESHOLDS
+from romebert import __version__
+from romebert.core import options
+from romebert.core.errors import RomebertError
+from romebert.runtime.policies import REFERENCE_THRESHOLDS
 
 DEFAULT_THRESHOLD = 0.15
-# romebert.policies.CRITERIA, spelled out so that building the parser does not import torch.
+# romebert.runtime.policies.CRITERIA, spelled out so that building the parser does not import torch.
 CRITERIA = ("entropy", "maxprob", "patience", "patience-confidence")
 # --threshold when none is given: entropy's reference value, and a comparable point for the others.
 DEFAULT_THRESHOLDS = {"entropy": DEFAULT_THRESHOLD, "maxprob": 0.9, "patience": 2.0, "patience-confidence": 0.3}
@@ -31,28 +32,28 @@ _TRAINING_DATA = ("max_seq_length", "max_train_examples", "subset_seed")
 
 
 def _add_data_args(p: argparse.ArgumentParser, for_training: bool) -> None:
-    from romebert.data import DataSpec
+    from romebert.data.spec import DataSpec
 
     g = p.add_argument_group("data (a GLUE task, or your own CSV/TSV files)")
     options.add_arguments(g, DataSpec, exclude=() if for_training else _TRAINING_DATA)
 
 
 def _data_spec(ns: argparse.Namespace):
-    from romebert.data import DataSpec
-    from romebert.training_args import preset_values
+    from romebert.data.spec import DataSpec
+    from romebert.training.training_args import preset_values
 
     return DataSpec(**{**preset_values(getattr(ns, "preset", None), DataSpec), **options.values(ns, DataSpec)})
 
 
 def _data_override(ns: argparse.Namespace) -> dict:
     """Data flags given to evaluate / predict replace what the run was trained with."""
-    from romebert.data import DataSpec
+    from romebert.data.spec import DataSpec
 
     return options.values(ns, DataSpec)
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from romebert.training_args import TrainingArguments
+    from romebert.training.training_args import TrainingArguments
 
     g = p.add_argument_group("training (defaults are the reference's, except pooling and group-by-length)")
     options.add_arguments(g, TrainingArguments)
@@ -82,7 +83,7 @@ def _criterion_thresholds(ns: argparse.Namespace) -> list | None:
     criterion = getattr(ns, "criterion", None) or "entropy"
     if criterion == "entropy":
         return ns.thresholds
-    from romebert.policies import default_thresholds, get_policy
+    from romebert.runtime.policies import default_thresholds, get_policy
 
     grid = ns.thresholds or default_thresholds(criterion, _num_layers(ns.run))
     return [get_policy(criterion, t, **_policy_kwargs(ns)) for t in grid]
@@ -96,7 +97,7 @@ def _criterion_threshold(ns: argparse.Namespace):
         return None
     criterion = criterion or "entropy"
     threshold = ns.threshold if ns.threshold is not None else DEFAULT_THRESHOLDS[criterion]
-    from romebert.policies import get_policy
+    from romebert.runtime.policies import get_policy
 
     return get_policy(criterion, threshold, **_policy_kwargs(ns))
 
@@ -125,7 +126,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _training_arguments(ns: argparse.Namespace):
-    from romebert.training_args import TrainingArguments
+    from romebert.training.training_args import TrainingArguments
 
     given = options.values(ns, TrainingArguments)
     preset = given.pop("preset", None)
@@ -172,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="worker processes (each loads the model)")
-    from romebert.service import ServeConfig
+    from romebert.deploy.service import ServeConfig
 
     options.add_arguments(p.add_argument_group("service"), ServeConfig)
 
@@ -213,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_compare_args(p: argparse.ArgumentParser) -> None:
     """Flags of ``romebert compare`` other than the data and common ones."""
-    from romebert import compare as c
-    from romebert.training_args import TrainingArguments
+    from romebert.jobs import compare as c
+    from romebert.training.training_args import TrainingArguments
 
     g = p.add_argument_group("comparison")
     g.add_argument("--output-dir", "-o", required=True, help="comparison folder (runs/, report.md, ...)")
@@ -260,11 +261,11 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def _compare_config(ns: argparse.Namespace):
-    """A :class:`~romebert.compare.CompareConfig` from parsed ``romebert compare`` arguments."""
+    """A :class:`~romebert.jobs.compare.CompareConfig` from parsed ``romebert compare`` arguments."""
     import shlex
 
-    from romebert import compare as c
-    from romebert.training_args import TrainingArguments
+    from romebert.jobs import compare as c
+    from romebert.training.training_args import TrainingArguments
 
     given = options.values(ns, TrainingArguments, exclude=c.COMPARE_VARIES)
     preset = given.pop("preset", None)
@@ -309,7 +310,7 @@ def _print_eval(results: dict) -> None:
 
 
 def _cmd_train(ns, then_evaluate: bool = False) -> dict:
-    from romebert.pipeline import train_run
+    from romebert.jobs.pipeline import train_run
 
     summary = train_run(_data_spec(ns), _training_arguments(ns), ns.resume, then_evaluate)
     if not summary["is_main_process"]:
@@ -322,7 +323,7 @@ def _cmd_train(ns, then_evaluate: bool = False) -> dict:
 
 
 def _cmd_evaluate(ns) -> dict:
-    from romebert.pipeline import evaluate_run
+    from romebert.jobs.pipeline import evaluate_run
 
     thresholds = _criterion_thresholds(ns)
     results = evaluate_run(ns.run, thresholds, ns.eval_batch_size, ns.device, _data_override(ns))
@@ -331,10 +332,11 @@ def _cmd_evaluate(ns) -> dict:
 
 
 def _cmd_sweep(ns) -> dict:
-    from romebert.modeling import CONFIG_NAME, MultiExitConfig
-    from romebert.pipeline import DataSpec, sweep_cached
-    from romebert.runs import RunFolder
-    from romebert.tasks import custom_task, get_task
+    from romebert.core.runs import RunFolder
+    from romebert.data.spec import DataSpec
+    from romebert.data.tasks import custom_task, get_task
+    from romebert.evaluation.evaluate import sweep_cached
+    from romebert.model.modeling import CONFIG_NAME, MultiExitConfig
 
     data = DataSpec.load(RunFolder(ns.run).run_file)
     if data.is_custom:
@@ -349,7 +351,7 @@ def _cmd_sweep(ns) -> dict:
 
 
 def _cmd_predict(ns) -> list:
-    from romebert.predict import predict_run
+    from romebert.jobs.predict import predict_run
 
     runtime = {k: getattr(ns, k) for k in ("intra_op_threads", "inter_op_threads") if getattr(ns, k, None)}
     written = predict_run(ns.run, _criterion_threshold(ns), ns.eval_batch_size, ns.device, _data_override(ns),
@@ -362,7 +364,7 @@ def _cmd_predict(ns) -> list:
 
 
 def _cmd_serve(ns) -> None:
-    from romebert.service import ServeConfig, serve
+    from romebert.deploy.service import ServeConfig, serve
 
     cfg = ServeConfig(ns.source, **options.values(ns, ServeConfig))
     print(f"serving {ns.source} on http://{ns.host}:{ns.port} ({ns.workers} worker(s)); Ctrl-C stops", flush=True)
@@ -370,7 +372,7 @@ def _cmd_serve(ns) -> None:
 
 
 def _cmd_export(ns) -> None:
-    from romebert.export import export_run
+    from romebert.deploy.export import export_run
 
     threshold = ns.threshold
     if threshold is None and ns.target_speedup is None and ns.max_metric_drop is None:
@@ -408,7 +410,7 @@ def _cmd_run(ns) -> None:
     t0 = time.perf_counter()
     if not _cmd_train(ns, then_evaluate=True)["is_main_process"]:
         return  # other ranks of a multi-process launch only help train; rank 0 evaluates
-    from romebert.data import DataSpec
+    from romebert.data.spec import DataSpec
 
     ns.run = ns.output_dir
     for f in options.option_fields(DataSpec):  # evaluate / predict read the data description the run saved
@@ -429,14 +431,14 @@ def _cmd_run(ns) -> None:
 
 
 def _has_test(run: str) -> bool:
-    from romebert.pipeline import DataSpec
-    from romebert.runs import RunFolder
+    from romebert.core.runs import RunFolder
+    from romebert.data.spec import DataSpec
 
     return bool(DataSpec.load(RunFolder(run).run_file).test_files())
 
 
 def _cmd_compare(ns) -> dict:
-    from romebert.compare import run_compare
+    from romebert.jobs.compare import run_compare
 
     return run_compare(_compare_config(ns))
 

@@ -1,0 +1,323 @@
+"""Python API: one deployable classifier, on PyTorch or on ONNX Runtime, with real early exit.
+
+Example::
+
+    from romebert import EarlyExitClassifier
+
+    clf = EarlyExitClassifier.from_run("runs/quickstart-sst2")    # or from_pretrained(folder or export)
+    clf.choose_threshold(target_speedup=2.0)                      # on dev only; kept in clf.exit_config
+    clf.predict(["a gripping film", "dull and overlong"])          # -> ["1", "0"]
+    clf.predict_proba("a gripping film")                           # -> array([0.03, 0.97])
+    out = clf.predict_with_exits(texts); out.exit_layers           # labels, probabilities, exit layers
+    clf.save_pretrained("deploy/sst2")                             # model + tokenizer + early_exit.json
+
+A classifier is its segments (``engine.Segments``: a PyTorch model or an ONNX export), its tokenizer
+and its :class:`~romebert.runtime.artefacts.EarlyExitConfig`. This module imports no torch: a PyTorch model is
+loaded (and torch imported) only when a folder holds one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from romebert.core.errors import RomebertError
+from romebert.core.runs import RunFolder
+from romebert.data.examples import Example
+from romebert.data.spec import DataSpec
+from romebert.evaluation.exits import choose_threshold, layer_stats
+from romebert.runtime.artefacts import EARLY_EXIT_FILE, MANIFEST_FILE, EarlyExitConfig
+from romebert.runtime.encoding import Collator, FastTokenizer, encode
+from romebert.runtime.engine import EarlyExitEngine, dataset_exit_logits
+from romebert.runtime.policies import ExitPolicy, Threshold
+
+TextInput = str | tuple[str, str]
+
+
+@dataclass
+class Predictions:
+    """Early-exit predictions in input order."""
+
+    labels: list[str | float]  # label strings (classification) or values (regression)
+    probabilities: np.ndarray | None  # [N, C] softmax of the exit each input left at; None for regression
+    exit_layers: np.ndarray  # [N] int64, 1-based
+    logits: np.ndarray  # [N, C] the chosen exit's logits (temperature-scaled when calibrated)
+    num_layers: int = 0
+    layer_work: int = 0  # rows x layers the encoder actually ran
+
+    @property
+    def layer_speedup(self) -> float:
+        """N * L / sum of exit layers (1.0 = no saving)."""
+        if len(self.exit_layers) == 0:
+            return 1.0
+        return float(layer_stats(self.exit_layers, self.num_layers)["speedup"])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _examples(texts: Sequence[TextInput]) -> list[Example]:
+    out: list[Example] = []
+    for i, t in enumerate(texts):
+        if isinstance(t, str):
+            out.append(Example(f"input-{i}", t, None, None))
+        elif isinstance(t, tuple | list) and len(t) == 2 and all(isinstance(s, str) for s in t):
+            out.append(Example(f"input-{i}", t[0], t[1], None))
+        else:
+            raise RomebertError(f"input {i}: expected a string or a (text, text) pair, got {type(t).__name__}")
+    return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class EarlyExitClassifier:
+    """A multi-exit classifier with its tokenizer and early-exit config, served with batched early exit.
+
+    ``segments``: a ``MultiExitModel`` (PyTorch) or ``onnx_runtime.OrtSegments``. ``labels``: class
+    names in index order (None: regression). ``data``: where its dev data comes from (threshold choice
+    and calibration need it). ``run``: the run folder it was trained in, if any. ``task``: the task it
+    was trained for (default: a PyTorch model's ``config.task``).
+    """
+
+    def __init__(
+        self,
+        segments: Any,
+        tokenizer: Any,
+        labels: Sequence[str] | None,
+        *,
+        max_seq_length: int = 128,
+        exit_config: EarlyExitConfig | None = None,
+        pad_token_id: int | None = None,
+        data: DataSpec | None = None,
+        run: RunFolder | None = None,
+        task: str | None = None,
+    ) -> None:
+        self.model = segments if hasattr(segments, "segments") else None  # the PyTorch model, when it is one
+        self.segments = segments.segments() if self.model is not None else segments
+        self.tokenizer = tokenizer
+        self.label_names = list(labels) if labels is not None else None
+        self.max_seq_length = max_seq_length
+        self.exit_config = exit_config or EarlyExitConfig()
+        self.data = data
+        self.run = run
+        self.task_name = task if task is not None else getattr(getattr(segments, "config", None), "task", None)
+        pad = pad_token_id if pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
+        self.collator = Collator(tokenizer, pad_token_id=pad, return_tensors="np")
+
+    # ------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "auto", **runtime: Any) -> EarlyExitClassifier:
+        """Load a folder written by :meth:`save_pretrained`, an ONNX export (``romebert export``; runtime
+        options ``intra_op_threads``, ``inter_op_threads``, ``spinning``) or a run folder."""
+        path = Path(path)
+        if (path / MANIFEST_FILE).is_file():
+            return cls._from_export(path, **runtime)
+        if RunFolder(path).run_file.is_file():
+            return cls.from_run(path, device)
+        from romebert.model.modeling import CONFIG_NAME
+
+        if not (path / CONFIG_NAME).is_file():
+            raise RomebertError(f"{path}: neither a classifier folder, an export nor a run (no {CONFIG_NAME})")
+        return cls._from_model_dir(path, device, None)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "auto") -> EarlyExitClassifier:
+        """The model of a trained run, with the run's data (for dev-side choices). Its calibration
+        (``<run>/calibration.json``) is used where ``calibrated=True`` asks for it."""
+        run = RunFolder(run_dir)
+        return cls._from_model_dir(run.model, device, DataSpec.load(run.run_file), run)
+
+    @classmethod
+    def _from_model_dir(cls, folder: Path, device: str, data: DataSpec | None, run: RunFolder | None = None):
+        from romebert.core.devices import resolve_device
+        from romebert.model.loading import load_tokenizer
+        from romebert.model.modeling import MultiExitModel
+
+        model = MultiExitModel.from_pretrained(folder, map_location=resolve_device(device))
+        exit_config = EarlyExitConfig.load(folder / EARLY_EXIT_FILE) if (folder / EARLY_EXIT_FILE).is_file() else None
+        cfg = model.config
+        labels = None if cfg.is_regression else (cfg.labels or [str(i) for i in range(cfg.num_labels)])
+        max_len = data.max_seq_length if data is not None else int(cfg.extra.get("max_seq_length", 128))
+        return cls(model, load_tokenizer(str(folder)), labels, max_seq_length=max_len, exit_config=exit_config,
+                   data=data, run=run)  # fmt: skip
+
+    @classmethod
+    def _from_export(cls, folder: Path, **runtime: Any) -> EarlyExitClassifier:
+        from romebert.runtime.onnx_runtime import OrtSegments
+
+        segments = OrtSegments(folder, **runtime)
+        m = segments.manifest
+        tokenizer = FastTokenizer(folder / "tokenizer.json", m.pad_token_id)
+        data = DataSpec(**m.data) if m.data else None
+        return cls(segments, tokenizer, m.labels, max_seq_length=m.max_seq_length,
+                   exit_config=replace(m.early_exit), pad_token_id=m.pad_token_id, data=data, task=m.task)  # fmt: skip
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Model, tokenizer and ``early_exit.json`` in one folder (``from_pretrained`` reads it back)."""
+        if self.model is None:
+            raise RomebertError("an ONNX export is already a deployable folder; copy it instead")
+        directory = Path(directory)
+        self.model.config.extra["max_seq_length"] = self.max_seq_length
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(str(directory))
+        self.exit_config.save(directory / EARLY_EXIT_FILE)
+
+    # ------------------------------------------------------------------------------------- predict
+    @property
+    def num_layers(self) -> int:
+        """The model's layers (its exits), also when the runtime runs it as one graph."""
+        return self.segments.exit_layers[-1]
+
+    @property
+    def regression(self) -> bool:
+        return self.segments.regression
+
+    def policy(self, criterion: str | ExitPolicy | None = None, threshold: Threshold | None = None,
+               **overrides: Any) -> ExitPolicy:  # fmt: skip
+        """The exit config's policy, or with its criterion / threshold / options replaced."""
+        if isinstance(criterion, ExitPolicy):
+            return criterion
+        return self.exit_config.policy(criterion=criterion, threshold=threshold, **overrides)
+
+    def engine(self, criterion: str | ExitPolicy | None = None, threshold: Threshold | None = None,
+               calibrated: bool | None = None, **overrides: Any) -> EarlyExitEngine:  # fmt: skip
+        """The engine for the exit config (or an override). Temperatures: the exit config's by default;
+        ``calibrated=False`` ignores them, ``True`` requires them (a run's calibration.json will do)."""
+        use = calibrated if calibrated is not None else self.exit_config.temperatures is not None
+        return EarlyExitEngine(self.segments, self.policy(criterion, threshold, **overrides),
+                               self.temperatures() if use else None)  # fmt: skip
+
+    def predict_with_exits(self, texts: TextInput | Sequence[TextInput], criterion: str | ExitPolicy | None = None,
+                           threshold: Threshold | None = None, batch_size: int = 32, calibrated: bool | None = None,
+                           **overrides: Any) -> Predictions:  # fmt: skip
+        """Labels, probabilities and exit layers of ``texts`` (strings or (text, text) pairs), in order.
+
+        Inputs are batched by length (less padding), run with :meth:`EarlyExitEngine.run_stream` (every
+        layer call gets ``batch_size`` rows while enough remain) and scattered back to input order.
+        """
+        texts = [texts] if isinstance(texts, str) or _is_pair(texts) else list(texts)
+        engine = self.engine(criterion, threshold, calibrated, **overrides)
+        dataset = encode(_examples(texts), self.tokenizer, None, self.max_seq_length)
+        out = engine.run_dataset(dataset, self.collator, batch_size)
+        return self._predictions(out.logits, out.exit_layer, out.layer_work)
+
+    def _predictions(self, logits: np.ndarray, layers: np.ndarray, work: int) -> Predictions:
+        if self.label_names is None:
+            return Predictions([float(v) for v in logits[:, 0]], None, layers, logits, self.num_layers, work)
+        labels: list[str | float] = [self.label_names[int(i)] for i in logits.argmax(-1)]
+        return Predictions(labels, softmax(logits), layers, logits, self.num_layers, work)
+
+    def predict(self, texts: TextInput | Sequence[TextInput], **options: Any) -> Any:
+        """Labels (class names, or values for regression); one label for one string or pair."""
+        labels = self.predict_with_exits(texts, **options).labels
+        return labels[0] if isinstance(texts, str) or _is_pair(texts) else labels
+
+    def predict_proba(self, texts: TextInput | Sequence[TextInput], **options: Any) -> np.ndarray:
+        """Class probabilities [N, C] of the exit each input left at ([C] for one string or pair)."""
+        if self.label_names is None:
+            raise RomebertError("a regression model has no class probabilities; use predict")
+        probs = self.predict_with_exits(texts, **options).probabilities
+        return probs[0] if isinstance(texts, str) or _is_pair(texts) else probs
+
+    # -------------------------------------------------------------------------- dev-side choices
+    def _split(self, split: str | None) -> str:
+        if self.data is None:
+            raise RomebertError("this classifier knows no dev data; load it with from_run (or from an export)")
+        splits = self.data.eval_splits()
+        if split is None:
+            if not splits:
+                raise RomebertError("this classifier's data has no dev split")
+            return splits[0]
+        return split
+
+    def task(self) -> Any:
+        """The task of this classifier on its data (a model of another task or label set is refused)."""
+        if self.data is None:
+            raise RomebertError("this classifier knows no task data (load it with from_run)")
+        return self.data.task_for(self.task_name, self.label_names, self.segments.num_labels)
+
+    def dev_logits(self, split: str | None = None, use_cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Every exit's logits [L, N, C] and labels [N] on a dev split (the evaluate cache when present)."""
+        split = self._split(split)
+        cache = self.run.eval(split) if self.run is not None else None
+        if use_cache and cache is not None and (cache / "logits.npy").is_file() and (cache / "labels.npy").is_file():
+            logits, labels = np.load(cache / "logits.npy"), np.load(cache / "labels.npy")
+            if logits.shape[0] == self.num_layers and logits.shape[2] == self.segments.num_labels:
+                return logits, labels
+        task = self.task()
+        dataset = encode(self.data.examples(split), self.tokenizer, task.labels, self.data.max_seq_length)
+        if not dataset.has_labels:
+            raise RomebertError(f"split {split} has no labels")
+        labels = np.asarray([f["labels"] for f in dataset.features])
+        if self.model is not None:  # one pass of the model's own forward
+            from romebert.evaluation.logits import collect_logits
+
+            return collect_logits(self.model, dataset, Collator(self.tokenizer)), labels
+        return dataset_exit_logits(self.segments, dataset, self.collator), labels
+
+    def choose_threshold(self, criterion: str = "entropy", *, target_speedup: float | None = None,
+                         max_metric_drop: float | None = None, split: str | None = None,
+                         calibrated: bool | None = None, thresholds: Sequence[Threshold] | None = None,
+                         **policy_kwargs: Any) -> tuple[Threshold, dict[str, Any]]:  # fmt: skip
+        """Choose a threshold on the dev split (never on test) and keep it in :attr:`exit_config`;
+        returns (threshold, its sweep row). See :func:`romebert.evaluation.exits.choose_threshold`."""
+        from romebert.evaluation.calibration import apply_temperatures
+
+        split = self._split(split)
+        logits, labels = self.dev_logits(split)
+        use = calibrated if calibrated is not None else self.exit_config.temperatures is not None
+        temps = self.temperatures() if use else None
+        if temps is not None:
+            logits = apply_temperatures(logits, temps)
+        task = self.task()
+        threshold, row = choose_threshold(logits, labels, task, criterion, target_speedup=target_speedup,
+                                          max_metric_drop=max_metric_drop, thresholds=thresholds,
+                                          **policy_kwargs)  # fmt: skip
+        how = {k: v for k, v in (("target_speedup", target_speedup), ("max_metric_drop", max_metric_drop)) if v}
+        chosen = {"split": split, **how, "metric": row["metric"], "speedup": row["speedup"],
+                  "final_metric": row["final_metric"], "metric_name": task.metric}  # fmt: skip
+        keep = {k: policy_kwargs[k] for k in ("patience", "tolerance", "confidence") if k in policy_kwargs}
+        self.exit_config = replace(self.exit_config, criterion=criterion, threshold=threshold, chosen=chosen,
+                                   temperatures=temps, **keep)  # fmt: skip
+        return threshold, row
+
+    def calibrate(self, split: str | None = None, bins: int = 15, save: bool = True):
+        """Fit one temperature per exit on dev and keep them in :attr:`exit_config`; for a run, also saved
+        to ``<run>/calibration.json`` unless ``save=False``. Returns the report (ECE before and after)."""
+        from romebert.evaluation.calibration import calibrate
+
+        if self.regression:
+            raise RomebertError("temperature calibration needs class logits; it does not apply to regression")
+        split = self._split(split)
+        logits, labels = self.dev_logits(split)
+        report = calibrate(logits, labels, bins=bins, split=split)
+        if save and self.run is not None:
+            report.save(self.run.calibration)
+        self.exit_config = replace(self.exit_config, temperatures=list(report.temperatures))
+        return report
+
+    def temperatures(self) -> list[float]:
+        """The per-exit temperatures: the exit config's (after :meth:`calibrate`, or as loaded), else the
+        run's ``calibration.json``."""
+        temps = self.exit_config.temperatures
+        if temps is None and self.run is not None and self.run.calibration.is_file():
+            from romebert.evaluation.calibration import CalibrationReport
+
+            temps = list(CalibrationReport.load(self.run.calibration).temperatures)
+        if temps is None:
+            raise RomebertError("no calibration: calibrate() first (or load a calibrated classifier)")
+        if len(temps) != self.num_layers:
+            raise RomebertError(f"calibration has {len(temps)} temperatures, the model {self.num_layers} exits")
+        return list(temps)
+
+
+def _is_pair(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and all(isinstance(s, str) for s in x)

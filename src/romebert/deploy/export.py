@@ -1,0 +1,425 @@
+"""``romebert export``: a trained run as a self-contained ONNX folder for the torch-free runtime.
+
+    <export>/manifest.json        task, labels, pooling, the early-exit config (criterion, threshold and
+                                  how it was chosen on dev, temperatures), precision, opset, fusions,
+                                  versions and a sha256 per file (artefacts.ExportManifest)
+    <export>/segment_01.onnx ...  one graph per layer with its exit head (export_graphs.py)
+    <export>/tokenizer.json ...   the tokenizer
+
+Each graph goes through ONNX Runtime's transformer optimizer (attention, LayerNorm, GELU fusions; the
+manifest lists what fused in each graph) and, with ``quantize="int8"``, dynamic int8 quantization. The
+threshold is chosen on dev with the exported graphs' own logits, since a threshold does not carry over
+unchanged between precisions. The folder is built under a temporary name and renamed when complete, so
+an interrupted export never leaves a folder that loads.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from romebert import __version__
+from romebert.core.environment import backbone_label
+from romebert.core.errors import RomebertError
+from romebert.core.files import sha256
+from romebert.core.runs import RunFolder
+from romebert.data.spec import DataSpec
+from romebert.deploy.export_graphs import FullModel, segment_io, segment_modules, uses_fused_segments
+from romebert.model.modeling import MultiExitModel
+from romebert.runtime.artefacts import MANIFEST_FILE, EarlyExitConfig, ExportManifest, GraphFile
+from romebert.runtime.encoding import Collator, encode, mean_pool_weights
+from romebert.runtime.engine import all_exit_logits, dataset_exit_logits
+
+PRECISIONS = ("fp32", "int8")
+DEFAULT_OPSET = 17
+FULL_GRAPH_FILE = "full.onnx"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+_DYNAMIC = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
+            "token_type_ids": {0: "batch", 1: "tokens"}, "state": {0: "batch", 1: "tokens"},
+            "next_state": {0: "batch", 1: "tokens"}, "pool_weights": {0: "batch", 1: "tokens"},
+            "logits": {0: "batch"}}  # fmt: skip
+
+
+def _onnx_tools():
+    try:
+        import onnx  # noqa: F401
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.transformers.optimizer import optimize_model
+    except ImportError as exc:
+        raise RomebertError("export needs onnx and onnxruntime: pip install 'romebert[export]'") from exc
+    return optimize_model, quantize_dynamic, QuantType
+
+
+def _probe_inputs(model: MultiExitModel) -> tuple[Tensor, Tensor, Tensor]:
+    """A small batch with one padded row, to trace the graphs with (shapes are dynamic)."""
+    vocab = model.backbone.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(5, vocab - 1), vocab, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    return ids, mask, torch.zeros_like(ids)
+
+
+def export_graph(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path,
+                 opset: int) -> None:  # fmt: skip
+    """One traced ONNX graph with dynamic batch and token axes."""
+    import warnings
+
+    module.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python control flow in the backbone
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes={k: v for k, v in _DYNAMIC.items() if k in inputs + outputs},
+            do_constant_folding=True,
+        )
+
+
+def optimize_graph(path: Path, model: MultiExitModel) -> dict[str, int]:
+    """ONNX Runtime's transformer fusions, in place; returns the fused operators that appeared."""
+    optimize_model, _, _ = _onnx_tools()
+    cfg = model.backbone.config
+    opt = optimize_model(str(path), model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size)
+    opt.save_model_to_file(str(path))
+    return {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+
+
+def quantize_graph(src: Path, dst: Path, keep_heads_fp32: bool = True) -> None:
+    """Dynamic int8 quantization (weights int8, activations quantized per call).
+
+    ``keep_heads_fp32``: the exit heads' two small matrix products stay fp32: on a [b, H] input,
+    quantizing the activations costs more than the int8 product saves.
+    """
+    import onnx
+
+    _, quantize_dynamic, quant_type = _onnx_tools()
+    heads = [n.name for n in onnx.load(str(src)).graph.node if "exits." in n.name] if keep_heads_fp32 else []
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        weight_type=quant_type.QInt8,
+        nodes_to_exclude=heads,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {
+        "romebert": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def export_model(
+    model: MultiExitModel,
+    tokenizer_dir: Path,
+    out: str | Path,
+    *,
+    precision: str = "fp32",
+    max_seq_length: int = 128,
+    opset: int = DEFAULT_OPSET,
+    early_exit: EarlyExitConfig | None = None,
+    choose: Callable[[Path, ExportManifest], EarlyExitConfig] | None = None,
+    data: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+    optimize: bool = True,
+    full_graph: bool = False,
+) -> ExportManifest:
+    """Write ``model`` as an export folder ``out``.
+
+    ``choose(folder, manifest)``, if given, picks the early-exit config from the finished graphs
+    (on dev); otherwise ``early_exit`` (default: the reference's entropy 0.15) is used as it is.
+    ``full_graph``: also the whole model as one graph (``full.onnx``), the baseline a service without
+    early exit runs.
+    """
+    if precision not in PRECISIONS:
+        raise RomebertError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    out = Path(out)
+    _check_target(out)
+    # traced on the CPU in eval mode with eager attention; the caller's model is put back as it was
+    device, training = next(model.parameters()).device, model.training
+    attention = model.backbone.config._attn_implementation
+    model.to("cpu").eval()
+    _use_eager_attention(model)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
+    try:
+        graphs, fusions = _write_graphs(model, tmp, precision, opset, optimize)
+        full = None
+        if full_graph:
+            export_full_model(model, tmp / FULL_GRAPH_FILE, precision, opset)
+            full = GraphFile(FULL_GRAPH_FILE, sha256(tmp / FULL_GRAPH_FILE), _graph_inputs(tmp / FULL_GRAPH_FILE),
+                             ["logits"])  # fmt: skip
+        tok_files = []
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, tmp / name)
+                tok_files.append(GraphFile(name, sha256(tmp / name)))
+        if not any(f.file == "tokenizer.json" for f in tok_files):
+            raise RomebertError(f"{tokenizer_dir}: no tokenizer.json (a fast tokenizer is needed for the runtime)")
+        cfg = model.config
+        manifest = ExportManifest(
+            task=cfg.task,
+            labels=list(cfg.labels) if cfg.labels is not None else None,
+            num_layers=model.num_layers,
+            num_labels=cfg.num_labels,
+            hidden_size=model.backbone.config.hidden_size,
+            pooling=cfg.pooling,
+            max_seq_length=max_seq_length,
+            precision=precision,
+            opset=opset,
+            early_exit=early_exit or EarlyExitConfig(),
+            graphs=graphs,
+            tokenizer_files=tok_files,
+            pad_token_id=_pad_token_id(tokenizer_dir),
+            data=data,
+            fusions=fusions,
+            versions=_versions(),
+            source={**(source or {}), "encoder": _encoder_label(model)},
+            full_graph=full,
+        )
+        _verify(model, tmp, manifest)
+        if choose is not None:
+            manifest.early_exit = choose(tmp, manifest)
+        manifest.save(tmp)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        model.backbone.config._attn_implementation = attention
+        model.to(device).train(training)
+    return manifest
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    quantize: str = "none",
+    criterion: str = "entropy",
+    threshold: Any = None,
+    target_speedup: float | None = None,
+    max_metric_drop: float | None = None,
+    calibrated: bool = False,
+    patience: int = 2,
+    tolerance: float = 0.1,
+    confidence: str = "entropy",
+    opset: int = DEFAULT_OPSET,
+    batch_size: int = 64,
+    full_graph: bool = False,
+) -> ExportManifest:
+    """Export a finished run; the threshold is ``threshold`` as given, or chosen on the run's dev split
+    with the exported graphs (``target_speedup`` and/or ``max_metric_drop``; default: the largest layer
+    speed-up within 0.01 of the final exit's metric)."""
+    from romebert.model.loading import load_run
+
+    precision = {"none": "fp32", "fp32": "fp32", "int8": "int8"}.get(quantize)
+    if precision is None:
+        raise RomebertError(f"--quantize must be none or int8, got {quantize!r}")
+    folder = RunFolder(run_dir).require_trained()
+    model, tokenizer, data = load_run(folder.root, "cpu")
+    policy_kw = {"patience": patience, "tolerance": tolerance, "confidence": confidence}
+    temperatures = None
+    if calibrated:
+        from romebert.evaluation.calibration import CalibrationReport
+
+        temperatures = list(CalibrationReport.load(folder.calibration).temperatures)
+    if threshold is not None and (target_speedup is not None or max_metric_drop is not None):
+        raise RomebertError("give either --threshold or --target-speedup / --max-metric-drop, not both")
+    choose = None
+    fixed = None
+    if threshold is not None:
+        fixed = EarlyExitConfig(criterion=criterion, threshold=threshold, temperatures=temperatures,
+                                chosen={"given": True}, **policy_kw)  # fmt: skip
+    else:
+        if target_speedup is None and max_metric_drop is None:
+            max_metric_drop = 0.01
+        choose = _dev_chooser(data, tokenizer, criterion, target_speedup, max_metric_drop, temperatures, policy_kw,
+                              batch_size)  # fmt: skip
+    source = {"run": folder.root.name, "backbone": backbone_label(model.config.backbone)}
+    if folder.training_args.is_file():
+        import json
+
+        source["method"] = json.loads(folder.training_args.read_text(encoding="utf-8")).get("method")
+    return export_model(
+        model,
+        folder.model,
+        out,
+        precision=precision,
+        max_seq_length=data.max_seq_length,
+        opset=opset,
+        early_exit=fixed,
+        choose=choose,
+        data=_portable(data),
+        source=source,
+        full_graph=full_graph,
+    )
+
+
+# ------------------------------------------------------------------------------------------ internals
+def _use_eager_attention(model: MultiExitModel) -> None:
+    # The export writes its own attention (export_graphs.py); eager keeps the backbone's other code
+    # paths free of fused kernels the tracer cannot see through.
+    model.backbone.config._attn_implementation = "eager"
+
+
+def _write_graphs(model: MultiExitModel, folder: Path, precision: str, opset: int, optimize: bool):
+    graphs, fusions = [], []
+    ids, mask, types = _probe_inputs(model)
+    mean = model.config.pooling == "mean"
+    weights = (torch.from_numpy(mean_pool_weights(mask.numpy())),) if mean else ()
+    args: tuple = (ids, mask, types, *weights)
+    with torch.no_grad():
+        for i, module in enumerate(segment_modules(model)):
+            inputs, outputs = segment_io(i, model.num_layers, mean)
+            name = f"segment_{i + 1:02d}.onnx"
+            fp32 = folder / (name if precision == "fp32" else f"fp32-{name}")
+            export_graph(module, args, inputs, outputs, fp32, opset)
+            fusions.append(optimize_graph(fp32, model) if optimize else {})
+            if precision == "int8":
+                quantize_graph(fp32, folder / name)
+                fp32.unlink()
+            # the graph's own inputs: the exporter drops one the graph does not use (token_type_ids of a
+            # family without token types), and the runtime feeds exactly what the manifest lists
+            graphs.append(GraphFile(name, sha256(folder / name), _graph_inputs(folder / name), outputs))
+            if i < model.num_layers - 1:
+                args = (module(*args)[0], mask, *weights)
+    return graphs, fusions
+
+
+def _graph_inputs(path: Path) -> list[str]:
+    """Names of a graph's inputs (not its initializers), in order."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    return [i.name for i in graph.input if i.name not in weights]
+
+
+def _encoder_label(model: MultiExitModel) -> str:
+    """The encoder family and the segment form its graphs take, e.g. "bert (fused BERT segments)"."""
+    form = "fused BERT segments" if uses_fused_segments(model) else "generic segments"
+    return f"{model.backbone.config.model_type} ({form})"
+
+
+def _verify(model: MultiExitModel, folder: Path, manifest: ExportManifest) -> None:
+    """The exported graphs against the model on the probe batch: every exit's logits (fp32: 1e-3)."""
+    from romebert.runtime.onnx_runtime import OrtSegments
+
+    ids, mask, types = _probe_inputs(model)
+    probe = [(ids.numpy(), mask.numpy(), types.numpy())]
+    got = all_exit_logits(OrtSegments(folder, manifest, intra_op_threads=1), probe)
+    with torch.no_grad():
+        ref = model(ids, mask, types).numpy()
+    err = float(np.abs(got - ref).max())
+    if manifest.full_graph is not None:  # the one graph against the final exit
+        full = all_exit_logits(OrtSegments(folder, manifest, intra_op_threads=1, one_graph=True), probe)
+        err = max(err, float(np.abs(full[0] - ref[-1]).max()))
+    if manifest.precision == "fp32" and not err < 1e-3:
+        raise RomebertError(f"export check failed: the graphs' logits differ from the model's by {err:.3g}")
+    manifest.source["probe_max_abs_diff"] = err
+
+
+def _dev_chooser(data: DataSpec, tokenizer, criterion, target_speedup, max_metric_drop, temperatures, policy_kw,
+                 batch_size):  # fmt: skip
+    """Picks the threshold on the run's first dev split with the exported graphs' own logits."""
+    from romebert.evaluation.calibration import apply_temperatures
+    from romebert.evaluation.exits import choose_threshold
+    from romebert.evaluation.logits import dataset_labels
+    from romebert.runtime.onnx_runtime import OrtSegments
+
+    split = data.eval_splits()[0] if data.eval_splits() else None
+    if split is None:
+        raise RomebertError("this run has no dev split to choose a threshold on: give --threshold")
+    task = data.task_spec()
+    dataset = encode(data.examples(split), tokenizer, task.labels, data.max_seq_length)
+    labels = dataset_labels(dataset)
+
+    def choose(folder: Path, manifest: ExportManifest) -> EarlyExitConfig:
+        seg = OrtSegments(folder, manifest)
+        logits = dataset_exit_logits(seg, dataset, Collator(tokenizer, return_tensors="np"), batch_size)
+        if temperatures is not None:
+            logits = apply_temperatures(logits, temperatures)
+        threshold, row = choose_threshold(logits, labels, task, criterion, target_speedup=target_speedup,
+                                          max_metric_drop=max_metric_drop, **policy_kw)  # fmt: skip
+        how = {"target_speedup": target_speedup} if target_speedup is not None else {}
+        if max_metric_drop is not None:
+            how["max_metric_drop"] = max_metric_drop
+        chosen = {"split": split, **how, "metric": row["metric"], "speedup": row["speedup"],
+                  "final_metric": row["final_metric"], "metric_name": task.metric}  # fmt: skip
+        return EarlyExitConfig(criterion=criterion, threshold=threshold, temperatures=temperatures, chosen=chosen,
+                               **policy_kw)  # fmt: skip
+
+    return choose
+
+
+def _portable(data: DataSpec) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(data)
+
+
+def _pad_token_id(tokenizer_dir: Path) -> int:
+    from transformers import AutoTokenizer
+
+    pad = AutoTokenizer.from_pretrained(str(tokenizer_dir)).pad_token_id
+    if pad is None:
+        raise RomebertError(f"{tokenizer_dir}: the tokenizer has no padding token")
+    return int(pad)
+
+
+def _check_target(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file())):
+        raise RomebertError(f"{out}: exists and is not an export folder; choose another --output")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place (replacing an older export there) with renames only."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_full_model(model: MultiExitModel, path: Path, precision: str = "fp32", opset: int = DEFAULT_OPSET) -> dict:
+    """The whole model as ONE graph, final head only, optimized (and quantized): what a user would deploy
+    instead of early exit, the benchmark's baseline. Returns the fused operators."""
+    model = model.to("cpu").eval()
+    _use_eager_attention(model)
+    inputs, outputs = ["input_ids", "attention_mask", "token_type_ids"], ["logits"]
+    fp32 = path if precision == "fp32" else path.with_name("fp32-" + path.name)
+    with torch.no_grad():
+        export_graph(FullModel(model), _probe_inputs(model), inputs, outputs, fp32, opset)
+    fused = optimize_graph(fp32, model)
+    if precision == "int8":
+        quantize_graph(fp32, path)
+        fp32.unlink()
+    return fused

@@ -1,0 +1,65 @@
+"""``romebert predict``: GLUE submission files by real early exit, from a run, a classifier folder or an
+ONNX export. Torch-free: an export is served by ONNX Runtime alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from romebert.core.errors import RomebertError
+from romebert.data.glue import load_hub_glue, read_split
+from romebert.data.spec import DataSpec
+from romebert.deploy.classifier import EarlyExitClassifier
+from romebert.evaluation.exits import _preds_from_logits
+from romebert.evaluation.reports import write_submission
+from romebert.runtime.encoding import encode
+from romebert.runtime.policies import as_policy
+
+
+def predict_run(
+    source: str | Path,
+    threshold: Any = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    data_override: dict | None = None,
+    output_dir: str | Path | None = None,
+    **runtime: Any,
+) -> list[dict]:
+    """GLUE submission files for every test split, by real early exit; returns per-file info.
+
+    ``source``: a run, a classifier folder or an ONNX export (``runtime``: its ONNX Runtime options).
+    ``threshold``: a policy or an entropy threshold; None uses the classifier's exit config (an
+    export's is the one chosen on dev; a run's is the reference's entropy 0.15). Files go to
+    ``output_dir`` (default: ``<run>/predictions``, or ``predictions/`` here for other folders).
+    """
+    clf = EarlyExitClassifier.from_pretrained(source, device, **runtime)
+    if clf.data is None and not data_override:
+        raise RomebertError(f"{source}: no data description; give --task and --data-dir, or --test-file")
+    data = (clf.data or DataSpec()).replaced(data_override)
+    clf.data = data
+    model_task = clf.task()  # refuses a model trained for another task or label set
+    out_dir = Path(output_dir) if output_dir else (clf.run.predictions if clf.run is not None else Path("predictions"))
+    policy = as_policy(threshold) if threshold is not None else None
+    engine = clf.engine(policy)
+    written = []
+    files = data.test_files()
+    if not files:
+        raise RomebertError("nothing to predict: this data has no test split (give --test-file)")
+    for task, split, name in files:
+        if task is None:
+            task = model_task
+            examples = data.examples(split)
+        elif data.hub:
+            examples = load_hub_glue(task, split)
+        else:
+            examples = read_split(task, data.data_dir, split)
+        dataset = encode(examples, clf.tokenizer, None, data.max_seq_length)
+        out = engine.run_dataset(dataset, clf.collator, batch_size)
+        preds, layers = _preds_from_logits(out.logits, task.is_regression), out.exit_layer
+        write_submission(out_dir / name, preds, task)
+        np.save(out_dir / (Path(name).stem + ".exit_layers.npy"), layers)
+        written.append({"file": str(out_dir / name), "rows": len(preds), "mean_exit_layer": float(layers.mean()),
+                        "policy": engine.policy.params()})  # fmt: skip
+    return written
