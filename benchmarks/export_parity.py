@@ -34,8 +34,7 @@ CRITERIA = ("entropy", "maxprob", "patience", "patience-confidence")
 
 def near_tie(all_logits: np.ndarray, rows: np.ndarray, upto: np.ndarray, policy, tol: float) -> np.ndarray:
     """Rows that pass within ``tol`` of a decision at some layer < ``upto`` (1-based exits)."""
-    from romebert.deploy.classifier import softmax
-    from romebert.runtime.policies import entropy, maxprob
+    from romebert.runtime.scores import entropy, maxprob, softmax
 
     lg = all_logits[:, rows]  # [L, r, C]
     p = softmax(lg)
@@ -70,7 +69,7 @@ def parity(run: Path, work: Path, tol: float, drop: float) -> dict:
     labels = np.asarray([f["labels"] for f in dataset.features])
     segs = {"torch": model.segments(), "fp32": OrtSegments(files["ort-fp32"]), "int8": OrtSegments(files["ort-int8"])}
     logits = {k: dataset_exit_logits(s, dataset, collate) for k, s in segs.items()}  # [L, N, C] each
-    from romebert.deploy.classifier import softmax
+    from romebert.runtime.scores import softmax
 
     out: dict = {"task": task.name, "examples": int(labels.size), "tolerance": tol,
                  "max_prob_diff_fp32_vs_torch": float(np.abs(softmax(logits["fp32"]) - softmax(logits["torch"])).max()),

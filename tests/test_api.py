@@ -17,7 +17,8 @@ from romebert.evaluation.calibration import CALIBRATION_FILE, apply_temperatures
 from romebert.evaluation.exits import choose_threshold, pick_from_sweep, sweep
 from romebert.evaluation.logits import collect_logits
 from romebert.runtime.encoding import Collator, encode
-from romebert.runtime.policies import CRITERIA, entropy, get_policy
+from romebert.runtime.policies import CRITERIA, get_policy
+from romebert.runtime.scores import entropy
 
 from glue_fixtures import sentence, write_glue_fixture
 

@@ -152,8 +152,19 @@ def test_custom_csv_data(tmp_path, tiny_backbone_dir):
     assert len(preds) == 13 and {p.split("\t")[1] for p in preds[1:]} <= {"neg", "pos"}
 
 
+def test_a_finished_run_keeps_its_model_and_drops_its_checkpoints(tmp_path, tiny_backbone_dir, capsys):
+    data, run = _train(tmp_path, tiny_backbone_dir, "SST-2", "romebert-sd")
+    assert sorted(p.name for p in run.iterdir()) == [
+        "model", "run.json", "train_log.jsonl", "train_summary.json", "training_args.json"]  # fmt: skip
+    argv = ["train", "--task", "SST-2", "--data-dir", str(data), "--model", str(tiny_backbone_dir),
+            "--method", "romebert-sd", "-o", str(run), *TINY, "--resume"]  # fmt: skip
+    assert main(argv) == 2
+    assert "already trained, and its checkpoints were deleted" in capsys.readouterr().err
+
+
 def test_resume_continues_from_the_newest_checkpoint(tmp_path, tiny_backbone_dir):
-    data, run = _train(tmp_path, tiny_backbone_dir, "SST-2", "romebert-sd", "--epochs", "2")
+    data, run = _train(tmp_path, tiny_backbone_dir, "SST-2", "romebert-sd", "--epochs", "2", "--keep-checkpoints")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["stage0-step0000003", "stage0-step0000006"]
     steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
     (run / "train_log.jsonl").unlink()
     rc = main(
@@ -229,7 +240,8 @@ def test_predict_runs_real_early_exit_with_the_offline_decisions(tmp_path, tiny_
     from romebert.evaluation.exits import predictions
     from romebert.evaluation.logits import collect_logits
     from romebert.runtime.encoding import Collator, encode
-    from romebert.runtime.policies import entropy, get_policy
+    from romebert.runtime.policies import get_policy
+    from romebert.runtime.scores import entropy
 
     data, run = _train(tmp_path, tiny_backbone_dir, "SST-2", "romebert-sd")
     task = get_task("SST-2")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import shlex
 from dataclasses import asdict
 
-from romebert.cli import _compare_config, build_parser
+from romebert.cli.commands import compare_config
+from romebert.cli.parser import build_parser
 from romebert.core.environment import default_backbone
 from romebert.jobs.compare import COMPARE_VARIES, full_command
 from romebert.jobs.compare.config import shown_invocation
@@ -16,7 +17,7 @@ from compare_fixtures import hand_comparison
 def _parsed(command: str):
     words = shlex.split(command)
     assert words[:2] == ["romebert", "compare"]
-    return _compare_config(build_parser().parse_args(words[1:]))
+    return compare_config(build_parser().parse_args(words[1:]))
 
 
 def test_full_command_reads_back_as_the_same_comparison(tmp_path, monkeypatch):

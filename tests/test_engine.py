@@ -13,7 +13,8 @@ from romebert.evaluation.exits import sweep
 from romebert.evaluation.logits import collect_logits
 from romebert.runtime.encoding import Collator, EncodedDataset
 from romebert.runtime.engine import EarlyExitEngine
-from romebert.runtime.policies import CRITERIA, change, entropy, get_policy, maxprob
+from romebert.runtime.policies import CRITERIA, get_policy
+from romebert.runtime.scores import change, entropy, maxprob
 
 from conftest import sharpen_exits, tiny_model
 

@@ -11,7 +11,8 @@ from fakes import FakeTask, fake_metrics
 
 from romebert.core.errors import RomebertError
 from romebert.evaluation.exits import layer_stats, per_exit_metrics, predictions, sweep
-from romebert.runtime.policies import REFERENCE_THRESHOLDS, EntropyPolicy, entropy
+from romebert.runtime.policies import REFERENCE_THRESHOLDS, EntropyPolicy
+from romebert.runtime.scores import entropy
 
 
 def exit_decisions(logits, threshold, regression=False):

@@ -21,7 +21,8 @@ from romebert.runtime.artefacts import MANIFEST_FILE, EarlyExitConfig, ExportMan
 from romebert.runtime.encoding import Collator, EncodedDataset, FastTokenizer, encode
 from romebert.runtime.engine import EarlyExitEngine, all_exit_logits
 from romebert.runtime.onnx_runtime import OrtSegments
-from romebert.runtime.policies import CRITERIA, entropy, get_policy, maxprob
+from romebert.runtime.policies import CRITERIA, get_policy
+from romebert.runtime.scores import entropy, maxprob
 
 from conftest import sharpen_exits
 from glue_fixtures import sentence

@@ -79,7 +79,8 @@ def _engine_equals_offline_on_real_inputs(run_dir) -> None:
     import torch
 
     from romebert.deploy.classifier import EarlyExitClassifier
-    from romebert.runtime.policies import CRITERIA, entropy, get_policy, maxprob
+    from romebert.runtime.policies import CRITERIA, get_policy
+    from romebert.runtime.scores import entropy, maxprob
 
     clf = EarlyExitClassifier.from_run(run_dir, device="cpu")
     split = clf.data.eval_splits()[0]

@@ -17,9 +17,9 @@ from romebert.runtime.policies import (
     PatiencePolicy,
     candidate_thresholds,
     default_thresholds,
-    entropy,
     get_policy,
 )
+from romebert.runtime.scores import entropy
 
 
 def _random_logits(seed: int, layers: int = 5, n: int = 200, c: int = 3, scale: float = 3.0) -> np.ndarray:

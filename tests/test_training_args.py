@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from romebert.cli import _compare_config, _data_spec, _training_arguments, build_parser
+from romebert.cli.commands import _data_spec, _training_arguments, compare_config
+from romebert.cli.parser import build_parser
 from romebert.core import options
 from romebert.core.errors import RomebertError
 from romebert.data.spec import DataSpec
@@ -66,10 +67,10 @@ def test_flags_given_with_a_preset_take_precedence():
 
 def test_compare_takes_the_preset_and_its_pooling():
     ns = _parse("compare", "--task", "MRPC", "--data-dir", ".", "-o", "cmp", "--preset", "reference")
-    cfg = _compare_config(ns)
+    cfg = compare_config(ns)
     assert cfg.poolings == ["cls"] and cfg.training.preset == "reference"
     assert not cfg.training.group_by_length and cfg.training.clip_frozen_gradients
-    plain = _compare_config(_parse("compare", "--task", "MRPC", "--data-dir", ".", "-o", "c"))
+    plain = compare_config(_parse("compare", "--task", "MRPC", "--data-dir", ".", "-o", "c"))
     assert plain.poolings == ["mean", "cls"]
 
 

@@ -1,14 +1,15 @@
-"""The layout of a run folder, owned here (the pipeline, the CLI, ``compare``, the API and the export
-read and write it through :class:`RunFolder`)::
+"""The layout of a run folder, owned here: every module that reads or writes a run asks
+:class:`RunFolder` (and, for one dev split's evaluation, :class:`EvalFolder`) for the paths::
 
     <run>/run.json            what data and backbone it used (so evaluate / predict need no repeat)
     <run>/training_args.json  the TrainingArguments
     <run>/train_log.jsonl     losses (and GR angle / norms) every few steps
     <run>/train_summary.json  written last by training: the run is trained once it exists
     <run>/model/              the trained MultiExitModel + tokenizer (save_pretrained / from_pretrained)
-    <run>/checkpoints/        the newest checkpoints (model, optimizer, scheduler, RNG)
-    <run>/calibration.json    per-exit temperatures fitted on dev (``romebert.evaluation.calibration``)
-    <run>/eval/<split>/       per_exit.{json,csv}, sweep.{json,csv}, timing.json, logits.npy, labels.npy, *.png
+    <run>/checkpoints/        optimizer checkpoints while training (deleted at the end unless kept)
+    <run>/calibration.json    per-exit temperatures fitted on dev
+    <run>/compare_run.json    what ``romebert compare`` recorded of the run (evaluation time, machine)
+    <run>/eval/<split>/       an EvalFolder: every exit's logits, metrics, the sweep, plots
     <run>/predictions/        GLUE submission files (SST-2.tsv, MNLI-m.tsv, AX.tsv, ...)
 
 Torch-free.
@@ -20,6 +21,56 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from romebert.core.errors import RomebertError
+
+
+@dataclass(frozen=True)
+class EvalFolder:
+    """One dev split's evaluation: ``<run>/eval/<split>/``."""
+
+    root: Path
+
+    @property
+    def logits(self) -> Path:
+        """Every exit's logits [L, N, C] (float32 ``.npy``), the cache every sweep reads."""
+        return self.root / "logits.npy"
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "labels.npy"
+
+    @property
+    def per_exit(self) -> Path:
+        """Every exit's metrics (JSON; ``per_exit_csv`` holds the same table)."""
+        return self.root / "per_exit.json"
+
+    @property
+    def per_exit_csv(self) -> Path:
+        return self.root / "per_exit.csv"
+
+    @property
+    def sweep(self) -> Path:
+        """The threshold sweep (``compare`` takes it as the sign that the split is evaluated)."""
+        return self.root / "sweep.json"
+
+    @property
+    def sweep_csv(self) -> Path:
+        return self.root / "sweep.csv"
+
+    @property
+    def per_exit_plot(self) -> Path:
+        return self.root / "per_exit.png"
+
+    @property
+    def speedup_plot(self) -> Path:
+        return self.root / "speedup.png"
+
+    @property
+    def timing(self) -> Path:
+        """How long the evaluation's one full pass over the split took."""
+        return self.root / "timing.json"
+
+    def has_cache(self) -> bool:
+        return self.logits.is_file() and self.labels.is_file()
 
 
 @dataclass(frozen=True)
@@ -58,23 +109,15 @@ class RunFolder:
         return self.root / "calibration.json"
 
     @property
+    def compare_record(self) -> Path:
+        return self.root / "compare_run.json"
+
+    @property
     def predictions(self) -> Path:
         return self.root / "predictions"
 
-    def eval(self, split: str) -> Path:
-        return self.root / "eval" / split
-
-    def per_exit_file(self, split: str) -> Path:
-        """Every exit's metrics on ``split`` (written by the evaluation)."""
-        return self.eval(split) / "per_exit.json"
-
-    def sweep_file(self, split: str) -> Path:
-        """The threshold sweep on ``split`` (``compare`` takes it as the sign that the split is evaluated)."""
-        return self.eval(split) / "sweep.json"
-
-    def timing_file(self, split: str) -> Path:
-        """How long the evaluation's one full pass over ``split`` took."""
-        return self.eval(split) / "timing.json"
+    def eval(self, split: str) -> EvalFolder:
+        return EvalFolder(self.root / "eval" / split)
 
     def is_trained(self) -> bool:
         return self.train_summary.is_file() and self.model.is_dir()

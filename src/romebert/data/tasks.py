@@ -291,9 +291,12 @@ def metric_names(metric: str, regression: bool) -> tuple[str, ...]:
     return groups[metric]
 
 
+CUSTOM_TASK = "custom"  # the name of a TaskSpec made for the user's own data
+
+
 def custom_task(
     labels: tuple[str, ...] | None,
-    name: str = "custom",
+    name: str = CUSTOM_TASK,
     metric: str | None = None,
     pair: bool = False,
 ) -> TaskSpec:

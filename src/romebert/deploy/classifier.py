@@ -29,11 +29,12 @@ from romebert.core.errors import RomebertError
 from romebert.core.runs import RunFolder
 from romebert.data.examples import Example
 from romebert.data.spec import DataSpec
-from romebert.evaluation.exits import choose_threshold, layer_stats
+from romebert.evaluation.exits import choice_record, choose_threshold, layer_stats
 from romebert.runtime.artefacts import EARLY_EXIT_FILE, MANIFEST_FILE, EarlyExitConfig
 from romebert.runtime.encoding import Collator, FastTokenizer, encode
 from romebert.runtime.engine import EarlyExitEngine, dataset_exit_logits
-from romebert.runtime.policies import ExitPolicy, Threshold
+from romebert.runtime.policies import OPTION_NAMES, ExitPolicy, Threshold
+from romebert.runtime.scores import softmax
 
 TextInput = str | tuple[str, str]
 
@@ -70,12 +71,6 @@ def _examples(texts: Sequence[TextInput]) -> list[Example]:
         else:
             raise RomebertError(f"input {i}: expected a string or a (text, text) pair, got {type(t).__name__}")
     return out
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    x = np.asarray(logits, dtype=np.float64)
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 class EarlyExitClassifier:
@@ -143,11 +138,16 @@ class EarlyExitClassifier:
 
         model = MultiExitModel.from_pretrained(folder, map_location=resolve_device(device))
         exit_config = EarlyExitConfig.load(folder / EARLY_EXIT_FILE) if (folder / EARLY_EXIT_FILE).is_file() else None
+        return cls.from_model(model, load_tokenizer(str(folder)), data, run, exit_config)
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, data: DataSpec | None = None, run: RunFolder | None = None,
+                   exit_config: EarlyExitConfig | None = None) -> EarlyExitClassifier:  # fmt: skip
+        """A PyTorch ``MultiExitModel`` in memory (a run just trained, say) with its tokenizer."""
         cfg = model.config
         labels = None if cfg.is_regression else (cfg.labels or [str(i) for i in range(cfg.num_labels)])
         max_len = data.max_seq_length if data is not None else int(cfg.extra.get("max_seq_length", 128))
-        return cls(model, load_tokenizer(str(folder)), labels, max_seq_length=max_len, exit_config=exit_config,
-                   data=data, run=run)  # fmt: skip
+        return cls(model, tokenizer, labels, max_seq_length=max_len, exit_config=exit_config, data=data, run=run)
 
     @classmethod
     def _from_export(cls, folder: Path, **runtime: Any) -> EarlyExitClassifier:
@@ -246,10 +246,12 @@ class EarlyExitClassifier:
 
     def dev_logits(self, split: str | None = None, use_cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Every exit's logits [L, N, C] and labels [N] on a dev split (the evaluate cache when present)."""
+        from romebert.evaluation.evaluate import load_cached
+
         split = self._split(split)
         cache = self.run.eval(split) if self.run is not None else None
-        if use_cache and cache is not None and (cache / "logits.npy").is_file() and (cache / "labels.npy").is_file():
-            logits, labels = np.load(cache / "logits.npy"), np.load(cache / "labels.npy")
+        if use_cache and cache is not None and cache.has_cache():
+            logits, labels = load_cached(cache)
             if logits.shape[0] == self.num_layers and logits.shape[2] == self.segments.num_labels:
                 return logits, labels
         task = self.task()
@@ -257,10 +259,6 @@ class EarlyExitClassifier:
         if not dataset.has_labels:
             raise RomebertError(f"split {split} has no labels")
         labels = np.asarray([f["labels"] for f in dataset.features])
-        if self.model is not None:  # one pass of the model's own forward
-            from romebert.evaluation.logits import collect_logits
-
-            return collect_logits(self.model, dataset, Collator(self.tokenizer)), labels
         return dataset_exit_logits(self.segments, dataset, self.collator), labels
 
     def choose_threshold(self, criterion: str = "entropy", *, target_speedup: float | None = None,
@@ -281,10 +279,8 @@ class EarlyExitClassifier:
         threshold, row = choose_threshold(logits, labels, task, criterion, target_speedup=target_speedup,
                                           max_metric_drop=max_metric_drop, thresholds=thresholds,
                                           **policy_kwargs)  # fmt: skip
-        how = {k: v for k, v in (("target_speedup", target_speedup), ("max_metric_drop", max_metric_drop)) if v}
-        chosen = {"split": split, **how, "metric": row["metric"], "speedup": row["speedup"],
-                  "final_metric": row["final_metric"], "metric_name": task.metric}  # fmt: skip
-        keep = {k: policy_kwargs[k] for k in ("patience", "tolerance", "confidence") if k in policy_kwargs}
+        chosen = choice_record(row, split, task, target_speedup, max_metric_drop)
+        keep = {k: policy_kwargs[k] for k in OPTION_NAMES if k in policy_kwargs}
         self.exit_config = replace(self.exit_config, criterion=criterion, threshold=threshold, chosen=chosen,
                                    temperatures=temps, **keep)  # fmt: skip
         return threshold, row

@@ -35,13 +35,14 @@ from romebert.core.files import sha256
 from romebert.core.runs import RunFolder
 from romebert.data.spec import DataSpec
 from romebert.deploy.export_graphs import FullModel, segment_io, segment_modules, uses_fused_segments
+from romebert.deploy.export_options import DEFAULT_OPSET, ExportOptions
 from romebert.model.modeling import MultiExitModel
 from romebert.runtime.artefacts import MANIFEST_FILE, EarlyExitConfig, ExportManifest, GraphFile
 from romebert.runtime.encoding import Collator, encode, mean_pool_weights
 from romebert.runtime.engine import all_exit_logits, dataset_exit_logits
+from romebert.runtime.policies import OPTION_NAMES
 
 PRECISIONS = ("fp32", "int8")
-DEFAULT_OPSET = 17
 FULL_GRAPH_FILE = "full.onnx"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 _DYNAMIC = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
@@ -218,48 +219,33 @@ def export_model(
 def export_run(
     run_dir: str | Path,
     out: str | Path,
-    *,
-    quantize: str = "none",
+    options: ExportOptions | None = None,
     criterion: str = "entropy",
-    threshold: Any = None,
-    target_speedup: float | None = None,
-    max_metric_drop: float | None = None,
-    calibrated: bool = False,
-    patience: int = 2,
-    tolerance: float = 0.1,
-    confidence: str = "entropy",
-    opset: int = DEFAULT_OPSET,
+    policy_options: dict[str, Any] | None = None,
     batch_size: int = 64,
-    full_graph: bool = False,
 ) -> ExportManifest:
-    """Export a finished run; the threshold is ``threshold`` as given, or chosen on the run's dev split
-    with the exported graphs (``target_speedup`` and/or ``max_metric_drop``; default: the largest layer
-    speed-up within 0.01 of the final exit's metric)."""
+    """Export a finished run; the threshold is ``options.threshold`` as given, or chosen on the run's dev
+    split with the exported graphs (``target_speedup`` and/or ``max_metric_drop``; default: the largest
+    layer speed-up within 0.01 of the final exit's metric)."""
     from romebert.model.loading import load_run
 
-    precision = {"none": "fp32", "fp32": "fp32", "int8": "int8"}.get(quantize)
-    if precision is None:
-        raise RomebertError(f"--quantize must be none or int8, got {quantize!r}")
+    opts = options or ExportOptions()
     folder = RunFolder(run_dir).require_trained()
     model, tokenizer, data = load_run(folder.root, "cpu")
-    policy_kw = {"patience": patience, "tolerance": tolerance, "confidence": confidence}
+    policy_kw = {k: v for k, v in (policy_options or {}).items() if k in OPTION_NAMES}
     temperatures = None
-    if calibrated:
+    if opts.calibrated:
         from romebert.evaluation.calibration import CalibrationReport
 
         temperatures = list(CalibrationReport.load(folder.calibration).temperatures)
-    if threshold is not None and (target_speedup is not None or max_metric_drop is not None):
-        raise RomebertError("give either --threshold or --target-speedup / --max-metric-drop, not both")
     choose = None
     fixed = None
-    if threshold is not None:
-        fixed = EarlyExitConfig(criterion=criterion, threshold=threshold, temperatures=temperatures,
+    if opts.threshold is not None:
+        fixed = EarlyExitConfig(criterion=criterion, threshold=opts.threshold, temperatures=temperatures,
                                 chosen={"given": True}, **policy_kw)  # fmt: skip
     else:
-        if target_speedup is None and max_metric_drop is None:
-            max_metric_drop = 0.01
-        choose = _dev_chooser(data, tokenizer, criterion, target_speedup, max_metric_drop, temperatures, policy_kw,
-                              batch_size)  # fmt: skip
+        choose = _dev_chooser(data, tokenizer, criterion, opts.target_speedup, opts.max_metric_drop, temperatures,
+                              policy_kw, batch_size)  # fmt: skip
     source = {"run": folder.root.name, "backbone": backbone_label(model.config.backbone)}
     if folder.training_args.is_file():
         import json
@@ -269,14 +255,14 @@ def export_run(
         model,
         folder.model,
         out,
-        precision=precision,
+        precision=opts.precision,
         max_seq_length=data.max_seq_length,
-        opset=opset,
+        opset=opts.opset,
         early_exit=fixed,
         choose=choose,
         data=_portable(data),
         source=source,
-        full_graph=full_graph,
+        full_graph=opts.full_graph,
     )
 
 
@@ -348,7 +334,7 @@ def _dev_chooser(data: DataSpec, tokenizer, criterion, target_speedup, max_metri
                  batch_size):  # fmt: skip
     """Picks the threshold on the run's first dev split with the exported graphs' own logits."""
     from romebert.evaluation.calibration import apply_temperatures
-    from romebert.evaluation.exits import choose_threshold
+    from romebert.evaluation.exits import choice_record, choose_threshold
     from romebert.evaluation.logits import dataset_labels
     from romebert.runtime.onnx_runtime import OrtSegments
 
@@ -366,11 +352,7 @@ def _dev_chooser(data: DataSpec, tokenizer, criterion, target_speedup, max_metri
             logits = apply_temperatures(logits, temperatures)
         threshold, row = choose_threshold(logits, labels, task, criterion, target_speedup=target_speedup,
                                           max_metric_drop=max_metric_drop, **policy_kw)  # fmt: skip
-        how = {"target_speedup": target_speedup} if target_speedup is not None else {}
-        if max_metric_drop is not None:
-            how["max_metric_drop"] = max_metric_drop
-        chosen = {"split": split, **how, "metric": row["metric"], "speedup": row["speedup"],
-                  "final_metric": row["final_metric"], "metric_name": task.metric}  # fmt: skip
+        chosen = choice_record(row, split, task, target_speedup, max_metric_drop)
         return EarlyExitConfig(criterion=criterion, threshold=threshold, temperatures=temperatures, chosen=chosen,
                                **policy_kw)  # fmt: skip
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import time
 from contextlib import asynccontextmanager
@@ -29,11 +28,12 @@ import numpy as np
 
 from romebert.core.errors import RomebertError
 from romebert.core.options import option
-from romebert.deploy.classifier import EarlyExitClassifier, _examples, softmax
+from romebert.deploy.classifier import EarlyExitClassifier, _examples
 from romebert.deploy.serving import ContinuousBatcher, Job, Overloaded
 from romebert.runtime.artefacts import MANIFEST_FILE
 from romebert.runtime.encoding import encode
-from romebert.runtime.policies import CRITERIA, ExitPolicy, get_policy
+from romebert.runtime.policies import CRITERIA, OPTION_NAMES, POLICIES, ExitPolicy, get_policy
+from romebert.runtime.scores import softmax
 
 
 @dataclass
@@ -170,7 +170,7 @@ class Service:
             if criterion != self.policy.name:
                 raise HTTPError(422, "a 'criterion' other than the service's needs a 'threshold'")
             return None, None
-        lo, hi = threshold_bounds(criterion, self.clf.segments.num_labels, self.num_layers)
+        lo, hi = self.bounds()[criterion]
         if not isinstance(threshold, int | float) or isinstance(threshold, bool) or not lo <= threshold <= hi:
             raise HTTPError(422, f"'threshold' for {criterion} must be a number in [{lo:.4g}, {hi:.4g}]")
         try:
@@ -215,6 +215,12 @@ class Service:
              "exit_layer": int(k)}
             for p, k in zip(probs, job.exit_layer)
         ]  # fmt: skip
+
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        """The thresholds a request may ask for, per criterion: where its decisions can change."""
+        options = {k: getattr(self.clf.exit_config, k) for k in OPTION_NAMES}
+        c = self.clf.segments.num_labels
+        return {name: cls.bounds(c, self.num_layers, **options) for name, cls in POLICIES.items()}
 
     # ------------------------------------------------------------------------------------ the app
     def app(self):
@@ -279,29 +285,19 @@ class Service:
         return Starlette(routes=routes, lifespan=lifespan)
 
 
-def threshold_bounds(criterion: str, num_labels: int, num_layers: int) -> tuple[float, float]:
-    """The thresholds a request may ask for: the range where the criterion's decision can change."""
-    if criterion == "maxprob":
-        return 1.0 / max(num_labels, 1), 1.0
-    if criterion == "patience":
-        return 1.0, float(num_layers)
-    if num_labels == 1:  # regression: the change between exits, in label units
-        return 0.0, 1e6
-    return 0.0, math.log(num_labels) + 1e-9  # entropy in nats: at most ln C
-
-
 def openapi_spec(service: Service) -> dict[str, Any]:
     """The OpenAPI 3 description of the service (limits included)."""
     cfg = service.cfg
+    bounds = "; ".join(f"{name} [{lo:.4g}, {hi:.4g}]" for name, (lo, hi) in service.bounds().items())
     text = {"type": "string", "maxLength": cfg.max_text_chars}
     item = {"oneOf": [text, {"type": "array", "items": text, "minItems": 2, "maxItems": 2},
                       {"type": "object", "required": ["text"],
                        "properties": {"text": text, "text_pair": text}}]}  # fmt: skip
     request = {"type": "object", "properties": {
         "text": text, "text_pair": text, "inputs": {"type": "array", "items": item, "maxItems": cfg.max_inputs},
-        "criterion": {"type": "string", "enum": list(CRITERIA)},
-        "threshold": {"type": "number", "description": "bounded per criterion (entropy: [0, ln C], maxprob: "
-                      "[1/C, 1], patience: [1, L])"}}}  # fmt: skip
+        "criterion": {"type": "string", "enum": list(CRITERIA),
+                      "description": "; ".join(f"{name}: {cls.rule}" for name, cls in POLICIES.items())},
+        "threshold": {"type": "number", "description": f"bounded per criterion: {bounds}"}}}  # fmt: skip
     result = {"type": "object", "properties": {"label": {"type": "string"}, "value": {"type": "number"},
               "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
               "exit_layer": {"type": "integer", "minimum": 1, "maximum": service.num_layers}}}  # fmt: skip

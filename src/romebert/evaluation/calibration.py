@@ -16,21 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from romebert.core.errors import RomebertError
+from romebert.runtime.scores import log_softmax
 
 CALIBRATION_FILE = "calibration.json"
 # T is searched in [e^-4, e^4] ~ [0.018, 55]: far beyond any useful temperature, yet bounded.
 _LOG_T_BOUNDS = (-4.0, 4.0)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of ``labels`` ([N] class ids) under softmax(logits / T), [N, C]."""
-    log_p = _log_softmax(np.asarray(logits, dtype=np.float64) / temperature)
+    log_p = log_softmax(np.asarray(logits, dtype=np.float64) / temperature)
     return float(-log_p[np.arange(log_p.shape[0]), np.asarray(labels, dtype=np.int64)].mean())
 
 
@@ -41,7 +36,7 @@ def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int
     """
     if bins < 1:
         raise RomebertError(f"bins must be >= 1, got {bins}")
-    log_p = _log_softmax(logits)
+    log_p = log_softmax(logits)
     conf = np.exp(log_p.max(axis=-1))  # [N]
     correct = (log_p.argmax(axis=-1) == np.asarray(labels)).astype(np.float64)
     n = conf.shape[0]

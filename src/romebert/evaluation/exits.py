@@ -218,3 +218,17 @@ def choose_threshold(
         final = float(per_exit[-1][task.metric])
     row = pick_from_sweep(rows, final, target_speedup, max_metric_drop)
     return row["threshold"], {**row, "final_metric": final}
+
+
+def choice_record(
+    row: dict[str, Any],
+    split: str,
+    task: Any,
+    target_speedup: float | None = None,
+    max_metric_drop: float | None = None,
+) -> dict[str, Any]:
+    """How a threshold was chosen (``EarlyExitConfig.chosen``): on which split, by which rule, and what it
+    gave there against the final exit. The one place this record is built."""
+    how = {k: v for k, v in (("target_speedup", target_speedup), ("max_metric_drop", max_metric_drop)) if v is not None}
+    return {"split": split, **how, "metric": row["metric"], "speedup": row["speedup"],
+            "final_metric": row["final_metric"], "metric_name": task.metric}  # fmt: skip

@@ -1,44 +1,27 @@
-"""One forward pass over a data set that caches every exit's logits; everything else (per-exit metrics,
-threshold sweeps, test predictions at any threshold) is computed from that cache in ``exits.py``.
-"""
+"""Every exit's logits of a PyTorch model over a data set, from one pass per batch; per-exit metrics,
+sweeps and test predictions at any threshold are computed from that cache (``exits.py``)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-import torch
 
-from romebert.model.modeling import MultiExitModel
 from romebert.runtime.encoding import Collator, EncodedDataset
+from romebert.runtime.engine import dataset_exit_logits
 
 
-@torch.no_grad()
-def collect_logits(
-    model: MultiExitModel,
-    dataset: EncodedDataset,
-    collator: Collator,
-    batch_size: int = 64,
-    device: torch.device | str | None = None,
-) -> np.ndarray:
-    """All exits' logits for ``dataset`` in its own order, shape [L, N, C] (float32).
-
-    Batches are built from length-sorted indices (far less padding) and scattered back to input order;
-    padding does not change a result, so the order is invisible in the output.
-    """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+def collect_logits(model: Any, dataset: EncodedDataset, collator: Collator | None = None, batch_size: int = 64):
+    """All exits' logits of ``model`` (a ``MultiExitModel``, on its device) for ``dataset`` in its own order,
+    [L, N, C] float32, through the engine's one loop (length-sorted batches, scattered back). The model's
+    train / eval mode is restored afterwards."""
     was_training = model.training
-    model.eval()
-    order = np.argsort(np.asarray(dataset.lengths), kind="stable")
-    out = np.empty((model.num_layers, len(dataset), model.config.num_labels), dtype=np.float32)
+    pad = collator.pad_token_id if collator is not None else 0
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = collator([dataset[int(i)] for i in idx])
-            batch.pop("labels", None)
-            logits = model(**{k: v.to(device) for k, v in batch.items()})  # [L, b, C]
-            out[:, idx] = logits.float().cpu().numpy()
+        return dataset_exit_logits(model.segments(), dataset, Collator(pad_token_id=pad, return_tensors="np"),
+                                   batch_size)  # fmt: skip
     finally:
         model.train(was_training)
-    return out
 
 
 def dataset_labels(dataset: EncodedDataset) -> np.ndarray | None:

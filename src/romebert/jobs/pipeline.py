@@ -1,16 +1,21 @@
-"""The jobs behind the CLI: train a run, evaluate every exit and sweep thresholds. A run is one folder,
-laid out by :class:`romebert.core.runs.RunFolder`."""
+"""The jobs behind the CLI: train a run, evaluate every exit and sweep thresholds, and both in one go.
+A run is one folder, laid out by :class:`romebert.core.runs.RunFolder`. A job that follows another in
+the same process takes what the first one holds (the model, the tokenizer, the examples it read)."""
 
 from __future__ import annotations
 
+import shutil
 import time
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from romebert.core.environment import default_backbone
 from romebert.core.errors import RomebertError
 from romebert.core.files import write_json
 from romebert.core.runs import RunFolder
+from romebert.data.examples import Example
 from romebert.data.spec import DataSpec
 from romebert.data.tasks import TaskSpec
 from romebert.evaluation.evaluate import write_evaluation
@@ -18,26 +23,47 @@ from romebert.evaluation.logits import collect_logits, dataset_labels
 from romebert.model.loading import load_run, load_tokenizer
 from romebert.model.modeling import MultiExitModel
 from romebert.runtime.encoding import Collator, encode
-from romebert.runtime.policies import REFERENCE_THRESHOLDS
+from romebert.training.checkpoint import list_checkpoints
 from romebert.training.trainer import Trainer, set_seed
 from romebert.training.training_args import TrainingArguments
 
 
-def train_run(data: DataSpec, args: TrainingArguments, resume: bool = False, then_evaluate: bool = False) -> dict:
-    """Fine-tune a multi-exit model; writes ``<output_dir>/model`` and ``run.json``. Returns a summary.
+@dataclass
+class TrainedRun:
+    """A run as training left it in memory: what evaluating or predicting it next needs, without reading
+    the run folder back."""
+
+    run: RunFolder
+    data: DataSpec
+    model: MultiExitModel
+    tokenizer: Any
+    summary: dict[str, Any]
+    examples: dict[str, list[Example]] = field(default_factory=dict)  # the splits read (and checked) so far
+
+    @property
+    def is_main_process(self) -> bool:
+        return bool(self.summary["is_main_process"])
+
+
+def train_run(data: DataSpec, args: TrainingArguments, resume: bool = False, then_evaluate: bool = False) -> TrainedRun:
+    """Fine-tune a multi-exit model; writes ``<output_dir>/model``, ``run.json`` and the summary, then
+    deletes the optimizer checkpoints unless ``args.keep_checkpoints``.
 
     ``then_evaluate``: the caller evaluates and predicts afterwards, so the dev splits and test files
     are checked now too (a missing dev file fails before training, not after it)."""
     checked = data.check_inputs(["train", *(data.eval_splits() if then_evaluate else [])], with_tests=then_evaluate)
     task = data.task_spec()
-    args = args.resolved(task.gr_anchor)
     run = RunFolder(args.output_dir)
+    if resume and run.is_trained() and not list_checkpoints(run.root):
+        raise RomebertError(
+            f"{run.root}: already trained, and its checkpoints were deleted when training ended; train again "
+            "without --resume (--keep-checkpoints keeps them, to continue a finished run later)"
+        )
     run.root.mkdir(parents=True, exist_ok=True)
     backbone = args.backbone or default_backbone()
     tokenizer = load_tokenizer(backbone)
     t0 = time.perf_counter()
-    train_examples = checked["train"]  # read once, by the check
-    train_set = encode(train_examples, tokenizer, task.labels, data.max_seq_length)
+    train_set = encode(checked["train"], tokenizer, task.labels, data.max_seq_length)
     set_seed(args.seed)  # the exits' random initialisation is part of the run: seed it too
     model = MultiExitModel.from_backbone(
         backbone,
@@ -66,8 +92,10 @@ def train_run(data: DataSpec, args: TrainingArguments, resume: bool = False, the
     if trainer.dist.is_main:
         model.save_pretrained(run.model)
         tokenizer.save_pretrained(str(run.model))
-        write_json(run.train_summary, summary)
-    return summary
+        write_json(run.train_summary, summary)  # the run is finished from here on
+        if not args.keep_checkpoints:  # they only serve resuming, and weigh several times the model
+            shutil.rmtree(run.checkpoints, ignore_errors=True)
+    return TrainedRun(run, data, model, tokenizer, summary, checked)
 
 
 def run_task(model: MultiExitModel, data: DataSpec) -> TaskSpec:
@@ -77,34 +105,40 @@ def run_task(model: MultiExitModel, data: DataSpec) -> TaskSpec:
 
 
 def evaluate_run(
-    run_dir: str | Path,
-    thresholds: list[float] | None = None,
+    source: str | Path | TrainedRun,
+    thresholds: Sequence[Any] | None = None,
     batch_size: int = 64,
     device: str = "auto",
     data_override: dict | None = None,
+    criterion: str = "entropy",
+    options: dict[str, Any] | None = None,
 ) -> dict[str, dict]:
-    """Per-exit metrics and a threshold sweep on every dev split, from one pass each (logits cached)."""
-    run = RunFolder(run_dir)
-    model, tokenizer, data = load_run(run.root, device)
+    """Per-exit metrics and a sweep of ``criterion`` (``thresholds``, default: its grid) on every dev split
+    of a run folder or of a run just trained, from one pass each (every exit's logits cached)."""
+    if isinstance(source, TrainedRun):
+        run, model, tokenizer, data, read = source.run, source.model, source.tokenizer, source.data, source.examples
+    else:
+        run = RunFolder(source)
+        model, tokenizer, data = load_run(run.root, device)
+        read = {}
     data = data.replaced(data_override)
     task = run_task(model, data)
-    thresholds = list(thresholds) if thresholds is not None else list(REFERENCE_THRESHOLDS)
     results: dict[str, dict] = {}
     splits = data.eval_splits()
     if not splits:
         raise RomebertError("nothing to evaluate: this data has no dev split (give --dev-file)")
     for split in splits:
-        dataset = encode(data.examples(split), tokenizer, task.labels, data.max_seq_length)
+        examples = read[split] if split in read and not data_override else data.examples(split)
+        dataset = encode(examples, tokenizer, task.labels, data.max_seq_length)
         labels = dataset_labels(dataset)
         if labels is None:
             raise RomebertError(f"split {split} has no labels; cannot evaluate")
         t0 = time.perf_counter()
         logits = collect_logits(model, dataset, Collator(tokenizer), batch_size)
         seconds = time.perf_counter() - t0
-        write_json(run.timing_file(split), {"examples": len(dataset), "full_pass_seconds": seconds,
-                                            "batch_size": batch_size})  # fmt: skip
-        results[split] = write_evaluation(
-            run.eval(split), logits, labels, task, thresholds, title=f"{task.name} {split}"
-        )
+        folder = run.eval(split)
+        write_json(folder.timing, {"examples": len(dataset), "full_pass_seconds": seconds, "batch_size": batch_size})
+        results[split] = write_evaluation(folder, logits, labels, task, thresholds, criterion, options,
+                                          title=f"{task.name} {split}")  # fmt: skip
         results[split]["full_pass_seconds"] = seconds
     return results

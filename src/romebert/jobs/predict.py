@@ -19,7 +19,7 @@ from romebert.runtime.policies import as_policy
 
 
 def predict_run(
-    source: str | Path,
+    source: str | Path | EarlyExitClassifier,
     threshold: Any = None,
     batch_size: int = 64,
     device: str = "auto",
@@ -29,12 +29,17 @@ def predict_run(
 ) -> list[dict]:
     """GLUE submission files for every test split, by real early exit; returns per-file info.
 
-    ``source``: a run, a classifier folder or an ONNX export (``runtime``: its ONNX Runtime options).
+    ``source``: a run, a classifier folder or an ONNX export (``runtime``: its ONNX Runtime options), or
+    a classifier already loaded.
     ``threshold``: a policy or an entropy threshold; None uses the classifier's exit config (an
     export's is the one chosen on dev; a run's is the reference's entropy 0.15). Files go to
     ``output_dir`` (default: ``<run>/predictions``, or ``predictions/`` here for other folders).
     """
-    clf = EarlyExitClassifier.from_pretrained(source, device, **runtime)
+    clf = (
+        source
+        if isinstance(source, EarlyExitClassifier)
+        else EarlyExitClassifier.from_pretrained(source, device, **runtime)
+    )
     if clf.data is None and not data_override:
         raise RomebertError(f"{source}: no data description; give --task and --data-dir, or --test-file")
     data = (clf.data or DataSpec()).replaced(data_override)

@@ -57,6 +57,14 @@ class TorchSegments:
         return TorchState(hidden, mask, weights)
 
     @torch.inference_mode()
+    def all_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None):
+        """Every exit's logits [L, b, C] float32 from one forward pass (one copy to the host at the end)."""
+        device = self.model.exits[0].classifier.weight.device
+        types = torch.from_numpy(token_type_ids).to(device) if token_type_ids is not None else None
+        ids, mask = torch.from_numpy(input_ids).to(device), torch.from_numpy(attention_mask).to(device)
+        return self.model(ids, mask, types).float().cpu().numpy()
+
+    @torch.inference_mode()
     def layer(self, index: int, state: TorchState) -> tuple[TorchState, np.ndarray]:
         if not state.has_layer_inputs:  # built once per set of rows and columns
             state.layer_inputs = self.model.layer_inputs(state.hidden, state.mask)

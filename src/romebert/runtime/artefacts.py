@@ -18,7 +18,7 @@ from typing import Any
 
 from romebert.core.errors import RomebertError
 from romebert.core.files import dataclass_from_json, read_json, sha256, write_atomic
-from romebert.runtime.policies import CRITERIA, ExitPolicy, get_policy
+from romebert.runtime.policies import CRITERIA, OPTION_NAMES, EntropyPolicy, ExitPolicy, PolicyOptions, get_policy
 
 EARLY_EXIT_FILE = "early_exit.json"
 MANIFEST_FILE = "manifest.json"
@@ -27,14 +27,12 @@ EXPORT_FORMAT_VERSION = 1
 
 
 @dataclass
-class EarlyExitConfig:
-    """How a deployed classifier decides when a sample leaves."""
+class EarlyExitConfig(PolicyOptions):
+    """How a deployed classifier decides when a sample leaves: a criterion, its threshold (one, or one
+    per exit) and the criteria's options (:class:`~romebert.runtime.policies.PolicyOptions`)."""
 
     criterion: str = "entropy"
-    threshold: float | list[float] = 0.15  # the reference's test threshold
-    patience: int = 2  # patience-confidence: agreeing confident exits needed
-    tolerance: float = 0.1  # patience on regression: a change below this counts as agreement
-    confidence: str = "entropy"  # patience-confidence: entropy < t or maxprob >= t
+    threshold: float | list[float] = EntropyPolicy.default_threshold
     temperatures: list[float] | None = None  # one per exit, fitted on dev (calibration.py)
     # How the threshold was chosen on dev, with what it gave there: {"split", "target_speedup" or
     # "max_metric_drop" or "given", "metric", "speedup", "final_metric"}.
@@ -50,8 +48,7 @@ class EarlyExitConfig:
     def policy(self, **overrides: Any) -> ExitPolicy:
         """The exit policy, with fields of this config replaced by ``overrides`` (e.g. ``threshold=0.3``)."""
         d = {**asdict(self), **{k: v for k, v in overrides.items() if v is not None}}
-        return get_policy(d["criterion"], d["threshold"], patience=d["patience"], tolerance=d["tolerance"],
-                          confidence=d["confidence"])  # fmt: skip
+        return get_policy(d["criterion"], d["threshold"], **{k: d[k] for k in OPTION_NAMES})
 
     @classmethod
     def from_policy(cls, policy: ExitPolicy, **fields: Any) -> EarlyExitConfig:

@@ -177,10 +177,7 @@ class EarlyExitEngine:
         Inputs go in length-sorted batches (little padding) through :meth:`run_stream`, and the results
         are scattered back to the dataset's order.
         """
-        if batch_size < 1:
-            raise RomebertError(f"batch_size must be >= 1, got {batch_size}")
-        order = np.argsort(np.asarray(dataset.lengths), kind="stable")
-        out = self.run_stream(_sorted_batches(dataset, collator, order, batch_size), batch_size)
+        out, order = in_length_order(dataset, collator, batch_size, lambda b: self.run_stream(b, batch_size))
         logits, exit_layer = np.empty_like(out.logits), np.empty_like(out.exit_layer)
         logits[order], exit_layer[order] = out.logits, out.exit_layer
         return EngineOutput(logits, exit_layer, out.layer_work, out.shapes)
@@ -299,15 +296,19 @@ class LayerQueues:
 
 def all_exit_logits(segments: Any, batches: Iterable[Batch]) -> np.ndarray:
     """Every exit's logits [L, N, C] (float32) of every row, in the batches' concatenated order: each
-    batch runs to the last layer (evaluation, sweeps and threshold choice read these)."""
+    batch runs to the last layer (evaluation, sweeps and threshold choice read these). Segments that can
+    run every exit in one call (``all_logits``, PyTorch's: one forward, one copy to the host) do so."""
     seg: Segments = segments.segments() if hasattr(segments, "segments") else segments
+    whole = getattr(seg, "all_logits", None)
     parts = []
     for batch in batches:
         ids, mask, types = _host_batch(*batch)
-        real = mask != 0
-        cols = max(int(_extent(real).max()), 1) if ids.shape[0] else 1
+        cols = max(int(_extent(mask != 0).max()), 1) if ids.shape[0] else 1
         ids, mask = ids[:, :cols], mask[:, :cols]
         types = types[:, :cols] if types is not None else None
+        if whole is not None:
+            parts.append(whole(ids, mask, types))
+            continue
         state = seg.start(ids, mask, types)
         per_layer = []
         for i in range(seg.num_layers):
@@ -320,20 +321,25 @@ def all_exit_logits(segments: Any, batches: Iterable[Batch]) -> np.ndarray:
 
 
 def dataset_exit_logits(segments: Any, dataset: Any, collator: Any, batch_size: int = 64) -> np.ndarray:
-    """:func:`all_exit_logits` of an encoded dataset, in dataset order (batches sorted by length)."""
-    order = np.argsort(np.asarray(dataset.lengths), kind="stable")
-    logits = all_exit_logits(segments, _sorted_batches(dataset, collator, order, batch_size))
+    """:func:`all_exit_logits` of an encoded dataset, in dataset order (batches sorted by length): the
+    one loop behind evaluation, the classifier's dev logits and the export's threshold choice."""
+    logits, order = in_length_order(dataset, collator, batch_size, lambda b: all_exit_logits(segments, b))
     out = np.empty_like(logits)
     out[:, order] = logits
     return out
 
 
-def _sorted_batches(dataset: Any, collator: Any, order: np.ndarray, batch_size: int) -> list[Batch]:
+def in_length_order(dataset: Any, collator: Any, batch_size: int, run: Any) -> tuple[Any, np.ndarray]:
+    """``run(batches)`` over ``dataset`` cut into padded batches of similar length (little padding), and
+    the order the rows went in (``result[..., k]`` belongs to dataset row ``order[k]``)."""
+    if batch_size < 1:
+        raise RomebertError(f"batch_size must be >= 1, got {batch_size}")
+    order = np.argsort(np.asarray(dataset.lengths), kind="stable")
     batches = []
     for start in range(0, len(order), batch_size):
         b = collator([dataset[int(i)] for i in order[start : start + batch_size]])
         batches.append((b["input_ids"], b["attention_mask"], b.get("token_type_ids")))
-    return batches
+    return run(batches), order
 
 
 def _host_batch(input_ids: Any, attention_mask: Any, token_type_ids: Any) -> tuple[np.ndarray, np.ndarray, Any]:

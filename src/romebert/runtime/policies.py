@@ -43,50 +43,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from romebert.core.errors import RomebertError
+from romebert.core.options import option, option_fields
+from romebert.runtime.scores import change, entropy, maxprob
 
 Threshold = float | Sequence[float]
 
-CRITERIA: tuple[str, ...] = ("entropy", "maxprob", "patience", "patience-confidence")
-
-# The reference's entropy grid (method.md); test predictions use 0.15.
+# The reference's entropy grid (method.md); its test predictions use 0.15.
 REFERENCE_THRESHOLDS: tuple[float, ...] = (0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 MAXPROB_THRESHOLDS: tuple[float, ...] = (1.0, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
-
-
-# ------------------------------------------------------------------------------------------- scores
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = np.asarray(logits, dtype=np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    # A row of all -inf would make the shift nan; shift it by 0 instead (its scores are nan anyway).
-    shifted = x - np.where(np.isfinite(m), m, 0.0)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def entropy(logits: np.ndarray) -> np.ndarray:
-    """Softmax entropy in nats over the last axis, float64, never negative.
-
-    From log-softmax, so logits of any size work (the reference's ``log(sum(exp(x)))`` overflows above
-    about 88); a class of probability 0 contributes 0, and NaN logits give NaN (which never exits).
-    """
-    # H = log(s) - sum(p * z) with z = x - max(x), e = exp(z), s = sum(e), p = e / s. Few numpy calls on
-    # purpose: an engine runs this after every layer, where each call costs microseconds.
-    x = np.asarray(logits, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        z = x - x.max(axis=-1, keepdims=True)  # a row of all -inf (or any NaN) gives NaN: never exits
-        e = np.exp(z)
-        s = e.sum(axis=-1, keepdims=True)
-        pz = np.where(e > 0.0, e * z, 0.0)  # a class of probability 0 (logit -inf) adds 0, not NaN
-        return np.maximum(np.log(s[..., 0]) - pz.sum(axis=-1) / s[..., 0], 0.0)
-
-
-def maxprob(logits: np.ndarray) -> np.ndarray:
-    """Largest softmax probability over the last axis, float64."""
-    return np.exp(_log_softmax(logits).max(axis=-1))
-
-
-def change(x: np.ndarray, prev: np.ndarray) -> np.ndarray:
-    """Regression: the largest absolute change from the previous exit, [b] float64."""
-    return np.abs(np.asarray(x, dtype=np.float64) - prev).max(axis=-1)
 
 
 def threshold_vector(threshold: Threshold, num_layers: int) -> np.ndarray:
@@ -105,6 +69,22 @@ def threshold_vector(threshold: Threshold, num_layers: int) -> np.ndarray:
     if np.isnan(thr).any():
         raise RomebertError("threshold must not be NaN")
     return thr
+
+
+@dataclass
+class PolicyOptions:
+    """Options that some criteria take besides their threshold, declared once: they become the CLI's
+    flags and the fields of an exit config (``artefacts.EarlyExitConfig``); a criterion takes the ones
+    its class lists in ``options`` and ignores the rest."""
+
+    patience: int = option(2, "patience-confidence: consecutive agreeing, confident exits needed")
+    tolerance: float = option(0.1, "patience on regression: a change below this counts as agreement")
+    confidence: str = option(
+        "entropy", "patience-confidence: confident means entropy < t, or maxprob >= t", choices=("entropy", "maxprob")
+    )
+
+
+OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in option_fields(PolicyOptions))
 
 
 # -------------------------------------------------------------------------------------------- state
@@ -170,10 +150,29 @@ def _agreement_run(pred: np.ndarray, rows: dict[str, np.ndarray]) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ policies
 class ExitPolicy:
-    """Base class: subclasses set ``name`` and implement ``_step``."""
+    """Base class. A criterion is a subclass that implements ``_step`` and says, once, what everything
+    else needs to know of it: its name, a one-line rule (the CLI's help, the service's schema), the
+    threshold used when none is given, the options it takes, its default sweep grid and the range in
+    which a threshold can change a decision (the service's bounds)."""
 
     name: ClassVar[str] = ""
+    rule: ClassVar[str] = ""
+    default_threshold: ClassVar[float] = 0.0
+    options: ClassVar[tuple[str, ...]] = ()  # PolicyOptions fields it takes
     supports_regression: ClassVar[bool] = True
+
+    @classmethod
+    def grid(cls, num_layers: int) -> list[float]:
+        """The default thresholds of a sweep, loosest last."""
+        return list(REFERENCE_THRESHOLDS)
+
+    @classmethod
+    def bounds(cls, num_labels: int, num_layers: int, **options: Any) -> tuple[float, float]:
+        """The thresholds worth asking for: beyond them no decision changes. Entropy-like by default:
+        [0, ln C] in nats, or a change in label units for regression."""
+        if num_labels == 1:
+            return 0.0, 1e6
+        return 0.0, math.log(num_labels) + 1e-9
 
     def __init__(self, threshold: Threshold) -> None:
         if isinstance(threshold, str):
@@ -256,6 +255,8 @@ class EntropyPolicy(ExitPolicy):
     """Exit when softmax entropy < t (regression: |h_i - h_{i-1}| < t from layer 2)."""
 
     name = "entropy"
+    rule = "exit when the softmax entropy (nats) < t, the reference's rule (regression: the change < t)"
+    default_threshold = 0.15  # the reference's test threshold
 
     def _step(self, layer: int, logits: np.ndarray, state: PolicyState) -> np.ndarray:
         t = state.threshold(layer)
@@ -273,7 +274,17 @@ class MaxProbPolicy(ExitPolicy):
     """Exit when the largest softmax probability >= t."""
 
     name = "maxprob"
+    rule = "exit when the largest class probability >= t"
+    default_threshold = 0.9
     supports_regression = False
+
+    @classmethod
+    def grid(cls, num_layers: int) -> list[float]:
+        return list(MAXPROB_THRESHOLDS)
+
+    @classmethod
+    def bounds(cls, num_labels: int, num_layers: int, **options: Any) -> tuple[float, float]:
+        return 1.0 / max(num_labels, 1), 1.0
 
     def _step(self, layer: int, logits: np.ndarray, state: PolicyState) -> np.ndarray:
         return state.score("maxprob", layer, lambda: maxprob(logits)) >= state.threshold(layer)
@@ -283,6 +294,17 @@ class PatiencePolicy(ExitPolicy):
     """PABEE: exit once the prediction has been the same for k consecutive exits (k = threshold)."""
 
     name = "patience"
+    rule = "exit when t consecutive exits agree (PABEE's patience + 1; regression: changes < --tolerance)"
+    default_threshold = 2.0
+    options = ("tolerance",)
+
+    @classmethod
+    def grid(cls, num_layers: int) -> list[float]:
+        return [float(k) for k in range(1, num_layers + 1)]
+
+    @classmethod
+    def bounds(cls, num_labels: int, num_layers: int, **options: Any) -> tuple[float, float]:
+        return 1.0, float(num_layers)
 
     def __init__(self, threshold: Threshold = 2, tolerance: float = 0.1) -> None:
         super().__init__(threshold)
@@ -309,6 +331,15 @@ class PatienceConfidencePolicy(ExitPolicy):
     """Patience counting only exits that agree with the previous one and are confident."""
 
     name = "patience-confidence"
+    rule = "exit when --patience consecutive exits agree and are confident (entropy < t, or maxprob >= t)"
+    default_threshold = 0.3
+    options = ("patience", "confidence")
+
+    @classmethod
+    def bounds(cls, num_labels: int, num_layers: int, **options: Any) -> tuple[float, float]:
+        if options.get("confidence") == "maxprob" and num_labels > 1:
+            return MaxProbPolicy.bounds(num_labels, num_layers)
+        return super().bounds(num_labels, num_layers)
 
     def __init__(self, threshold: Threshold, patience: int = 2, confidence: str = "entropy") -> None:
         super().__init__(threshold)
@@ -336,42 +367,42 @@ class PatienceConfidencePolicy(ExitPolicy):
         return count >= self.patience
 
 
+# The registry: the one place a criterion is registered. The CLI, the service, exit configs and sweeps
+# read everything they know of a criterion from its class.
 POLICIES: dict[str, type[ExitPolicy]] = {
-    "entropy": EntropyPolicy,
-    "maxprob": MaxProbPolicy,
-    "patience": PatiencePolicy,
-    "patience-confidence": PatienceConfidencePolicy,
+    cls.name: cls for cls in (EntropyPolicy, MaxProbPolicy, PatiencePolicy, PatienceConfidencePolicy)
 }
+CRITERIA: tuple[str, ...] = tuple(POLICIES)
+_ALIASES = {"pabee": "patience", "max-prob": "maxprob"}
 
 
-def get_policy(name: str, threshold: Threshold, **kwargs: Any) -> ExitPolicy:
-    """A policy by criterion name; ``kwargs``: ``tolerance`` (patience), ``patience``/``confidence``
-    (patience-confidence). Keywords a criterion does not take are ignored, so one set of CLI options
-    can feed every criterion."""
+def criterion_class(name: str) -> type[ExitPolicy]:
+    """The registered class of a criterion (case, ``_`` and the aliases pabee / max-prob tolerated)."""
     key = name.strip().lower().replace("_", "-")
-    key = {"pabee": "patience", "max-prob": "maxprob"}.get(key, key)
+    key = _ALIASES.get(key, key)
     if key not in POLICIES:
         raise RomebertError(f"unknown exit criterion {name!r}; choose one of {list(CRITERIA)}")
-    cls = POLICIES[key]
-    accepted = {"patience": ("tolerance",), "patience-confidence": ("patience", "confidence")}.get(key, ())
-    return cls(threshold, **{k: v for k, v in kwargs.items() if k in accepted and v is not None})
+    return POLICIES[key]
 
 
-def as_policy(threshold: Any, criterion: str = "entropy", **kwargs: Any) -> ExitPolicy:
+def get_policy(name: str, threshold: Threshold, **options: Any) -> ExitPolicy:
+    """A policy by criterion name. ``options`` (``PolicyOptions`` fields) a criterion does not take are
+    ignored, so one set of options can feed every criterion."""
+    cls = criterion_class(name)
+    return cls(threshold, **{k: v for k, v in options.items() if k in cls.options and v is not None})
+
+
+def as_policy(threshold: Any, criterion: str = "entropy", **options: Any) -> ExitPolicy:
     """``threshold`` itself when it is a policy, else a ``criterion`` policy at that threshold."""
-    return threshold if isinstance(threshold, ExitPolicy) else get_policy(criterion, threshold, **kwargs)
+    return threshold if isinstance(threshold, ExitPolicy) else get_policy(criterion, threshold, **options)
 
 
 def default_thresholds(criterion: str, num_layers: int | None = None) -> list[float]:
     """The default sweep grid of a criterion (``patience`` needs ``num_layers``: k = 1..L)."""
-    key = get_policy(criterion, 1.0).name
-    if key == "maxprob":
-        return list(MAXPROB_THRESHOLDS)
-    if key == "patience":
-        if num_layers is None:
-            raise RomebertError("the patience grid needs the number of layers")
-        return [float(k) for k in range(1, num_layers + 1)]
-    return list(REFERENCE_THRESHOLDS)
+    cls = criterion_class(criterion)
+    if num_layers is None and cls is PatiencePolicy:
+        raise RomebertError("the patience grid needs the number of layers")
+    return cls.grid(num_layers or 0)
 
 
 def candidate_thresholds(
@@ -383,7 +414,7 @@ def candidate_thresholds(
     (``<`` rules) -> every distinct operating point of the grid is reachable.
     """
     logits = np.asarray(all_logits)
-    key = get_policy(criterion, 1.0).name
+    key = criterion_class(criterion).name
     if key == "patience":
         return default_thresholds(key, logits.shape[0])
     early = logits[:-1] if logits.shape[0] > 1 else logits

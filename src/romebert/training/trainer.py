@@ -57,21 +57,6 @@ def make_optimizer(params: list[nn.Parameter], args: TrainingArguments) -> torch
     return torch.optim.AdamW(groups, lr=args.learning_rate, eps=args.adam_epsilon, fused=True)
 
 
-def _task_anchor(model: MultiExitModel, args: TrainingArguments) -> str:
-    """The GR anchor "auto" stands for: the model's task's (a GLUE task's, or "exits" for custom data)."""
-    from romebert.data.tasks import get_task
-
-    task = model.config.task
-    if task is None:
-        if not any(stage.project for stage in get_method(args.method)):
-            return "exits"  # no stage projects: the anchor is never used
-        raise RomebertError(
-            "gr_anchor 'auto' means the task's anchor, and the model names no task (MultiExitConfig.task): "
-            "give gr_anchor 'exits' or 'final', or resolve it with TrainingArguments.resolved(task.gr_anchor)"
-        )
-    return "exits" if task == "custom" else get_task(task).gr_anchor
-
-
 def trainable_parameters(model: MultiExitModel, stage: Stage, grad_everywhere: bool = False) -> list[nn.Parameter]:
     """Set ``requires_grad`` for the stage and return the parameters it trains.
 
@@ -152,8 +137,7 @@ class Trainer:
         self.train_dataset = train_dataset
         self.collator = collator
         self.stages = get_method(args.method)
-        if args.gr_anchor == "auto":
-            args = self.args = args.resolved(_task_anchor(model, args))
+        args = self.args = args.for_task(model.config.task)
         self.device = resolve_device(args.device)
         self.dist = init_distributed(self.device)
         self.output_dir = Path(args.output_dir)

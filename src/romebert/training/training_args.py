@@ -14,6 +14,7 @@ from typing import Any
 
 from romebert.core.errors import RomebertError
 from romebert.core.options import check_choices, option
+from romebert.data.tasks import CUSTOM_TASK, get_task
 from romebert.training.methods import GR_ANCHORS, KD_REDUCTIONS, METHODS, LossSettings, get_method
 
 POOLINGS = ("cls", "mean")
@@ -106,7 +107,10 @@ class TrainingArguments:
     )
     log_every: int = option(10, "log the loss terms every N optimizer steps")
     save_steps: int = option(0, "also checkpoint every N optimizer steps (0: only at each epoch end)")
-    save_total_limit: int = option(2, "complete checkpoints to keep")
+    save_total_limit: int = option(2, "complete checkpoints to keep while training")
+    keep_checkpoints: bool = option(
+        False, "keep the optimizer checkpoints once training ends (to train on later); by default they are deleted"
+    )
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...", cli=False)  # a common flag of every command
     progress: bool = option(True, "progress bar", cli=False)
 
@@ -122,11 +126,21 @@ class TrainingArguments:
         """The preset's values (its TrainingArguments fields), then ``values`` on top."""
         return cls(**{**preset_values(preset, cls), **values, "preset": preset})
 
-    def resolved(self, gr_anchor: str) -> TrainingArguments:
-        """A copy with ``gr_anchor="auto"`` replaced by the task's anchor (``TaskSpec.gr_anchor``)."""
+    def for_task(self, task: str | None) -> TrainingArguments:
+        """A copy with ``gr_anchor="auto"`` replaced by the anchor of task ``task`` (``TaskSpec.gr_anchor``:
+        "final" for MNLI and QQP, "exits" for the other GLUE tasks and for custom data). With no task,
+        "auto" is refused where a stage projects (the anchor would be a guess) and moot elsewhere."""
         if self.gr_anchor != "auto":
             return self
-        return dataclasses.replace(self, gr_anchor=gr_anchor)
+        if task is None:
+            if any(stage.project for stage in get_method(self.method)):
+                raise RomebertError(
+                    "gr_anchor 'auto' means the task's anchor, and the model names no task (MultiExitConfig.task): "
+                    "give gr_anchor 'exits' or 'final'"
+                )
+            return dataclasses.replace(self, gr_anchor="exits")  # nothing projects: the anchor is never used
+        anchor = "exits" if task == CUSTOM_TASK else get_task(task).gr_anchor
+        return dataclasses.replace(self, gr_anchor=anchor)
 
     def save(self, path: str | Path) -> None:
         from romebert.core.files import write_json

@@ -46,7 +46,7 @@ from romebert.jobs.compare.config import (
 from romebert.jobs.compare.curves import aggregate, mean_std, metric_at_speedup, speedup_curve
 from romebert.jobs.compare.markdown import render_markdown
 from romebert.jobs.compare.report import build_report, write_report
-from romebert.jobs.compare.runs import META_FILE, Comparison, RunKey, run_compare
+from romebert.jobs.compare.runs import Comparison, RunKey, run_compare
 
 __all__ = [
     "COMPARE_THRESHOLDS",
@@ -55,7 +55,6 @@ __all__ = [
     "DEFAULT_POOLINGS",
     "DEFAULT_SEEDS",
     "DEFAULT_SPEEDUPS",
-    "META_FILE",
     "PLAIN",
     "Comparison",
     "CompareConfig",

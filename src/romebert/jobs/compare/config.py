@@ -8,19 +8,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from romebert.core.environment import is_packaged_backbone
 from romebert.core.errors import RomebertError
-from romebert.core.options import command_args
+from romebert.core.options import command_args, option
+from romebert.data.spec import DataSpec
 from romebert.runtime.policies import REFERENCE_THRESHOLDS
 from romebert.training.methods import get_method
 from romebert.training.training_args import POOLINGS, TrainingArguments
-
-if TYPE_CHECKING:
-    from romebert.data.spec import DataSpec
 
 PLAIN = "plain"
 DEFAULT_METHODS: tuple[str, ...] = ("deebert", "deebert-sd", "romebert-sd", "romebert-sdgr", "mixed")
@@ -34,7 +31,7 @@ COMPARE_THRESHOLDS: tuple[float, ...] = tuple(
     sorted({*REFERENCE_THRESHOLDS, *(round(0.025 * k, 3) for k in range(1, 49))})
 )
 # TrainingArguments options a comparison sets per run, or not at all (checkpoints are deleted).
-COMPARE_VARIES = ("output_dir", "method", "seed", "pooling", "save_steps", "save_total_limit")
+COMPARE_VARIES = ("output_dir", "method", "seed", "pooling", "save_steps", "save_total_limit", "keep_checkpoints")
 # DataSpec fields that name files or folders (shown relative in reports)
 _DATA_PATHS = ("data_dir", "train_file", "dev_file", "test_file")
 
@@ -44,20 +41,27 @@ class CompareConfig:
     """Everything a comparison needs. ``training`` is the template of every run's TrainingArguments
     (its output_dir, method, seed and pooling are set per run)."""
 
-    data: DataSpec
-    output_dir: str
-    training: TrainingArguments = field(default_factory=lambda: TrainingArguments(output_dir="."))
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
-    poolings: list[str] = field(default_factory=lambda: list(DEFAULT_POOLINGS))
-    include_plain: bool = True
-    thresholds: list[float] = field(default_factory=lambda: list(COMPARE_THRESHOLDS))
-    speedups: list[float] = field(default_factory=lambda: list(DEFAULT_SPEEDUPS))
+    data: DataSpec = option(cli=False)
+    output_dir: str = option(help="comparison folder (runs/, report.md, ...)", aliases=("-o",))
+    training: TrainingArguments = option(cli=False, default_factory=lambda: TrainingArguments(output_dir="."))
+    methods: list[str] = option(help="methods to compare", default_factory=lambda: list(DEFAULT_METHODS))
+    seeds: list[int] = option(help="training seeds", default_factory=lambda: list(DEFAULT_SEEDS))
+    poolings: list[str] = option(
+        help="exit poolings to compare (with --preset: the preset's)", default_factory=lambda: list(DEFAULT_POOLINGS)
+    )
+    include_plain: bool = option(True, "also train plain fine-tuning, the training-cost baseline")
+    thresholds: list[float] = option(
+        help="entropy thresholds to sweep (default: the reference grid plus a 0.025 grid up to 1.2)",
+        default_factory=lambda: list(COMPARE_THRESHOLDS),
+    )
+    speedups: list[float] = option(
+        help="layer speed-ups at which to read the metric", default_factory=lambda: list(DEFAULT_SPEEDUPS)
+    )
+    notes: str | None = option(None, "Markdown file for the report's 'Reading' section")
+    report_only: bool = option(False, "rebuild the report from finished runs; train nothing")
     eval_batch_size: int = 64
     device: str = "auto"
     progress: bool = False
-    notes: str | None = None  # Markdown file for the report's "Reading" section
-    report_only: bool = False  # rebuild the report from finished runs; train nothing
     invocation: str | None = None  # the command line as typed, when known
 
     @property

@@ -21,7 +21,6 @@ from romebert.jobs.compare.report import write_report
 from romebert.training.methods import get_method
 from romebert.training.training_args import TrainingArguments
 
-META_FILE = "compare_run.json"  # compare's own record in a run folder: eval wall time, environment
 # TrainingArguments fields that need not match for a finished run to be reused: where it was written and
 # how it was logged or checkpointed; the backbone and pooling are compared through run.json.
 _NOT_FINGERPRINTED = ("output_dir", "preset", "backbone", "pooling", "log_every", "save_steps", "save_total_limit",
@@ -83,7 +82,7 @@ class Comparison:
         self.task = cfg.data.task_spec()
         self.splits = cfg.data.eval_splits()
         # train_run resolves "auto" before it saves training_args.json; resolve the same way to compare
-        self.gr_anchor = cfg.training.resolved(self.task.gr_anchor).gr_anchor
+        self.gr_anchor = cfg.training.for_task(self.task.name).gr_anchor
         self.plan = [
             RunKey(pooling, method, seed)
             for seed in cfg.seeds  # seeds outermost: an interrupted comparison has every method for some seeds
@@ -103,6 +102,7 @@ class Comparison:
             seed=key.seed,
             pooling=key.pooling,
             gr_anchor=self.gr_anchor,
+            keep_checkpoints=key.method == PLAIN,  # the two-stage methods continue from plain's
             device=self.cfg.device,
             progress=self.cfg.progress,
         )
@@ -112,7 +112,7 @@ class Comparison:
         elsewhere: its record is in report.json, its folder is not here) or absent (train it)."""
         run = self.folder(key)
         if run.train_summary.is_file():
-            if all(run.sweep_file(s).is_file() for s in self.splits):
+            if all(run.eval(s).sweep.is_file() for s in self.splits):
                 return "finished"
             if run.is_trained():
                 return "trained"
@@ -215,9 +215,9 @@ class Comparison:
         tmp = run.root.with_name(run.root.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(found[-1], tmp / run.checkpoints.name / found[-1].name)
-        if (plain.root / "train_log.jsonl").is_file():  # the run's log then holds both stages
-            shutil.copy2(plain.root / "train_log.jsonl", tmp / "train_log.jsonl")
-        write_json(tmp / META_FILE, {"first_stage_from": PLAIN})
+        if plain.train_log.is_file():  # the run's log then holds both stages
+            shutil.copy2(plain.train_log, RunFolder(tmp).train_log)
+        write_json(RunFolder(tmp).compare_record, {"first_stage_from": PLAIN})
         tmp.replace(run.root)
         return True
 
@@ -274,6 +274,7 @@ class Comparison:
             return "reused"
         meta: dict[str, Any] = {}
         from_plain = False
+        source: Any = run.root  # what evaluation loads: the folder, or the run just trained
         if state == "absent":
             resume = self.resumable(key)
             if not resume:
@@ -286,45 +287,42 @@ class Comparison:
             print(f"{prefix} {key.label()}: {doing} ...", flush=True)
             meta = self._meta(run) if resume else {}
             t = time.perf_counter()
-            summary = pipeline.train_run(self.cfg.data, self.training_arguments(key), resume=resume)
+            trained = pipeline.train_run(self.cfg.data, self.training_arguments(key), resume=resume)
+            summary, source = trained.summary, trained
             meta["train_wall_seconds"] = time.perf_counter() - t  # this process's share, if resumed
             meta["resumed_from_step"] = summary.get("resumed_from_step")
-            # checkpoints only serve resuming an interrupted run (and plain's, the methods that continue from
-            # it); once a run is trained they are 3x the model's size for nothing, and a comparison has dozens
             if key.method == PLAIN:  # its newest stays until every method that continues from it is trained
                 from romebert.training.checkpoint import list_checkpoints
 
                 for old in list_checkpoints(run.root)[:-1]:
                     shutil.rmtree(old, ignore_errors=True)
-            else:
-                shutil.rmtree(run.checkpoints, ignore_errors=True)
             self._drop_plain_checkpoint(key)
             print(f"{prefix} {key.label()}: trained in {summary['seconds']:.0f} s", flush=True)
         else:
             meta = self._meta(run)
         t = time.perf_counter()
         pipeline.evaluate_run(
-            run.root, thresholds=list(self.cfg.thresholds), batch_size=self.cfg.eval_batch_size, device=self.cfg.device
+            source, thresholds=list(self.cfg.thresholds), batch_size=self.cfg.eval_batch_size, device=self.cfg.device
         )
         meta.update(
             eval_wall_seconds=time.perf_counter() - t,
             finished_at=now(),
             environment=env if state == "absent" else meta.get("environment"),
         )
-        write_json(run.root / META_FILE, meta)
+        write_json(run.compare_record, meta)
         print(f"{prefix} {key.label()}: evaluated in {meta['eval_wall_seconds']:.0f} s", flush=True)
         return "trained" if state == "absent" else "evaluated"
 
     @staticmethod
     def _meta(run: RunFolder) -> dict[str, Any]:
-        return _read_json(run.root / META_FILE) if (run.root / META_FILE).is_file() else {}
+        return _read_json(run.compare_record) if run.compare_record.is_file() else {}
 
     def _resweep_if_needed(self, run: RunFolder) -> None:
         """Runs swept with another threshold grid are re-swept from their cached logits (no model pass)."""
         from romebert.evaluation.evaluate import sweep_cached
 
         for split in self.splits:
-            rows = _read_json(run.sweep_file(split))
+            rows = _read_json(run.eval(split).sweep)
             if [r["threshold"] for r in rows] != [float(t) for t in self.cfg.thresholds]:
                 sweep_cached(run.eval(split), self.task, list(self.cfg.thresholds))
 
@@ -359,9 +357,9 @@ class Comparison:
             splits={},
         )
         for split in self.splits:
-            per_exit = _read_json(run.per_exit_file(split))
-            rows = _read_json(run.sweep_file(split))
-            timing = _read_json(run.timing_file(split)) if run.timing_file(split).is_file() else {}
+            per_exit = _read_json(run.eval(split).per_exit)
+            rows = _read_json(run.eval(split).sweep)
+            timing = _read_json(run.eval(split).timing) if run.eval(split).timing.is_file() else {}
             rec["splits"][split] = {
                 "per_exit": [r[self.task.metric] for r in per_exit],
                 "per_exit_all": per_exit,
