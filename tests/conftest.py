@@ -97,12 +97,12 @@ def tiny_sst2_run(tmp_path_factory, tiny_backbone_dir):
     from romebert.cli import main
 
     from glue_fixtures import write_glue_fixture
+    from tiny import TINY
 
     tmp = tmp_path_factory.mktemp("tiny-run")
     write_glue_fixture(tmp / "glue", "SST-2", n=16)
     out = tmp / "run"
     args = ["train", "--task", "SST-2", "--data-dir", str(tmp / "glue"), "--model", str(tiny_backbone_dir),
-            "--method", "romebert-sd", "-o", str(out), "--max-seq-length", "32", "--batch-size", "4", "--epochs",
-            "1", "--quiet", "--device", "cpu"]  # fmt: skip
+            "--method", "romebert-sd", "-o", str(out), *TINY]  # fmt: skip
     assert main(args) == 0
     return out

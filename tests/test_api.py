@@ -21,8 +21,7 @@ from romebert.runtime.policies import CRITERIA, get_policy
 from romebert.runtime.scores import entropy
 
 from glue_fixtures import sentence, write_glue_fixture
-
-TINY = ["--max-seq-length", "32", "--batch-size", "4", "--epochs", "1", "--quiet", "--device", "cpu"]
+from tiny import TINY
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,18 @@
+import csv
+
 """Every CLI command end to end on a tiny random backbone and small GLUE-format fixtures."""
 
 import json
 
 import numpy as np
 import pytest
+from pictures import assert_draws_series
 
 from romebert.cli import main
 from romebert.model.modeling import MultiExitModel
 
 from glue_fixtures import write_glue_fixture
-
-TINY = ["--max-seq-length", "32", "--batch-size", "4", "--epochs", "1", "--quiet", "--device", "cpu"]
+from tiny import TINY
 
 
 def _train(tmp_path, backbone, task, method, *extra):
@@ -55,8 +57,21 @@ def test_train_every_method_then_evaluate(tmp_path, tiny_backbone_dir, method, c
     assert [r["threshold"] for r in sweep] == [0.0, 0.3, 10.0]
     assert sweep[0]["counts"] == [0, 0, 12] and sweep[0]["speedup"] == 1.0
     assert sweep[-1]["counts"] == [12, 0, 0] and sweep[-1]["speedup"] == pytest.approx(3.0)
-    for name in ("per_exit.csv", "sweep.csv", "per_exit.png", "speedup.png", "logits.npy"):
-        assert (run / "eval" / "dev" / name).stat().st_size > 0
+    dev = run / "eval" / "dev"
+    table = list(csv.DictReader((dev / "per_exit.csv").open()))
+    assert [int(r["exit"]) for r in table] == [1, 2, 3]
+    assert [float(r["accuracy"]) for r in table] == pytest.approx([r["accuracy"] for r in per_exit])
+    rows = list(csv.DictReader((dev / "sweep.csv").open()))
+    assert [(float(r["threshold"]), int(r["exit_1"]), int(r["exit_3"])) for r in rows] == [
+        (0.0, 0, 12), (0.3, *(sweep[1]["counts"][i] for i in (0, 2))), (10.0, 12, 0)]  # fmt: skip
+    logits = np.load(dev / "logits.npy")
+    assert logits.shape == (3, 12, 2) and logits.dtype == np.float32
+    assert np.array_equal(np.load(dev / "labels.npy"), [int(line.split("\t")[1]) for line in
+                          (tmp_path / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[1:]])  # fmt: skip
+    assert [r["accuracy"] for r in per_exit] == pytest.approx(
+        [float((logits[i].argmax(-1) == np.load(dev / "labels.npy")).mean()) for i in range(3)])  # fmt: skip
+    for name in ("per_exit.png", "speedup.png"):
+        assert_draws_series(dev / name, 1)
     assert "per-exit dev metrics" in capsys.readouterr().out
 
 
@@ -118,7 +133,13 @@ def test_run_command_does_everything(tmp_path, tiny_backbone_dir, capsys):
     printed = capsys.readouterr().out
     for path in ("per_exit.png", "speedup.png", "sweep.csv", "RTE.tsv"):
         assert path in printed
-    assert (out / "predictions" / "RTE.tsv").exists()
+    submission = (out / "predictions" / "RTE.tsv").read_text().splitlines()
+    test_rows = (data / "RTE" / "test.tsv").read_text().splitlines()[1:]
+    assert submission[0] == "index\tprediction" and len(submission) == len(test_rows) + 1
+    assert [line.split("\t")[0] for line in submission[1:]] == [str(i) for i in range(len(test_rows))]
+    assert {line.split("\t")[1] for line in submission[1:]} <= {"entailment", "not_entailment"}
+    assert_draws_series(out / "eval" / "dev" / "per_exit.png", 1)
+    assert not (out / "checkpoints").exists()
 
 
 def test_custom_csv_data(tmp_path, tiny_backbone_dir):

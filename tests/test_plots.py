@@ -1,10 +1,12 @@
-"""PNG figures are written and valid."""
+"""PNG figures are written atomically and show what they were given: one line per series, each in its
+own colour, and nothing else in the series colours."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from pictures import assert_draws_series, colour_pixels, pixels
 
 from romebert.core.errors import RomebertError
 from romebert.evaluation.plots import plot_per_exit, plot_speedup
@@ -13,13 +15,9 @@ from romebert.jobs.compare.figures import comparison_figures
 
 from compare_fixtures import ENV, hand_comparison, hand_records
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-
-def _check_png(path: Path) -> None:
-    data = path.read_bytes()
-    assert data[:8] == PNG_MAGIC
-    assert len(data) > 5000  # axes, lines and text, not an empty canvas
+def _check_png(path: Path, series: int) -> None:
+    assert_draws_series(path, series)
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp file left
 
 
@@ -34,7 +32,7 @@ def test_plot_per_exit(tmp_path: Path) -> None:
         "accuracy",
         title="SST-2 dev",
     )
-    _check_png(out)
+    _check_png(out, series=2)
 
 
 def test_plot_speedup(tmp_path: Path) -> None:
@@ -47,7 +45,7 @@ def test_plot_speedup(tmp_path: Path) -> None:
         },
         "accuracy",
     )
-    _check_png(out)
+    _check_png(out, series=2)
 
 
 def test_plot_empty_raises(tmp_path: Path) -> None:
@@ -65,4 +63,6 @@ def test_comparison_figures_draw_both_figures_of_every_split(tmp_path: Path) -> 
     comparison_figures(out, report)
     assert sorted(p.name for p in out.iterdir()) == ["per_exit.png", "speedup.png"]
     for name in ("per_exit.png", "speedup.png"):
-        _check_png(out / name)
+        _check_png(out / name, series=1)  # deebert in C0; plain is a black star
+        img = pixels(out / name)
+        assert colour_pixels(img, "#000000", tolerance=20) > 100  # plain's star, the axes and the text

@@ -16,6 +16,8 @@ WORDS = (
     "##s", "##ed", "##ing",
 )  # fmt: skip
 VOCAB = SPECIAL_TOKENS + WORDS
+# The training flags of every CLI test: short inputs, small batches, one epoch, the CPU, no progress bar.
+TINY = ["--max-seq-length", "32", "--batch-size", "4", "--epochs", "1", "--quiet", "--device", "cpu"]
 
 
 def make_tiny_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:

@@ -12,6 +12,7 @@ from typing import Any
 
 from romebert.cli.parser import CommonOptions
 from romebert.core import options
+from romebert.core.errors import RomebertError
 from romebert.data.spec import DataSpec
 from romebert.runtime.policies import PolicyOptions, criterion_class, get_policy
 from romebert.training.training_args import TrainingArguments, preset_values
@@ -105,6 +106,8 @@ def sweep(ns: argparse.Namespace) -> dict:
     data = DataSpec.load(run.run_file)
     cfg = MultiExitConfig.load(run.model / CONFIG_NAME)
     task = data.task_for(cfg.task, cfg.labels, cfg.num_labels)
+    if not data.eval_splits():
+        raise RomebertError(f"{run.root}: nothing to sweep: its data has no dev split")
     results = {split: sweep_cached(run.eval(split), task, ns.thresholds, _criterion(ns), _policy_options(ns))
                for split in data.eval_splits()}  # fmt: skip
     _print_eval(results)

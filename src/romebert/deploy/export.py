@@ -166,7 +166,10 @@ def export_model(
     attention = model.backbone.config._attn_implementation
     model.to("cpu").eval()
     _use_eager_attention(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
+    _remove_stale(out)
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent if out.parent.exists() else None)
+    )
     try:
         graphs, fusions = _write_graphs(model, tmp, precision, opset, optimize)
         full = None
@@ -377,6 +380,29 @@ def _pad_token_id(tokenizer_dir: Path) -> int:
 def _check_target(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file())):
         raise RomebertError(f"{out}: exists and is not an export folder; choose another --output")
+
+
+def _remove_stale(out: Path) -> None:
+    """Delete the temporary folders that earlier exports to ``out`` left when they were killed (each name
+    holds its process id; a folder whose process still runs is another export at work, and stays)."""
+    if not out.parent.is_dir():
+        return
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name[len(f".{out.name}.tmp-") :].split("-", 1)[0]
+        if tmp.is_dir() and (not pid.isdigit() or not _alive(int(pid))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process starts a new export: nothing of its own is in progress
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _publish(tmp: Path, out: Path) -> None:

@@ -44,8 +44,8 @@ class ServeConfig:
     source: str = option(help="an ONNX export (ONNX Runtime, no torch), a classifier folder or a run folder (PyTorch)",
                          cli=False)  # fmt: skip
     max_batch: int = option(32, "rows per layer call")
-    # 0 by default: inputs that arrive while the worker is busy still share a batch, and waiting for
-    # company cost every load test here about 5 ms of latency and bought no throughput
+    # 0 by default: inputs that arrive while the worker is busy still share a batch anyway, and waiting
+    # for company adds its wait to every request (docs/serving.md has the load tests)
     max_wait_ms: float = option(0.0, "longest a fresh input waits for company when the worker is idle")
     max_queue: int = option(1024, "inputs in flight before requests get 503")
     max_body_bytes: int = option(1 << 20, "largest request body (413 beyond)")
@@ -56,6 +56,17 @@ class ServeConfig:
     full_depth: bool = option(False, "run every input to the last layer (the same service without early exit)")
     full_graph: bool = option(False, "exports made with --full-graph: run the whole model as one graph, final "
                               "head only (the plain model, the baseline without exits)")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        """Settings no service can run with fail here, in one line naming the flag."""
+        positive = ("max_batch", "max_queue", "max_body_bytes", "max_inputs", "max_text_chars")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise RomebertError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            raise RomebertError(f"--max-wait-ms must not be negative, got {self.max_wait_ms}")
+        if self.intra_op_threads is not None and self.intra_op_threads < 1:
+            raise RomebertError(f"--intra-op-threads must be at least 1, got {self.intra_op_threads}")
 
 
 class HTTPError(Exception):
@@ -358,15 +369,17 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: 
     ONNX Runtime gets the usable cores divided among them unless ``intra_op_threads`` says otherwise)."""
     import uvicorn
 
+    if workers < 1:
+        raise RomebertError(f"--workers must be at least 1, got {workers}")
     if cfg.intra_op_threads is None and workers > 1:
         from romebert.runtime.onnx_runtime import default_threads
 
         cfg.intra_op_threads = max(1, default_threads() // workers)
+    _check_source(cfg.source)  # one line now, rather than a traceback (from every worker)
     opts = {"host": host, "port": port, "log_level": "warning", "timeout_graceful_shutdown": 30}
     if workers == 1:
         uvicorn.run(Service(cfg).app(), **opts)
         return
-    _check_source(cfg.source)  # one line now, rather than a traceback from every worker
     os.environ["ROMEBERT_SERVE"] = json.dumps(asdict(cfg))
     uvicorn.run("romebert.deploy.service:create_app", factory=True, workers=workers, **opts)
 

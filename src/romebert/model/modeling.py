@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from romebert.core.environment import default_backbone
+from romebert.core.environment import backbone_label, default_backbone
 from romebert.core.errors import RomebertError
 from romebert.core.files import dataclass_from_json, write_atomic
 from romebert.model.encoders import EncoderAdapter, adapter_for
@@ -42,7 +42,7 @@ class MultiExitConfig:
     num_labels: int
     pooling: str = "cls"
     exit_dropout: float = 0.1
-    backbone: str = ""  # the name or folder the backbone was first loaded from (informational)
+    backbone: str = ""  # the backbone it started from, named (core.environment.backbone_label; informational)
     task: str | None = None
     labels: list[str] | None = None  # label strings in class-index order; None for regression
     # Regression only: every head predicts the standardised target, and its output is
@@ -202,7 +202,7 @@ class MultiExitModel(nn.Module):
             num_labels=num_labels,
             pooling=pooling,
             exit_dropout=exit_dropout,
-            backbone=str(name_or_path),
+            backbone=backbone_label(name_or_path),  # named, never a machine path
             task=task,
             labels=list(labels) if labels is not None else None,
         )
@@ -269,10 +269,9 @@ class MultiExitModel(nn.Module):
         Why: the heads start near 0. With labels far from 0 every example's error has the same sign,
         so every exit's gradient asks the shared encoder for the same thing, a larger output for every
         input; in the joint methods the summed pull of the L-1 exits wins, and the encoder maps every
-        input to nearly the same representation (on STS-B with the packaged MiniLM the mean cosine
-        similarity of dev pairs' pooled states reached 1.000 at layers 3-6, against 0.80-0.95 after
-        plain fine-tuning), after which no head can tell pairs apart. Predicting the standardised
-        target removes that common-mode error, whatever the labels' scale.
+        input to nearly the same representation, after which no head can tell pairs apart (the STS-B
+        figures are in docs/methods.md). Predicting the standardised target removes that common-mode
+        error, whatever the labels' scale.
         """
         if not self.config.is_regression:
             raise RomebertError("target scaling applies to regression models (num_labels 1) only")

@@ -42,7 +42,7 @@ def session_options(intra_op_threads: int | None = None, inter_op_threads: int =
     ``spinning``: worker threads spin briefly after a call, waiting for the next one. Good for a single
     graph called again and again (ONNX Runtime's default); bad for an engine, which calls one session
     per layer in turn: each session's threads spin on after its call and steal the cores from the next
-    session (measured here: 4 to 5x slower at batch size 1 on two cores). ``OrtSegments`` turns it off.
+    session (docs/inference.md has the figures). ``OrtSegments`` turns it off.
     """
     ort = _ort()
     so = ort.SessionOptions()

@@ -71,7 +71,7 @@ class TrainingArguments:
     pooling: str = option(
         "mean",
         "what each exit pools: cls (the first token, the reference) or mean (masked mean over tokens; the "
-        "packaged MiniLM was trained for mean-pooled embeddings, and its cls exits learned far less)",
+        "packaged MiniLM was trained for mean-pooled embeddings)",
         choices=POOLINGS,
     )
     epochs: float = option(3.0, "passes over the training set, per stage")
@@ -103,7 +103,7 @@ class TrainingArguments:
         choices=("auto", *GR_ANCHORS),
     )
     group_by_length: bool = option(
-        True, "batch examples of similar length (about half the padding); off: uniformly shuffled, the reference"
+        True, "batch examples of similar length (less padding); off: uniformly shuffled, the reference"
     )
     log_every: int = option(10, "log the loss terms every N optimizer steps")
     save_steps: int = option(0, "also checkpoint every N optimizer steps (0: only at each epoch end)")
