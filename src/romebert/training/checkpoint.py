@@ -50,6 +50,10 @@ class TrainerState:
     # (SIGSTOP) or a job on another core does not inflate it, so comparisons on a shared machine hold.
     cpu_seconds: float = 0.0
     finished: list = field(default_factory=list)
+    # COSEE's sample weighting: the signal range its thresholds are drawn from this epoch (the range seen
+    # in the previous one; [0, 1] in the first), and the range seen so far in this one
+    signal_range: list | None = None
+    epoch_signal_range: list | None = None
     rng: dict = field(default_factory=dict)  # the writing process's (rank 0's) RNG states
     rank_rng: list = field(default_factory=list)  # data parallel: every rank's RNG states, in rank order
 

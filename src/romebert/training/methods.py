@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from romebert.core.errors import RomebertError
 
 GR_ANCHORS = ("exits", "final")
+WEIGHTINGS = ("none", "cosee")  # per-sample loss weights over the layers (training/losses.py)
 KD_REDUCTIONS = ("mean", "batchmean")  # reference: element-wise mean (batch-mean KL / C); textbook KL
 
 
@@ -22,6 +23,7 @@ class Stage:
     distill: bool = False  # exits also distil from the final head's logits
     project: bool = False  # one-sided gradient projection between final and exit losses
     frozen_backbone: bool = False  # encoder runs without a graph (nothing in it is trained)
+    weighting: str = "none"  # "cosee": each sample's loss weighted around the layer where it would exit
 
 
 _FINETUNE = Stage("finetune", trains="backbone+final", final_loss=True, exit_loss=False)
@@ -38,6 +40,12 @@ METHODS: dict[str, tuple[Stage, ...]] = {
     # RomeBERT: one joint stage, every exit distils from sg(final logits) of the same pass.
     "romebert-sd": (_JOINT_SD,),
     "romebert-sdgr": (Stage("joint", trains="all", final_loss=True, exit_loss=True, distill=True, project=True),),
+    # COSEE (arXiv 2412.13236): one joint stage, every layer's cross-entropy weighted per sample around the
+    # layer it would exit at under randomly simulated thresholds, plus a margin between the exit signals of
+    # right and wrong predictions. ``--sample-weighting cosee`` adds the same to another method's stages.
+    "cosee": (Stage("joint", trains="all", final_loss=True, exit_loss=True, weighting="cosee"),),
+    # COSEE's weighting on RomeBERT SD's joint stage: the exits also distil from sg(final logits).
+    "cosee-sd": (Stage("joint", trains="all", final_loss=True, exit_loss=True, distill=True, weighting="cosee"),),
     # Mixed (after arXiv 2407.14320): DeeBERT's stage one, then RomeBERT SD's joint stage from there, so
     # the exits start from a fine-tuned encoder and may still shape it.
     "mixed": (_FINETUNE, _JOINT_SD),

@@ -32,7 +32,14 @@ from romebert.training.checkpoint import (
     save_checkpoint,
 )
 from romebert.training.distributed import init_distributed, shard
-from romebert.training.losses import stage_losses
+from romebert.training.losses import (
+    cosee_sample_weights,
+    energy_signal,
+    margin_loss,
+    simulated_exit_layers,
+    stage_losses,
+    weighted_stage_losses,
+)
 from romebert.training.methods import Stage, get_method
 from romebert.training.projection import project_conflicting
 from romebert.training.training_args import TrainingArguments
@@ -138,6 +145,8 @@ class Trainer:
         self.collator = collator
         self.stages = get_method(args.method)
         args = self.args = args.for_task(model.config.task)
+        if model.config.is_regression and any(args.weighting(s) != "none" for s in self.stages):
+            raise RomebertError("sample weighting 'cosee' needs class predictions; it does not apply to regression")
         self.device = resolve_device(args.device)
         self.dist = init_distributed(self.device)
         self.output_dir = Path(args.output_dir)
@@ -293,7 +302,8 @@ class Trainer:
                 indices, global_size = batches[batch_index]
                 group = min(accum, n_batches - batch_index // accum * accum)
                 if indices:  # a rank can get nothing from a short last batch; it still joins the collective
-                    running += self._backward(stage, indices, accumulator, len(indices) / global_size / group)
+                    scale = len(indices) / global_size / group
+                    running += self._backward(stage, indices, accumulator, scale, state, batch_index)
                 bar.update(1)
                 if (batch_index + 1) % accum and batch_index + 1 < n_batches:
                     continue
@@ -331,6 +341,8 @@ class Trainer:
                     self._save(optimizer, scheduler, state)
             bar.close()
             state.epoch, state.batches_done = epoch + 1, 0
+            if state.epoch_signal_range is not None:  # COSEE: next epoch's thresholds come from this one's range
+                state.signal_range, state.epoch_signal_range = state.epoch_signal_range, None
             state.stage_done = state.epoch >= n_epochs
             self._save(optimizer, scheduler, state)
         return last
@@ -341,14 +353,19 @@ class Trainer:
             {"loss"} | ({"final_loss"} if stage.final_loss else set()) | ({"exit_loss"} if stage.exit_loss else set())
         )
 
-    def _backward(self, stage: Stage, indices: list[int], accumulator, scale: float) -> Tensor:
+    def _backward(
+        self, stage: Stage, indices: list[int], accumulator, scale: float, state: TrainerState, batch_index: int
+    ) -> Tensor:
         """Forward + backward one micro-batch with its loss scaled by ``scale`` (its share of the
         optimizer step's examples). Returns the scaled loss terms and a non-finite flag."""
         batch = self.collator([self.train_dataset[i] for i in indices])
         batch = {k: v.to(self.device) for k, v in batch.items()}
         labels = batch.pop("labels")
         logits = self.model(**batch, frozen_backbone=stage.frozen_backbone and not self._clips_frozen(stage))
-        final, exits = stage_losses(stage, logits, labels, self.args.loss_settings)
+        if self.args.weighting(stage) == "cosee":
+            final, exits = self._cosee_losses(stage, logits, labels, state, batch_index)
+        else:
+            final, exits = stage_losses(stage, logits, labels, self.args.loss_settings)
         loss = sum(t for t in (final, exits) if t is not None)
         out = torch.stack(
             [(t.detach() if t is not None else loss.new_zeros(())).double() * scale for t in (final, exits, loss)]
@@ -360,6 +377,29 @@ class Trainer:
         elif finite:
             (loss * scale).backward()
         return torch.cat([out.cpu(), torch.tensor([0.0 if finite else 1.0], dtype=torch.float64)])
+
+    def _cosee_losses(self, stage: Stage, logits: Tensor, labels: Tensor, state: TrainerState, batch_index: int):
+        """COSEE's weighted stage losses (docs/cosee.md): every layer's per-sample loss weighted around the
+        layer each sample would exit at, over a few thresholds drawn from the previous epoch's signal range,
+        plus the signal margin on the exits' side."""
+        args = self.args
+        signals = energy_signal(logits[:-1].float())  # [L-1, B], lower = more confident
+        lo, hi = state.signal_range or (0.0, 1.0)
+        # drawn from their own generator, seeded by the step: every rank draws the same thresholds, and a
+        # resumed run the same as an uninterrupted one, without touching dropout's random stream
+        g = torch.Generator().manual_seed(hash((args.seed, state.stage_index, state.global_step, batch_index)) % 2**63)
+        thresholds = (lo + (hi - lo) * torch.rand(args.cosee_thresholds, generator=g, dtype=torch.float64)).float()
+        layers = simulated_exit_layers(signals, thresholds.to(signals.device))  # [M, B]
+        beta = args.cosee_beta * state.global_step / self.total_steps  # 0 -> beta over the stage
+        weights = cosee_sample_weights(layers, self.model.num_layers, beta)  # [L, B]
+        final, exits = weighted_stage_losses(stage, logits, labels, args.loss_settings, weights)
+        if exits is not None and args.cosee_margin_weight:
+            exits = exits + args.cosee_margin_weight * margin_loss(signals, logits[:-1], labels, args.cosee_margin)
+        seen = torch.aminmax(signals.detach())
+        low, high = float(seen.min), float(seen.max)
+        old = state.epoch_signal_range
+        state.epoch_signal_range = [low, high] if old is None else [min(old[0], low), max(old[1], high)]
+        return final, exits
 
     def _synchronise(self, accumulator, running: Tensor) -> None:
         """Sum gradients (and g_A for GR) and the logged loss terms over ranks: one collective."""

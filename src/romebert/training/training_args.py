@@ -15,7 +15,15 @@ from typing import Any
 from romebert.core.errors import RomebertError
 from romebert.core.options import check_choices, option
 from romebert.data.tasks import CUSTOM_TASK, get_task
-from romebert.training.methods import GR_ANCHORS, KD_REDUCTIONS, METHODS, LossSettings, get_method
+from romebert.training.methods import (
+    GR_ANCHORS,
+    KD_REDUCTIONS,
+    METHODS,
+    WEIGHTINGS,
+    LossSettings,
+    Stage,
+    get_method,
+)
 
 POOLINGS = ("cls", "mean")
 
@@ -102,6 +110,16 @@ class TrainingArguments:
         "reference; resolved from the task before training)",
         choices=("auto", *GR_ANCHORS),
     )
+    sample_weighting: str = option(
+        "none",
+        "per-sample loss weights over the layers in every stage that trains exits: cosee (COSEE's, around the "
+        "layer each sample would exit at under simulated thresholds, with its signal margin; docs/cosee.md)",
+        choices=WEIGHTINGS,
+    )
+    cosee_thresholds: int = option(5, "COSEE: thresholds simulated per step")
+    cosee_beta: float = option(10.0, "COSEE: how sharply weights peak at the exit layer, reached by the stage's end")
+    cosee_margin: float = option(0.3, "COSEE: the margin between the signals of right and wrong predictions")
+    cosee_margin_weight: float = option(0.1, "COSEE: the weight of that margin loss")
     group_by_length: bool = option(
         True, "batch examples of similar length (less padding); off: uniformly shuffled, the reference"
     )
@@ -120,6 +138,8 @@ class TrainingArguments:
         check_choices(self)
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1 or self.epochs <= 0:
             raise RomebertError("batch_size, gradient_accumulation_steps and epochs must be positive")
+        if self.cosee_thresholds < 1 or self.cosee_beta < 0 or self.cosee_margin_weight < 0:
+            raise RomebertError("cosee_thresholds must be >= 1, cosee_beta and cosee_margin_weight >= 0")
 
     @classmethod
     def from_preset(cls, preset: str | None, **values: Any) -> TrainingArguments:
@@ -157,6 +177,12 @@ class TrainingArguments:
             raise RomebertError(f"{path}: not readable training arguments ({exc})") from None
         except RomebertError as exc:
             raise RomebertError(f"{path}: {exc}") from None
+
+    def weighting(self, stage: Stage) -> str:
+        """The sample weighting of ``stage``: its method's own, else ``sample_weighting`` where it trains exits."""
+        if stage.weighting != "none":
+            return stage.weighting
+        return self.sample_weighting if stage.exit_loss else "none"
 
     @property
     def loss_settings(self) -> LossSettings:

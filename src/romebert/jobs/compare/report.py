@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from romebert.core.environment import backbone_label, now
-from romebert.core.options import option_fields
+from romebert.core.options import default_of, option_fields
 from romebert.jobs.compare.config import COMPARE_VARIES, full_command, shown_data, shown_invocation
 from romebert.jobs.compare.curves import aggregate
 from romebert.jobs.compare.markdown import render_markdown
@@ -65,8 +65,14 @@ def report_settings(comp: Compared) -> dict[str, Any]:
 
 
 def comparable(settings: dict[str, Any]) -> dict[str, Any]:
-    """The part of report settings that two reports must share for one's runs to belong in the other."""
-    return {k: v for k, v in settings.items() if k not in _PLAN_SETTINGS}
+    """The part of report settings that two reports must share for one's runs to belong in the other. A
+    training option that a report does not name (it was written before the option existed) counts as
+    its default, so that adding an option does not orphan every committed comparison."""
+    out = {k: v for k, v in settings.items() if k not in _PLAN_SETTINGS}
+    if isinstance(out.get("training"), dict):
+        defaults = {f.name: default_of(f) for f in option_fields(TrainingArguments) if f.name not in COMPARE_VARIES}
+        out["training"] = {**defaults, **out["training"]}
+    return out
 
 
 def build_report(comp: Compared, records: list[dict], env: dict, wall: float) -> dict[str, Any]:
