@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from fakes import FakeTask, fake_metrics
 
 from romebert.cli import main
 from romebert.core.errors import RomebertError
@@ -20,6 +19,7 @@ from romebert.runtime.encoding import Collator, encode
 from romebert.runtime.policies import CRITERIA, get_policy
 from romebert.runtime.scores import entropy
 
+from fakes import FakeTask, fake_metrics
 from glue_fixtures import sentence, write_glue_fixture
 from tiny import TINY
 
@@ -77,7 +77,8 @@ def test_predict_returns_labels_probabilities_and_exit_layers_in_input_order(clf
 
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_every_criterion_through_predict(clf, criterion):
-    threshold = {"entropy": 0.69, "maxprob": 0.51, "patience": 2, "patience-confidence": 0.69}[criterion]
+    threshold = {"entropy": 0.69, "maxprob": 0.51, "patience": 2, "patience-confidence": 0.69, "energy": 0.2,
+                 "agreement": 0.4}[criterion]  # fmt: skip
     policy = get_policy(criterion, threshold, patience=2)
     _, ref_layers, _ = _offline(clf, TEXTS, policy)
     out = clf.predict_with_exits(TEXTS, criterion=criterion, threshold=threshold, batch_size=4, patience=2)

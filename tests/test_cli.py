@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from pictures import assert_draws_series
 
 from romebert.cli import main
 from romebert.model.modeling import MultiExitModel
 
 from glue_fixtures import write_glue_fixture
+from pictures import assert_draws_series
 from tiny import TINY
 
 

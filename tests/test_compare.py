@@ -418,3 +418,38 @@ def test_a_comparison_continues_from_its_report_where_the_run_folders_are_gone(
     out_err = capsys.readouterr()
     assert "made with other settings (training); its runs are not reused" in out_err.out
     assert "no finished runs to report on" in out_err.err and calls == []
+
+
+def test_criteria_and_guaranteed_thresholds_come_from_the_cached_logits(comparison, tiny_backbone_dir, tmp_path):
+    import numpy as np
+
+    from romebert.data.tasks import get_task
+    from romebert.evaluation.exits import choose_threshold, sweep
+    from romebert.runtime.policies import candidate_thresholds, get_policy
+
+    data, src = comparison
+    out = tmp_path / "cmp"
+    shutil.copytree(src, out)
+    extra = ["--report-only", "--criteria", "entropy,energy,agreement", "--max-metric-drop", "0.4",
+             "--confidence", "0.6"]  # fmt: skip
+    assert main(_compare_args(data, tiny_backbone_dir, out, *extra)) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["settings"]["criteria"] == ["entropy", "energy", "agreement"] and rep["settings"]["confidence"] == 0.6
+    run = next(r for r in rep["runs"] if r["method"] == "romebert-sd" and r["seed"] == 1)
+    logits = np.load(out / run["dir"] / "eval" / "dev" / "logits.npy")
+    labels = np.load(out / run["dir"] / "eval" / "dev" / "labels.npy")
+    task = get_task("RTE")
+    energy = run["splits"]["dev"]["criteria"]["energy"]
+    rows = sweep(
+        logits, labels, task, [get_policy("energy", t) for t in candidate_thresholds("energy", logits, num=100)]
+    )
+    assert energy["sweep"] == [[r["speedup"], r["metric"]] for r in rows]  # the same sweep, recomputed here
+    g = energy["guarantee"]
+    if g["certified"]:
+        threshold, row = choose_threshold(logits, labels, task, "energy", max_metric_drop=0.4, confidence=0.6)
+        assert (g["threshold"], g["speedup"]) == (threshold, row["speedup"])
+        assert 0.0 <= g["check"]["share_disagreement_over_epsilon"] <= 1.0
+    md = (out / "report.md").read_text()
+    assert "## Exit criteria" in md and "| mean | romebert-sd | agreement |" in md
+    assert "## Thresholds with a guarantee (disagreement with the final exit <= 0.4, confidence 0.6)" in md
+    assert "--criteria entropy,energy,agreement --max-metric-drop 0.4 --confidence 0.6" in rep["command"]

@@ -20,6 +20,8 @@ HEADINGS = {
     "setup_section": "## Setup",
     "per_exit_section": "## Per-exit dev accuracy (%, mean ± std over 2 seeds)",
     "speedup_section": "## Dev accuracy at fixed layer speed-ups (%, mean ± std over seeds)",
+    "criteria_section": "## Exit criteria: dev accuracy at fixed layer speed-ups (%, mean ± std over seeds)",
+    "guarantee_section": "## Thresholds with a guarantee (disagreement with the final exit <= 0.02, confidence 0.9)",
     "training_cost_section": "## Training cost",
     "runs_section": "## Runs",
     "figures_section": "## Figures",
@@ -33,14 +35,41 @@ def report(tmp_path):
     return json.loads(json.dumps(build_report(hand_comparison(tmp_path), hand_records(), ENV, 12.0)))
 
 
-def test_every_section_renders_under_its_heading(report):
+def test_every_section_renders_under_its_heading(report, tmp_path):
     assert [s.__name__ for s in SECTIONS] == list(HEADINGS)
+    criteria = json.loads(json.dumps(build_report(_with_criteria(tmp_path), _criteria_records(), ENV, 12.0)))
     for section in SECTIONS:
-        lines = section(report)
+        lines = section(criteria)
         assert lines[0] == HEADINGS[section.__name__], section.__name__
         assert all(isinstance(line, str) for line in lines)
     # the report is its sections, in order, each ending on a blank line but the last
     assert render_markdown(report) == "\n".join(line for s in SECTIONS for line in s(report)) + "\n"
+
+
+def _with_criteria(tmp_path):
+    return hand_comparison(tmp_path, criteria=["entropy", "energy"], max_metric_drop=0.02, risk_confidence=0.9)
+
+
+def _criteria_records():
+    """The hand records, with an energy sweep and guarantee per seed (what criteria_record writes)."""
+    records = hand_records()
+    for rec, (curve, speedup, drop, over) in zip(
+        [r for r in records if r["method"] == "deebert"],
+        [([[1.0, 0.8], [2.0, 0.7], [3.0, 0.4]], 1.5, 0.01, 0.05), ([[1.0, 0.9], [3.0, 0.6]], 2.5, 0.03, 0.15)],
+    ):
+        check = {"share_disagreement_over_epsilon": over}
+        guarantee = {"certified": True, "speedup": speedup, "report_metric_drop": drop, "check": check}
+        rec["splits"]["dev"]["criteria"] = {"energy": {"sweep": curve, "guarantee": guarantee}}
+    return records
+
+
+def test_criteria_and_guarantee_sections_show_the_hand_computed_numbers(tmp_path):
+    md = render_markdown(json.loads(json.dumps(build_report(_with_criteria(tmp_path), _criteria_records(), ENV, 1.0))))
+    # energy at 2x: seed 1 reads 0.7, seed 2 0.9 - 0.3 / 2 = 0.75; at 1.5x: 0.75 and 0.825; at 3x: 0.4 and 0.6
+    assert "| mean | deebert | energy | 78.8 ± 5.3 | 72.5 ± 3.5 | 50.0 ± 14.1 |" in md
+    # guaranteed: speed-ups 1.5 and 2.5, drops 1 and 3 points, shares over epsilon 0.05 and 0.15
+    assert "| mean | deebert | energy | 2 | 2.00x ± 0.71 | 2.00 ± 1.41 | 0.10 ± 0.07 |" in md
+    assert "entropy" not in md.split("## Exit criteria")[1].split("## Thresholds")[0].split("|---|")[1]
 
 
 def test_sections_show_the_hand_computed_numbers(report):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fakes import FakeTask, fake_metrics, padded_batches
 from transformers import AlbertConfig, BertConfig, DebertaV2Config, DistilBertConfig, GPT2Config, ModernBertConfig
 
 from romebert.core.errors import RomebertError
@@ -21,6 +20,8 @@ from romebert.runtime.policies import get_policy
 from romebert.runtime.scores import entropy
 from romebert.training.trainer import Trainer
 from romebert.training.training_args import TrainingArguments
+
+from fakes import FakeTask, fake_metrics, padded_batches
 
 LAYERS = 2
 VOCAB = 100

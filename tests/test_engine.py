@@ -5,18 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fakes import FakeTask, fake_metrics, padded_batches
 
 from romebert.core.errors import RomebertError
 from romebert.evaluation.calibration import apply_temperatures
 from romebert.evaluation.exits import sweep
 from romebert.evaluation.logits import collect_logits
+from romebert.runtime.criteria import AgreementPolicy
 from romebert.runtime.encoding import Collator, EncodedDataset
 from romebert.runtime.engine import EarlyExitEngine
-from romebert.runtime.policies import CRITERIA, get_policy
-from romebert.runtime.scores import change, entropy, maxprob
+from romebert.runtime.policies import CRITERIA, exit_scores, get_policy
+from romebert.runtime.scores import change, energy, entropy, maxprob
 
 from conftest import sharpen_exits, tiny_model
+from fakes import FakeTask, fake_metrics, padded_batches
 
 LAYERS = 4
 COLLATE = Collator(pad_token_id=0)
@@ -76,6 +77,8 @@ def _policies(all_logits: np.ndarray, regression: bool = False) -> dict[str, obj
         "maxprob": get_policy("maxprob", _safe_threshold(maxprob(x), 0.6)),
         "patience": get_policy("patience", 2),
         "patience-confidence": get_policy("patience-confidence", _safe_threshold(entropy(x), 0.7), patience=2),
+        "energy": get_policy("energy", _safe_threshold(energy(x), 0.4)),
+        "agreement": get_policy("agreement", _safe_threshold(exit_scores(AgreementPolicy, all_logits)[0], 0.6)),
     }
 
 

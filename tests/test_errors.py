@@ -72,3 +72,13 @@ def test_a_bad_serve_configuration(tiny_sst2_run, capsys, flags, message):
 def test_serving_a_folder_that_is_not_a_model(tmp_path, capsys):
     err = _error(capsys, ["serve", str(tmp_path / "nothing")])
     assert "no such export, classifier or run folder" in err
+
+
+def test_exporting_with_a_guarantee_that_too_few_dev_examples_cannot_give(tiny_sst2_run, tmp_path, capsys):
+    err = _error(capsys, ["export", str(tiny_sst2_run), "-o", str(tmp_path / "e"), "--max-metric-drop", "0.01",
+                          "--confidence", "0.9"])  # fmt: skip
+    assert "no entropy threshold is certified to disagree with the final exit on at most 0.01" in err
+    assert not (tmp_path / "e").exists()
+    err = _error(capsys, ["export", str(tiny_sst2_run), "-o", str(tmp_path / "e"), "--threshold", "0.3",
+                          "--confidence", "0.9"])  # fmt: skip
+    assert "--confidence certifies a threshold chosen on dev" in err

@@ -7,12 +7,14 @@ import math
 import numpy as np
 import pytest
 import scipy.stats
-from fakes import FakeTask, fake_metrics
 
 from romebert.core.errors import RomebertError
 from romebert.evaluation.exits import layer_stats, per_exit_metrics, predictions, sweep
-from romebert.runtime.policies import REFERENCE_THRESHOLDS, EntropyPolicy
+from romebert.runtime.criteria import EntropyPolicy
+from romebert.runtime.exit_policy import REFERENCE_THRESHOLDS
 from romebert.runtime.scores import entropy
+
+from fakes import FakeTask, fake_metrics
 
 
 def exit_decisions(logits, threshold, regression=False):

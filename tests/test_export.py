@@ -18,11 +18,12 @@ from romebert.deploy.classifier import EarlyExitClassifier
 from romebert.deploy.export import export_model
 from romebert.model.modeling import MultiExitConfig, MultiExitModel
 from romebert.runtime.artefacts import MANIFEST_FILE, EarlyExitConfig, ExportManifest
+from romebert.runtime.criteria import AgreementPolicy
 from romebert.runtime.encoding import Collator, EncodedDataset, FastTokenizer, encode
 from romebert.runtime.engine import EarlyExitEngine, all_exit_logits
 from romebert.runtime.onnx_runtime import OrtSegments
-from romebert.runtime.policies import CRITERIA, get_policy
-from romebert.runtime.scores import entropy, maxprob
+from romebert.runtime.policies import CRITERIA, exit_scores, get_policy
+from romebert.runtime.scores import energy, entropy, maxprob
 
 from conftest import sharpen_exits
 from glue_fixtures import sentence
@@ -95,6 +96,10 @@ def _batches(dataset: EncodedDataset, batch_size: int):
     return out
 
 
+def agreement(all_logits: np.ndarray) -> np.ndarray:
+    return exit_scores(AgreementPolicy, all_logits)[0]
+
+
 def _threshold(scores: np.ndarray, q: float, avoid: np.ndarray) -> float:
     """A threshold near quantile q of ``scores`` with no score of ``avoid`` within 1e-3 (no near-ties:
     ONNX Runtime and torch logits differ in the last float digits)."""
@@ -164,6 +169,12 @@ def test_ort_engine_equals_the_pytorch_engine(exported, criterion, batch_size):
         "maxprob": _threshold(maxprob(torch_logits[:-1]), 0.6, maxprob(early)),
         "patience": 2,
         "patience-confidence": _threshold(entropy(torch_logits[:-1]), 0.3, entropy(early)),
+        "energy": _threshold(energy(torch_logits[:-1]), 0.4, energy(early)),
+        "agreement": _threshold(
+            exit_scores(AgreementPolicy, torch_logits)[0],
+            0.6,
+            np.concatenate([exit_scores(AgreementPolicy, x)[0] for x in (torch_logits, ort_logits)]),
+        ),
     }[criterion]
     policy = get_policy(criterion, threshold, patience=2)
     a = EarlyExitEngine(model, policy).run_stream(batches, batch_size)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pictures import assert_draws_series, colour_pixels, pixels
 
 from romebert.core.errors import RomebertError
 from romebert.evaluation.plots import plot_per_exit, plot_speedup
@@ -14,6 +13,7 @@ from romebert.jobs.compare import build_report
 from romebert.jobs.compare.figures import comparison_figures
 
 from compare_fixtures import ENV, hand_comparison, hand_records
+from pictures import assert_draws_series, colour_pixels, pixels
 
 
 def _check_png(path: Path, series: int) -> None:

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fakes import FakeTask, fake_metrics
-from oracles import entropy_oracle, entropy_rule_oracle
 
 from romebert.core.errors import RomebertError
 from romebert.evaluation.exits import predictions, sweep
-from romebert.runtime.policies import (
-    CRITERIA,
-    EntropyPolicy,
-    MaxProbPolicy,
-    PatienceConfidencePolicy,
-    PatiencePolicy,
-    candidate_thresholds,
-    default_thresholds,
-    get_policy,
-)
+from romebert.runtime.criteria import EntropyPolicy, MaxProbPolicy, PatienceConfidencePolicy, PatiencePolicy
+from romebert.runtime.policies import CRITERIA, candidate_thresholds, default_thresholds, get_policy
 from romebert.runtime.scores import entropy
+
+from fakes import FakeTask, fake_metrics
+from oracles import entropy_oracle, entropy_rule_oracle
 
 
 def _random_logits(seed: int, layers: int = 5, n: int = 200, c: int = 3, scale: float = 3.0) -> np.ndarray:
@@ -169,7 +162,7 @@ def test_get_policy_and_errors():
     pc = get_policy("patience_confidence", 0.2, patience=3, tolerance=0.5)  # tolerance ignored
     assert isinstance(pc, PatienceConfidencePolicy) and pc.patience == 3
     assert get_policy("patience", 2, tolerance=0.5, patience=9).tolerance == 0.5
-    assert set(CRITERIA) == {"entropy", "maxprob", "patience", "patience-confidence"}
+    assert set(CRITERIA) == {"entropy", "maxprob", "patience", "patience-confidence", "energy", "agreement"}
     with pytest.raises(RomebertError, match="unknown exit criterion"):
         get_policy("margin", 0.1)
     with pytest.raises(RomebertError, match="NaN"):
@@ -213,9 +206,32 @@ def test_candidate_thresholds_span_every_operating_point(criterion):
     def speedup(t):
         return 4 * logits.shape[1] / get_policy(criterion, t).decide(logits)[0].sum()
 
-    loosest = {"entropy": np.inf, "maxprob": 0.0, "patience": 1, "patience-confidence": np.inf}[criterion]
-    strictest = {"entropy": 0.0, "maxprob": 2.0, "patience": 4, "patience-confidence": 0.0}[criterion]
+    loosest = {"entropy": np.inf, "maxprob": 0.0, "patience": 1, "patience-confidence": np.inf, "energy": 1.0,
+               "agreement": 0.0}[criterion]  # fmt: skip
+    strictest = {"entropy": 0.0, "maxprob": 2.0, "patience": 4, "patience-confidence": 0.0, "energy": 0.0,
+                 "agreement": 100.0}[criterion]  # fmt: skip
     speedups = [speedup(t) for t in grid]
     assert min(speedups) == pytest.approx(speedup(strictest), abs=0.02)
     assert max(speedups) == pytest.approx(speedup(loosest), abs=0.02)
     assert max(speedups) > 1.2
+
+
+def test_energy_and_agreement_scores_by_hand():
+    import math
+
+    from romebert.runtime.criteria import AgreementPolicy
+    from romebert.runtime.policies import exit_scores
+    from romebert.runtime.scores import energy
+
+    z = np.array([[2.0, 0.0], [0.0, 0.0]])
+    assert energy(z).tolist() == pytest.approx([1 / (1 + math.exp(2) + 1), 1 / 3])
+    # 3 exits, 2 rows: row 0 agrees at exits 1 and 2 (class 0), row 1 changes its mind
+    logits = np.array([[[2.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]], [[0.0, 3.0], [0.0, 3.0]]])
+    p = lambda a, b: math.exp(max(a, b)) / (math.exp(a) + math.exp(b))  # noqa: E731
+    scores, above = exit_scores(AgreementPolicy, logits)
+    w1, w2 = 1 / 3, 2 / 3  # BEEM-C: each exit's share of the model
+    assert above and scores.shape == (2, 2)
+    assert scores[0].tolist() == pytest.approx([w1 * p(2, 0), w1 * p(0, 1)])
+    assert scores[1].tolist() == pytest.approx([w1 * p(2, 0) + w2 * p(1, 0), w2 * p(1, 0)])  # row 1 restarts
+    layers, _ = get_policy("agreement", 0.5).decide(logits)
+    assert layers.tolist() == [2, 3]  # row 0: 0.29 + 0.49 >= 0.5 at exit 2; row 1 never reaches 0.5 early

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import FakeTask
 
 from romebert.core.errors import RomebertError
 from romebert.core.files import write_json
 from romebert.evaluation.reports import submission_files, write_per_exit_csv, write_submission, write_sweep_csv
+
+from fakes import FakeTask
 
 SST2 = FakeTask(name="SST-2", labels=("0", "1"), test_files=(("test", "SST-2.tsv"),))
 MNLI = FakeTask(

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from romebert.runtime.engine import EarlyExitEngine, dataset_exit_logits
+from romebert.runtime.exit_policy import ExitPolicy
 from romebert.runtime.onnx_runtime import OrtSegments, session_options
-from romebert.runtime.policies import ExitPolicy
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
 RUNTIMES = ("torch", "ort-fp32", "ort-int8")

@@ -14,7 +14,8 @@ from romebert.cli.parser import CommonOptions
 from romebert.core import options
 from romebert.core.errors import RomebertError
 from romebert.data.spec import DataSpec
-from romebert.runtime.policies import PolicyOptions, criterion_class, get_policy
+from romebert.runtime.exit_policy import PolicyOptions
+from romebert.runtime.policies import criterion_class, get_policy
 from romebert.training.training_args import TrainingArguments, preset_values
 
 

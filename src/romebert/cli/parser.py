@@ -13,7 +13,9 @@ from romebert import __version__
 from romebert.core import options
 from romebert.core.options import option
 from romebert.data.spec import DataSpec
-from romebert.runtime.policies import CRITERIA, POLICIES, EntropyPolicy, PolicyOptions
+from romebert.runtime.criteria import EntropyPolicy
+from romebert.runtime.exit_policy import PolicyOptions
+from romebert.runtime.policies import CRITERIA, POLICIES
 from romebert.training.training_args import TrainingArguments
 
 

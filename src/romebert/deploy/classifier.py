@@ -33,7 +33,7 @@ from romebert.evaluation.exits import choice_record, choose_threshold, layer_sta
 from romebert.runtime.artefacts import EARLY_EXIT_FILE, MANIFEST_FILE, EarlyExitConfig
 from romebert.runtime.encoding import Collator, FastTokenizer, encode
 from romebert.runtime.engine import EarlyExitEngine, dataset_exit_logits
-from romebert.runtime.policies import OPTION_NAMES, ExitPolicy, Threshold
+from romebert.runtime.exit_policy import OPTION_NAMES, ExitPolicy, Threshold
 from romebert.runtime.scores import softmax
 
 TextInput = str | tuple[str, str]
@@ -264,9 +264,11 @@ class EarlyExitClassifier:
     def choose_threshold(self, criterion: str = "entropy", *, target_speedup: float | None = None,
                          max_metric_drop: float | None = None, split: str | None = None,
                          calibrated: bool | None = None, thresholds: Sequence[Threshold] | None = None,
+                         confidence: float | None = None,
                          **policy_kwargs: Any) -> tuple[Threshold, dict[str, Any]]:  # fmt: skip
         """Choose a threshold on the dev split (never on test) and keep it in :attr:`exit_config`;
-        returns (threshold, its sweep row). See :func:`romebert.evaluation.exits.choose_threshold`."""
+        returns (threshold, its sweep row). See :func:`romebert.evaluation.exits.choose_threshold`; with
+        ``confidence`` (1 - delta) and ``max_metric_drop`` (epsilon) the choice carries a guarantee."""
         from romebert.evaluation.calibration import apply_temperatures
 
         split = self._split(split)
@@ -278,9 +280,11 @@ class EarlyExitClassifier:
         task = self.task()
         threshold, row = choose_threshold(logits, labels, task, criterion, target_speedup=target_speedup,
                                           max_metric_drop=max_metric_drop, thresholds=thresholds,
-                                          **policy_kwargs)  # fmt: skip
+                                          confidence=confidence, **policy_kwargs)  # fmt: skip
         chosen = choice_record(row, split, task, target_speedup, max_metric_drop)
         keep = {k: policy_kwargs[k] for k in OPTION_NAMES if k in policy_kwargs}
+        if isinstance(confidence, str):
+            keep["confidence"] = confidence  # patience-confidence's option, not a risk level
         self.exit_config = replace(self.exit_config, criterion=criterion, threshold=threshold, chosen=chosen,
                                    temperatures=temps, **keep)  # fmt: skip
         return threshold, row

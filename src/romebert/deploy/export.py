@@ -40,7 +40,7 @@ from romebert.model.modeling import MultiExitModel
 from romebert.runtime.artefacts import MANIFEST_FILE, EarlyExitConfig, ExportManifest, GraphFile
 from romebert.runtime.encoding import Collator, encode, mean_pool_weights
 from romebert.runtime.engine import all_exit_logits, dataset_exit_logits
-from romebert.runtime.policies import OPTION_NAMES
+from romebert.runtime.exit_policy import OPTION_NAMES
 
 PRECISIONS = ("fp32", "int8")
 FULL_GRAPH_FILE = "full.onnx"
@@ -248,7 +248,7 @@ def export_run(
                                 chosen={"given": True}, **policy_kw)  # fmt: skip
     else:
         choose = _dev_chooser(data, tokenizer, criterion, opts.target_speedup, opts.max_metric_drop, temperatures,
-                              policy_kw, batch_size)  # fmt: skip
+                              policy_kw, batch_size, opts.risk_confidence)  # fmt: skip
     source = {"run": folder.root.name, "backbone": backbone_label(model.config.backbone)}
     if folder.training_args.is_file():
         import json
@@ -334,7 +334,7 @@ def _verify(model: MultiExitModel, folder: Path, manifest: ExportManifest) -> No
 
 
 def _dev_chooser(data: DataSpec, tokenizer, criterion, target_speedup, max_metric_drop, temperatures, policy_kw,
-                 batch_size):  # fmt: skip
+                 batch_size, confidence=None):  # fmt: skip
     """Picks the threshold on the run's first dev split with the exported graphs' own logits."""
     from romebert.evaluation.calibration import apply_temperatures
     from romebert.evaluation.exits import choice_record, choose_threshold
@@ -354,7 +354,8 @@ def _dev_chooser(data: DataSpec, tokenizer, criterion, target_speedup, max_metri
         if temperatures is not None:
             logits = apply_temperatures(logits, temperatures)
         threshold, row = choose_threshold(logits, labels, task, criterion, target_speedup=target_speedup,
-                                          max_metric_drop=max_metric_drop, **policy_kw)  # fmt: skip
+                                          max_metric_drop=max_metric_drop, confidence=confidence,
+                                          **policy_kw)  # fmt: skip
         chosen = choice_record(row, split, task, target_speedup, max_metric_drop)
         return EarlyExitConfig(criterion=criterion, threshold=threshold, temperatures=temperatures, chosen=chosen,
                                **policy_kw)  # fmt: skip

@@ -25,6 +25,12 @@ class ExportOptions:
         "choose on dev: the fastest threshold within this drop of the final exit's metric "
         f"(default {DEFAULT_MAX_METRIC_DROP} when no other choice is given)",
     )
+    risk_confidence: float | None = option(
+        None,
+        "with --max-metric-drop: choose a threshold certified to disagree with the final exit on at most that "
+        "share of new inputs with this probability (Learn-then-Test on half of dev; docs/thresholds.md)",
+        flag="--confidence",
+    )
     calibrated: bool = option(False, "use the run's per-exit temperatures (calibration.json)")
     opset: int = option(DEFAULT_OPSET, "ONNX opset")
     full_graph: bool = option(
@@ -37,6 +43,12 @@ class ExportOptions:
             raise RomebertError("give either --threshold or --target-speedup / --max-metric-drop, not both")
         if self.threshold is None and self.target_speedup is None and self.max_metric_drop is None:
             self.max_metric_drop = DEFAULT_MAX_METRIC_DROP
+        if self.risk_confidence is not None and not 0 < self.risk_confidence < 1:
+            raise RomebertError(f"--confidence must lie in (0, 1), got {self.risk_confidence}")
+        if self.risk_confidence is not None and self.threshold is not None:
+            raise RomebertError(
+                "--confidence certifies a threshold chosen on dev: give --max-metric-drop, not --threshold"
+            )
 
     @property
     def precision(self) -> str:

@@ -32,7 +32,8 @@ from romebert.deploy.classifier import EarlyExitClassifier, _examples
 from romebert.deploy.serving import ContinuousBatcher, Job, Overloaded
 from romebert.runtime.artefacts import MANIFEST_FILE
 from romebert.runtime.encoding import encode
-from romebert.runtime.policies import CRITERIA, OPTION_NAMES, POLICIES, ExitPolicy, get_policy
+from romebert.runtime.exit_policy import OPTION_NAMES, ExitPolicy
+from romebert.runtime.policies import CRITERIA, POLICIES, get_policy
 from romebert.runtime.scores import softmax
 
 

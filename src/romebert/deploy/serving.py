@@ -25,7 +25,7 @@ import numpy as np
 from romebert.core.errors import RomebertError
 from romebert.runtime.encoding import Collator
 from romebert.runtime.engine import EarlyExitEngine, Group, LayerQueues
-from romebert.runtime.policies import ExitPolicy
+from romebert.runtime.exit_policy import ExitPolicy
 
 
 class Overloaded(RomebertError):

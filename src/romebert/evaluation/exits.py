@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from romebert.core.errors import RomebertError
-from romebert.runtime.policies import REFERENCE_THRESHOLDS, Threshold, as_policy, candidate_thresholds, get_policy
+from romebert.runtime.exit_policy import REFERENCE_THRESHOLDS, Threshold
+from romebert.runtime.policies import as_policy, candidate_thresholds, get_policy
 
 # ``metric_fn(task, preds, labels) -> {key: value}``; defaults to romebert.data.metrics.compute_metrics.
 MetricFn = Callable[[Any, np.ndarray, np.ndarray], dict[str, float]]
@@ -195,14 +196,26 @@ def choose_threshold(
     max_metric_drop: float | None = None,
     thresholds: Sequence[Threshold] | None = None,
     metric_fn: MetricFn | None = None,
+    confidence: float | str | None = None,
+    calibration_fraction: float = 0.5,
+    seed: int = 0,
     **policy_kwargs: Any,
 ) -> tuple[Threshold, dict[str, Any]]:
     """Pick a threshold of ``criterion`` on dev logits [L, N, C] -> (threshold, its sweep row).
 
     Candidates default to a fine data-driven grid (score quantiles; k = 1..L for patience). See
-    :func:`pick_from_sweep` for the rule.
+    :func:`pick_from_sweep` for the rule. With ``confidence`` (a number, 1 - delta) and
+    ``max_metric_drop`` (epsilon), the threshold comes with a guarantee instead (:mod:`romebert.evaluation.risk`):
+    it is chosen on a seeded random ``calibration_fraction`` of the rows and reported on the rest, and the
+    row's ``guarantee`` says what holds. (A string ``confidence`` is patience-confidence's option.)
     """
     logits = np.asarray(all_logits)
+    if isinstance(confidence, str):
+        policy_kwargs["confidence"] = confidence
+    elif confidence is not None:
+        return _choose_with_guarantee(logits, np.asarray(labels), task, criterion, target_speedup, max_metric_drop,
+                                      float(confidence), thresholds, metric_fn, calibration_fraction, seed,
+                                      policy_kwargs)  # fmt: skip
     if thresholds is None:
         thresholds = candidate_thresholds(
             criterion, logits, task.is_regression, **{k: v for k, v in policy_kwargs.items() if k == "confidence"}
@@ -220,6 +233,100 @@ def choose_threshold(
     return row["threshold"], {**row, "final_metric": final}
 
 
+def _final_metric(logits: np.ndarray, labels: np.ndarray, task: Any, metric_fn: MetricFn | None) -> float:
+    return _main_value(task, per_exit_metrics(logits[-1:], labels, task, metric_fn=metric_fn)[0], metric_fn)
+
+
+def _choose_with_guarantee(logits, labels, task, criterion, target_speedup, epsilon, confidence, thresholds,
+                           metric_fn, calibration_fraction, seed, policy_kwargs):  # fmt: skip
+    """:func:`choose_threshold` with a risk guarantee: Learn-then-Test on the calibration rows, the sweep row
+    (and the realised disagreement and drop) on the report rows."""
+    from romebert.evaluation.risk import control_risk, disagreement, split_indices
+
+    if epsilon is None:
+        raise RomebertError("a confidence needs --max-metric-drop: the share of disagreements it guarantees")
+    calib, report = split_indices(logits.shape[1], calibration_fraction, seed)
+    grid = thresholds
+    if grid is None:
+        grid = candidate_thresholds(criterion, logits[:, calib], task.is_regression,
+                                    **{k: v for k, v in policy_kwargs.items() if k == "confidence"})  # fmt: skip
+    control = control_risk(logits[:, calib], grid, epsilon, 1.0 - confidence, criterion, **policy_kwargs)
+    if not control.certified:
+        raise RomebertError(
+            f"no {criterion} threshold is certified to disagree with the final exit on at most {epsilon} of inputs "
+            f"with confidence {confidence} from {control.examples} calibration examples: allow a larger drop, "
+            "a lower confidence, or more dev data"
+        )
+    chosen = control.threshold
+    if target_speedup is not None:  # the least aggressive certified threshold that reaches the target
+        certified = [t for t in control.tested if t["p_value"] <= 1.0 - confidence]
+        layers = logits.shape[0]
+        reach = [t for t in certified if layers / t["mean_exit_layer"] >= target_speedup - 1e-12]
+        if not reach:
+            raise RomebertError(f"no certified threshold reaches a layer speed-up of {target_speedup}")
+        chosen = reach[0]["threshold"]
+    policy = get_policy(criterion, chosen, **policy_kwargs)
+    rep_logits, rep_labels = logits[:, report], labels[report]
+    row = sweep(rep_logits, rep_labels, task, [policy], metric_fn=metric_fn)[0]
+    final = _final_metric(rep_logits, rep_labels, task, metric_fn)
+    tested = next(t for t in control.tested if t["threshold"] == chosen)
+    guarantee = {
+        "risk": "share of inputs whose early-exit prediction differs from the final exit's",
+        "epsilon": epsilon,
+        "confidence": confidence,
+        "method": "Learn-then-Test, fixed-sequence, exact binomial p-values",
+        "calibration_examples": int(calib.size),
+        "report_examples": int(report.size),
+        "calibration_disagreement": tested["disagreement"],
+        "report_disagreement": float(disagreement(rep_logits, policy)[0].mean()),
+        "report_metric_drop": final - row["metric"],
+    }
+    return chosen, {**row, "final_metric": final, "guarantee": guarantee}
+
+
+def check_guarantee(
+    all_logits: np.ndarray,
+    labels: np.ndarray,
+    task: Any,
+    criterion: str,
+    epsilon: float,
+    confidence: float,
+    splits: int = 100,
+    calibration_fraction: float = 0.5,
+    metric_fn: MetricFn | None = None,
+    **policy_kwargs: Any,
+) -> dict[str, Any]:
+    """The guarantee checked over ``splits`` random calibration / report splits of dev: how often the chosen
+    threshold's disagreement with the final exit, and its metric drop, exceed ``epsilon`` on the report
+    rows (both should happen in at most a share 1 - ``confidence`` of splits, up to sampling error)."""
+    logits, lab = np.asarray(all_logits), np.asarray(labels)
+    over_disagree = over_drop = uncertified = 0
+    speedups = []
+    for s in range(splits):
+        try:
+            _, row = choose_threshold(logits, lab, task, criterion, max_metric_drop=epsilon, confidence=confidence,
+                                      calibration_fraction=calibration_fraction, seed=s, metric_fn=metric_fn,
+                                      **policy_kwargs)  # fmt: skip
+        except RomebertError:
+            uncertified += 1
+            continue
+        g = row["guarantee"]
+        over_disagree += g["report_disagreement"] > epsilon
+        over_drop += g["report_metric_drop"] > epsilon + 1e-12
+        speedups.append(row["speedup"])
+    done = splits - uncertified
+    return {
+        "splits": splits,
+        "certified_splits": done,
+        "epsilon": epsilon,
+        "confidence": confidence,
+        "share_disagreement_over_epsilon": over_disagree / done if done else None,
+        "share_drop_over_epsilon": over_drop / done if done else None,
+        "allowed_share": 1.0 - confidence,
+        "mean_speedup": float(np.mean(speedups)) if speedups else None,
+    }
+
+
 def choice_record(
     row: dict[str, Any],
     split: str,
@@ -230,5 +337,8 @@ def choice_record(
     """How a threshold was chosen (``EarlyExitConfig.chosen``): on which split, by which rule, and what it
     gave there against the final exit. The one place this record is built."""
     how = {k: v for k, v in (("target_speedup", target_speedup), ("max_metric_drop", max_metric_drop)) if v is not None}
-    return {"split": split, **how, "metric": row["metric"], "speedup": row["speedup"],
-            "final_metric": row["final_metric"], "metric_name": task.metric}  # fmt: skip
+    record = {"split": split, **how, "metric": row["metric"], "speedup": row["speedup"],
+              "final_metric": row["final_metric"], "metric_name": task.metric}  # fmt: skip
+    if "guarantee" in row:  # chosen with risk control: what is guaranteed, and on how many rows
+        record["guarantee"] = row["guarantee"]
+    return record

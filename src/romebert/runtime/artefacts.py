@@ -18,7 +18,9 @@ from typing import Any
 
 from romebert.core.errors import RomebertError
 from romebert.core.files import dataclass_from_json, read_json, sha256, write_atomic
-from romebert.runtime.policies import CRITERIA, OPTION_NAMES, EntropyPolicy, ExitPolicy, PolicyOptions, get_policy
+from romebert.runtime.criteria import EntropyPolicy
+from romebert.runtime.exit_policy import OPTION_NAMES, ExitPolicy, PolicyOptions
+from romebert.runtime.policies import CRITERIA, get_policy
 
 EARLY_EXIT_FILE = "early_exit.json"
 MANIFEST_FILE = "manifest.json"
@@ -29,7 +31,7 @@ EXPORT_FORMAT_VERSION = 1
 @dataclass
 class EarlyExitConfig(PolicyOptions):
     """How a deployed classifier decides when a sample leaves: a criterion, its threshold (one, or one
-    per exit) and the criteria's options (:class:`~romebert.runtime.policies.PolicyOptions`)."""
+    per exit) and the criteria's options (:class:`~romebert.runtime.exit_policy.PolicyOptions`)."""
 
     criterion: str = "entropy"
     threshold: float | list[float] = EntropyPolicy.default_threshold

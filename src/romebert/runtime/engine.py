@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from romebert.core.errors import RomebertError
-from romebert.runtime.policies import ExitPolicy, PolicyState
+from romebert.runtime.exit_policy import ExitPolicy, PolicyState
 
 Batch = tuple[Any, Any, Any]  # input_ids [n, T], attention_mask [n, T] or None, token_type_ids or None
 

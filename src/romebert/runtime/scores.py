@@ -46,3 +46,12 @@ def maxprob(logits: np.ndarray) -> np.ndarray:
 def change(x: np.ndarray, prev: np.ndarray) -> np.ndarray:
     """Regression: the largest absolute change from the previous exit, [b] float64."""
     return np.abs(np.asarray(x, dtype=np.float64) - prev).max(axis=-1)
+
+
+def energy(logits: np.ndarray) -> np.ndarray:
+    """COSEE's normalised energy ``1 / (1 + sum_c exp(z_c)) = sigmoid(-logsumexp(z))`` over the last axis,
+    float64 in (0, 1); lower means more confident."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=-1)
+    lse = m + np.log(np.exp(x - m[..., None]).sum(axis=-1))
+    return np.exp(-np.logaddexp(0.0, lse))  # sigmoid(-lse) without overflow

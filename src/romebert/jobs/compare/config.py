@@ -15,7 +15,8 @@ from romebert.core.environment import is_packaged_backbone
 from romebert.core.errors import RomebertError
 from romebert.core.options import command_args, option
 from romebert.data.spec import DataSpec
-from romebert.runtime.policies import REFERENCE_THRESHOLDS
+from romebert.runtime.exit_policy import REFERENCE_THRESHOLDS
+from romebert.runtime.policies import criterion_class
 from romebert.training.methods import get_method
 from romebert.training.training_args import POOLINGS, TrainingArguments
 
@@ -57,6 +58,18 @@ class CompareConfig:
     speedups: list[float] = option(
         help="layer speed-ups at which to read the metric", default_factory=lambda: list(DEFAULT_SPEEDUPS)
     )
+    criteria: list[str] = option(
+        help="exit criteria to compare, each swept from the cached dev logits (entropy is also the main sweep)",
+        default_factory=lambda: ["entropy"],
+    )
+    max_metric_drop: float | None = option(
+        None, "with --confidence: the share of inputs a guaranteed threshold may disagree with the final exit on"
+    )
+    risk_confidence: float | None = option(
+        None,
+        "choose each criterion's threshold with this guarantee (Learn-then-Test, docs/thresholds.md)",
+        flag="--confidence",
+    )
     notes: str | None = option(None, "Markdown file for the report's 'Reading' section")
     report_only: bool = option(False, "rebuild the report from finished runs; train nothing")
     eval_batch_size: int = 64
@@ -84,6 +97,12 @@ class CompareConfig:
             raise RomebertError(f"--speedups must be positive, got {self.speedups}")
         if not self.thresholds:
             raise RomebertError("--thresholds: give at least one threshold")
+        for c in self.criteria:
+            criterion_class(c)
+        if (self.risk_confidence is None) != (self.max_metric_drop is None):
+            raise RomebertError("--confidence and --max-metric-drop go together (the guarantee and its bound)")
+        if self.risk_confidence is not None and not 0 < self.risk_confidence < 1:
+            raise RomebertError(f"--confidence must lie in (0, 1), got {self.risk_confidence}")
         if self.notes is not None and not Path(self.notes).is_file():
             raise RomebertError(f"--notes {self.notes}: no such file")
         self.data.validate()
@@ -122,6 +141,10 @@ def full_command(cfg: CompareConfig) -> str:
         a += ["--no-include-plain"]
     a += command_args(training, skip=COMPARE_VARIES)
     a += ["--speedups", ",".join(num(s) for s in cfg.speedups)]
+    if cfg.criteria != ["entropy"]:
+        a += ["--criteria", ",".join(cfg.criteria)]
+    if cfg.risk_confidence is not None:
+        a += ["--max-metric-drop", num(cfg.max_metric_drop), "--confidence", num(cfg.risk_confidence)]
     if [float(t) for t in cfg.thresholds] != list(COMPARE_THRESHOLDS):
         a += ["--thresholds", ",".join(num(t) for t in cfg.thresholds)]
     a += ["--device", cfg.device, "--eval-batch-size", str(cfg.eval_batch_size)]

@@ -84,7 +84,33 @@ def _speedup_entry(cfg: CompareConfig, method: str, runs: list, vals: list, spli
         curves = [[(p["speedup"], p["metric"]) for p in r["splits"][split]["sweep"]] if r else None for r in runs]
         entry["at"] = {num(t): mean_std([metric_at_speedup(c, t) if c else None for c in curves]) for t in cfg.speedups}
         entry["max_speedup"] = mean_std([max(p[0] for p in c) if c else None for c in curves])
+        entry["criteria"] = _criteria_entry(cfg, runs, split)
     return entry
+
+
+def _criteria_entry(cfg: CompareConfig, runs: list, split: str) -> dict[str, Any]:
+    """Per criterion: the metric at every target speed-up, and what its guaranteed threshold gave (mean / std
+    over the seeds whose records hold it)."""
+    out: dict[str, Any] = {}
+    records = [(r["splits"][split].get("criteria") or {}) if r else {} for r in runs]
+    for name in cfg.criteria:
+        curves = [rec[name]["sweep"] if name in rec else None for rec in records]
+        if not any(curves):
+            continue
+        entry: dict[str, Any] = {
+            "at": {num(t): mean_std([metric_at_speedup(c, t) if c else None for c in curves]) for t in cfg.speedups}
+        }
+        guarantees = [rec.get(name, {}).get("guarantee") for rec in records]
+        if any(guarantees):
+            ok = [g if g and g.get("certified") else None for g in guarantees]
+            entry["guarantee"] = {
+                "certified": sum(g is not None for g in ok),
+                "speedup": mean_std([g["speedup"] if g else None for g in ok]),
+                "report_metric_drop": mean_std([g["report_metric_drop"] if g else None for g in ok]),
+                "share_over": mean_std([g["check"]["share_disagreement_over_epsilon"] if g else None for g in ok]),
+            }
+        out[name] = entry
+    return out
 
 
 def _ratio(run: dict | None, base: dict | None, key: str) -> float | None:

@@ -149,6 +149,60 @@ def speedup_section(rep: Report) -> list[str]:
     return lines + [""]
 
 
+def criteria_section(rep: Report) -> list[str]:
+    """Per split: every compared criterion's metric at the target speed-ups, per method (from cached logits)."""
+    st = rep["settings"]
+    criteria = st.get("criteria") or ["entropy"]
+    if criteria == ["entropy"]:
+        return []
+    targets = [num(t) for t in st["speedups"]]
+    lines = [f"## Exit criteria: dev {st['metric']} at fixed layer speed-ups (%, mean ± std over seeds)", ""]
+    lines.append(
+        "Each criterion swept over its own grid (100 quantiles of its scores on these dev logits), read off "
+        "the curve as above. Runs reused from an older report without these sweeps show —."
+    )
+    for split in st["splits"]:
+        rows = []
+        for pooling in st["poolings"]:
+            for m, e in rep["speedup"][split].get(pooling, {}).items():
+                for c in criteria:
+                    entry = (e.get("criteria") or {}).get(c)
+                    if entry is not None:
+                        rows.append([pooling, m, c, *[_pct(entry["at"][t]) for t in targets]])
+        lines += ["", f"### {split}", ""]
+        lines += _table(["pooling", "method", "criterion", *[f"{t}x" for t in targets]], rows)
+    return lines + [""]
+
+
+def guarantee_section(rep: Report) -> list[str]:
+    """The thresholds chosen with a guarantee, and how often the guarantee broke over random dev splits."""
+    st = rep["settings"]
+    if st.get("confidence") is None:
+        return []
+    eps, conf = st["max_metric_drop"], st["confidence"]
+    lines = [f"## Thresholds with a guarantee (disagreement with the final exit <= {eps}, confidence {conf})", ""]
+    lines.append(
+        "Learn-then-Test on a seeded half of dev (exact binomial p-values, fixed-sequence testing): the most "
+        f"aggressive threshold certified to change the final exit's answer on at most {100 * eps:g} % of new "
+        f"inputs with probability {conf}. Speed-up and drop (percentage points of the metric against the final "
+        "exit) are measured on the other half. `over ε`: the share of 20 random calibration / report splits "
+        f"whose report half disagreed on more than {100 * eps:g} % (the guarantee allows {1 - conf:.2f}, up to "
+        "the report half's own sampling error). `certified`: seeds with a certified threshold."
+    )
+    for split in st["splits"]:
+        rows = []
+        for pooling in st["poolings"]:
+            for m, e in rep["speedup"][split].get(pooling, {}).items():
+                for c, entry in (e.get("criteria") or {}).items():
+                    g = entry.get("guarantee")
+                    if g is not None:
+                        rows.append([pooling, m, c, str(g["certified"]), _plain(g["speedup"], ".2f", "x"),
+                                     _pct(g["report_metric_drop"], 2), _plain(g["share_over"], ".2f")])  # fmt: skip
+        lines += ["", f"### {split}", ""]
+        lines += _table(["pooling", "method", "criterion", "certified", "speed-up", "drop", "over ε"], rows)
+    return lines + [""]
+
+
 def training_cost_section(rep: Report) -> list[str]:
     """Seconds per epoch (whole and per stage) and the ratio to plain, per pooling and method."""
     lines = ["## Training cost", ""]
@@ -253,6 +307,8 @@ SECTIONS: tuple[Callable[[Report], list[str]], ...] = (
     setup_section,
     per_exit_section,
     speedup_section,
+    criteria_section,
+    guarantee_section,
     training_cost_section,
     runs_section,
     figures_section,

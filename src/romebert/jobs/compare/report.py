@@ -40,7 +40,7 @@ def figure_names(splits: list[str], split: str) -> dict[str, str]:
 
 
 # settings a comparison may grow or change without making its finished runs other runs
-_PLAN_SETTINGS = ("methods", "poolings", "seeds", "speedups")
+_PLAN_SETTINGS = ("methods", "poolings", "seeds", "speedups", "criteria", "max_metric_drop", "confidence")
 
 
 def report_settings(comp: Compared) -> dict[str, Any]:
@@ -61,6 +61,9 @@ def report_settings(comp: Compared) -> dict[str, Any]:
         "data": asdict(shown_data(cfg.data)),
         "thresholds": cfg.thresholds,
         "speedups": cfg.speedups,
+        "criteria": cfg.criteria,
+        "max_metric_drop": cfg.max_metric_drop,
+        "confidence": cfg.risk_confidence,
     }
 
 

@@ -361,6 +361,7 @@ class Comparison:
             rows = _read_json(run.eval(split).sweep)
             timing = _read_json(run.eval(split).timing) if run.eval(split).timing.is_file() else {}
             rec["splits"][split] = {
+                "criteria": self._criteria(run, split),
                 "per_exit": [r[self.task.metric] for r in per_exit],
                 "per_exit_all": per_exit,
                 "sweep": [{k: r[k] for k in ("threshold", "speedup", "metric", "layer_ratio", "counts")} for r in rows],
@@ -368,6 +369,17 @@ class Comparison:
                 "full_pass_seconds": timing.get("full_pass_seconds"),
             }
         return rec
+
+    def _criteria(self, run: RunFolder, split: str) -> dict[str, Any] | None:
+        """Every asked criterion from the run's cached logits (None when only entropy's main sweep is asked)."""
+        cfg = self.cfg
+        if cfg.criteria == ["entropy"] and cfg.risk_confidence is None:
+            return None
+        from romebert.evaluation.evaluate import load_cached
+        from romebert.jobs.compare.criteria import criteria_record
+
+        logits, labels = load_cached(run.eval(split))
+        return criteria_record(logits, labels, self.task, cfg.criteria, cfg.max_metric_drop, cfg.risk_confidence)
 
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
