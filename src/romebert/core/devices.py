@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING
 
@@ -19,3 +20,25 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
     return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto``: fp32 on the CPU (bf16 autocast is slower than fp32 on most CPUs); on a GPU, bf16 where it
+    has bf16 matrix units (fp32's range: no loss scale, half the activation memory), else fp32."""
+    import torch
+
+    if name != "auto":
+        return name
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward pass's autocast context for ``precision`` ("bf16", "fp16"; a no-op for "fp32")."""
+    import torch
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtypes[precision])

@@ -4,6 +4,7 @@ the same process takes what the first one holds (the model, the tokenizer, the e
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Sequence
@@ -117,10 +118,12 @@ def evaluate_run(
     of a run folder or of a run just trained, from one pass each (every exit's logits cached)."""
     if isinstance(source, TrainedRun):
         run, model, tokenizer, data, read = source.run, source.model, source.tokenizer, source.data, source.examples
+        precision = source.summary.get("precision", "fp32")
     else:
         run = RunFolder(source)
         model, tokenizer, data = load_run(run.root, device)
         read = {}
+        precision = json.loads(run.train_summary.read_text()).get("precision", "fp32") if run.is_trained() else "fp32"
     data = data.replaced(data_override)
     task = run_task(model, data)
     results: dict[str, dict] = {}
@@ -134,7 +137,7 @@ def evaluate_run(
         if labels is None:
             raise RomebertError(f"split {split} has no labels; cannot evaluate")
         t0 = time.perf_counter()
-        logits = collect_logits(model, dataset, Collator(tokenizer), batch_size)
+        logits = collect_logits(model, dataset, Collator(tokenizer), batch_size, precision)
         seconds = time.perf_counter() - t0
         folder = run.eval(split)
         write_json(folder.timing, {"examples": len(dataset), "full_pass_seconds": seconds, "batch_size": batch_size})

@@ -370,9 +370,10 @@ class MultiExitModel(nn.Module):
         """
         return self.adapter.projection_parameters()
 
-    def segments(self) -> TorchSegments:
-        """This model cut after every layer, as ``engine.EarlyExitEngine`` runs it."""
-        return TorchSegments(self)
+    def segments(self, precision: str = "fp32") -> TorchSegments:
+        """This model cut after every layer, as ``engine.EarlyExitEngine`` runs it (on a GPU, in
+        ``precision`` under autocast)."""
+        return TorchSegments(self, precision)
 
     def final_head_parameters(self) -> list[nn.Parameter]:
         return list(self.exits[-1].parameters())

@@ -3,6 +3,7 @@ time by the early-exit engine, hidden states kept on the model's device, logits 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from romebert.core.devices import autocast
 from romebert.runtime.encoding import mean_pool_weights
 
 
@@ -35,8 +37,11 @@ class TorchSegments:
     the model is moved to.
     """
 
-    def __init__(self, model: Any) -> None:  # a MultiExitModel (whose segments() makes these)
+    def __init__(self, model: Any, precision: str = "fp32") -> None:  # a MultiExitModel (its segments() makes these)
         self.model = model.eval()
+        # the training precision, where it is faster: on a GPU; the logits handed out are fp32 either way
+        device = model.exits[0].classifier.weight.device
+        self._autocast = (lambda: autocast(device, precision)) if device.type == "cuda" else contextlib.nullcontext
         self.num_layers = model.num_layers
         self.exit_layers = list(range(1, self.num_layers + 1))
         self.num_labels = model.config.num_labels
@@ -62,16 +67,19 @@ class TorchSegments:
         device = self.model.exits[0].classifier.weight.device
         types = torch.from_numpy(token_type_ids).to(device) if token_type_ids is not None else None
         ids, mask = torch.from_numpy(input_ids).to(device), torch.from_numpy(attention_mask).to(device)
-        return self.model(ids, mask, types).float().cpu().numpy()
+        with self._autocast():
+            logits = self.model(ids, mask, types)
+        return logits.float().cpu().numpy()
 
     @torch.inference_mode()
     def layer(self, index: int, state: TorchState) -> tuple[TorchState, np.ndarray]:
-        if not state.has_layer_inputs:  # built once per set of rows and columns
-            state.layer_inputs = self.model.layer_inputs(state.hidden, state.mask)
-            state.has_layer_inputs = True
-        state.hidden = self.model.run_layer(index, state.hidden, state.layer_inputs)
-        exit_hidden = state.hidden if self._exit_transform is None else self._exit_transform(state.hidden)
-        logits = self.model.exits[index](exit_hidden, state.mask, state.weights)  # [b, C]
+        with self._autocast():
+            if not state.has_layer_inputs:  # built once per set of rows and columns
+                state.layer_inputs = self.model.layer_inputs(state.hidden, state.mask)
+                state.has_layer_inputs = True
+            state.hidden = self.model.run_layer(index, state.hidden, state.layer_inputs)
+            exit_hidden = state.hidden if self._exit_transform is None else self._exit_transform(state.hidden)
+            logits = self.model.exits[index](exit_hidden, state.mask, state.weights)  # [b, C]
         return state, logits.float().cpu().numpy()
 
     @torch.inference_mode()

@@ -116,3 +116,38 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
     sampler = loader.sampler
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
+
+
+class Prefetcher:
+    """Collates the micro-batches of an epoch one or two ahead in a background thread (in pinned memory
+    when training on a GPU, so the copy to the device need not block), in order.
+
+    ``batches``: (this rank's indices, global batch size) per micro-batch, as the trainer cuts them;
+    ``next()`` returns the collated batch of micro-batch ``start``, ``start + 1``, ... (None where this
+    rank's share is empty)."""
+
+    def __init__(self, collator, dataset, batches: Sequence, start: int, stop: int, device: torch.device) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._pin = device.type == "cuda"
+
+        def work() -> None:
+            for indices, _ in batches[start:stop]:
+                try:
+                    item = collator([dataset[i] for i in indices]) if indices else None
+                    if item is not None and self._pin:
+                        item = {k: v.pin_memory() for k, v in item.items()}
+                except BaseException as exc:  # handed to the training thread, which raises it
+                    item = exc
+                self._queue.put(item)
+
+        self._thread = threading.Thread(target=work, name="romebert-prefetch", daemon=True)
+        self._thread.start()
+
+    def next(self) -> dict | None:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item

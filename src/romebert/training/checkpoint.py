@@ -52,6 +52,7 @@ class TrainerState:
     finished: list = field(default_factory=list)
     # COSEE's sample weighting: the signal range its thresholds are drawn from this epoch (the range seen
     # in the previous one; [0, 1] in the first), and the range seen so far in this one
+    loss_scale: dict | None = None  # fp16's LossScaler state (training/precision.py)
     signal_range: list | None = None
     epoch_signal_range: list | None = None
     rng: dict = field(default_factory=dict)  # the writing process's (rank 0's) RNG states

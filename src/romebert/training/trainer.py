@@ -18,9 +18,10 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from romebert.core.devices import resolve_device
+from romebert.core.devices import autocast, resolve_device, resolve_precision
 from romebert.core.errors import RomebertError
 from romebert.model.modeling import MultiExitModel
+from romebert.training.batching import Prefetcher
 from romebert.training.checkpoint import (
     CHECKPOINT_DIR,
     TrainerState,
@@ -41,6 +42,7 @@ from romebert.training.losses import (
     weighted_stage_losses,
 )
 from romebert.training.methods import Stage, get_method
+from romebert.training.precision import LossScaler, allow_tf32
 from romebert.training.projection import project_conflicting
 from romebert.training.training_args import TrainingArguments
 
@@ -148,6 +150,9 @@ class Trainer:
         if model.config.is_regression and any(args.weighting(s) != "none" for s in self.stages):
             raise RomebertError("sample weighting 'cosee' needs class predictions; it does not apply to regression")
         self.device = resolve_device(args.device)
+        self.precision = resolve_precision(args.precision, self.device)
+        self.scaler: LossScaler | None = None  # fp16's loss scale, per stage (its state is in the checkpoints)
+        allow_tf32(self.device, args.tf32)
         self.dist = init_distributed(self.device)
         self.output_dir = Path(args.output_dir)
         self.log_path = self.output_dir / "train_log.jsonl"
@@ -246,6 +251,7 @@ class Trainer:
             "stages": [],
             "resumed_from_step": None,
             "world_size": self.dist.world_size,
+            "precision": self.precision,
         }
         for stage_index, stage in enumerate(self.stages):
             if resumed is not None and stage_index < resumed[0].stage_index:
@@ -279,6 +285,7 @@ class Trainer:
         args = self.args
         accum = args.gradient_accumulation_steps
         accumulator = GradientAccumulator(self.params, self.model.projection_parameters()) if stage.project else None
+        self.scaler = LossScaler(**(state.loss_scale or {})) if self.precision == "fp16" else None
         n_epochs = math.ceil(args.epochs)
         last: dict = {}
         while state.epoch < n_epochs:
@@ -295,15 +302,18 @@ class Trainer:
                 leave=False,
             )
             self.model.train()
-            running = torch.zeros(len(_TERMS) + 1, dtype=torch.float64)  # loss terms + non-finite flag
+            # loss terms + a non-finite flag, summed on the device: read once per optimizer step
+            running = torch.zeros(len(_TERMS) + 1, dtype=torch.float64, device=self.device)
+            feed = Prefetcher(self.collator, self.train_dataset, batches, state.batches_done, n_batches, self.device)
             for batch_index in range(state.batches_done, n_batches):
                 if state.global_step >= self.total_steps:
                     break
                 indices, global_size = batches[batch_index]
                 group = min(accum, n_batches - batch_index // accum * accum)
+                batch = feed.next()  # collated ahead, in pinned memory on a GPU
                 if indices:  # a rank can get nothing from a short last batch; it still joins the collective
                     scale = len(indices) / global_size / group
-                    running += self._backward(stage, indices, accumulator, scale, state, batch_index)
+                    running += self._backward(stage, batch, accumulator, scale, state, batch_index)
                 bar.update(1)
                 if (batch_index + 1) % accum and batch_index + 1 < n_batches:
                     continue
@@ -313,12 +323,27 @@ class Trainer:
                         f"non-finite loss at stage {stage.name!r}, epoch {epoch + 1}, step {state.global_step + 1}; "
                         f"training stopped, the last good checkpoint is in {self.output_dir / CHECKPOINT_DIR}"
                     )
-                gr = accumulator.apply() if accumulator is not None else {}
+                finite = True
+                if self.scaler is not None:  # fp16: every gradient back to its true size before it is read
+                    extra = accumulator.ensure_grad_a() if accumulator is not None else []
+                    finite = self.scaler.unscale([p.grad for p in self.clipped] + extra)
+                    self.scaler.update(finite)
+                    state.loss_scale = self.scaler.state()
+                gr = accumulator.apply() if accumulator is not None and finite else {}
                 grad_norm = None
-                if args.max_grad_norm > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.clipped, args.max_grad_norm))
-                optimizer.step()
-                scheduler.step()
+                if args.max_grad_norm > 0 and finite:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped, args.max_grad_norm)
+                if finite:
+                    optimizer.step()
+                else:  # an fp16 overflow: this step is skipped (its gradients are dropped), the scale halved
+                    gr = {"skipped_step": True}
+                    if accumulator is not None:
+                        accumulator.grad_a = None
+                with warnings.catch_warnings():  # a skipped first step still advances the schedule, on purpose
+                    warnings.filterwarnings(
+                        "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning
+                    )
+                    scheduler.step()
                 self.model.zero_grad(set_to_none=True)  # also the gradients no optimizer owns
                 state.global_step += 1
                 state.batches_done = batch_index + 1
@@ -331,7 +356,7 @@ class Trainer:
                             "epoch": epoch + 1,
                             "step": state.global_step,
                             "lr": scheduler.get_last_lr()[0],
-                            "grad_norm": grad_norm,
+                            "grad_norm": None if grad_norm is None else float(grad_norm),
                             **last,
                             **gr,
                         }
@@ -354,14 +379,15 @@ class Trainer:
         )
 
     def _backward(
-        self, stage: Stage, indices: list[int], accumulator, scale: float, state: TrainerState, batch_index: int
+        self, stage: Stage, batch: dict, accumulator, scale: float, state: TrainerState, batch_index: int
     ) -> Tensor:
-        """Forward + backward one micro-batch with its loss scaled by ``scale`` (its share of the
-        optimizer step's examples). Returns the scaled loss terms and a non-finite flag."""
-        batch = self.collator([self.train_dataset[i] for i in indices])
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        """Forward + backward one collated micro-batch with its loss scaled by ``scale`` (its share of the
+        optimizer step's examples). Returns the scaled loss terms and a non-finite flag, on the device."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         labels = batch.pop("labels")
-        logits = self.model(**batch, frozen_backbone=stage.frozen_backbone and not self._clips_frozen(stage))
+        with autocast(self.device, self.precision):
+            logits = self.model(**batch, frozen_backbone=stage.frozen_backbone and not self._clips_frozen(stage))
+        logits = logits.float()  # every loss term in fp32, whatever the forward ran in
         if self.args.weighting(stage) == "cosee":
             final, exits = self._cosee_losses(stage, logits, labels, state, batch_index)
         else:
@@ -370,13 +396,14 @@ class Trainer:
         out = torch.stack(
             [(t.detach() if t is not None else loss.new_zeros(())).double() * scale for t in (final, exits, loss)]
         )
-        finite = bool(torch.isfinite(out).all())
+        bad = (~torch.isfinite(out)).any().to(torch.float64).view(1)  # read at the step, not here
+        loss_scale = self.scaler.scale if self.scaler is not None else 1.0
         if accumulator is not None:
             loss_a, loss_b = (final, exits) if self.args.gr_anchor == "final" else (exits, final)
-            accumulator.add(loss_a, loss_b, scale)
-        elif finite:
-            (loss * scale).backward()
-        return torch.cat([out.cpu(), torch.tensor([0.0 if finite else 1.0], dtype=torch.float64)])
+            accumulator.add(loss_a, loss_b, scale * loss_scale)
+        else:
+            (loss * (scale * loss_scale)).backward()
+        return torch.cat([out, bad])
 
     def _cosee_losses(self, stage: Stage, logits: Tensor, labels: Tensor, state: TrainerState, batch_index: int):
         """COSEE's weighted stage losses (docs/cosee.md): every layer's per-sample loss weighted around the
@@ -409,9 +436,9 @@ class Trainer:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         extra = accumulator.ensure_grad_a() if accumulator is not None else []
-        stats = running.to(self.device, torch.float32)
+        stats = running.to(torch.float32)
         self.dist.all_reduce_sum([p.grad for p in self.clipped] + extra + [stats])
-        running.copy_(stats.double().cpu())
+        running.copy_(stats.double())
 
 
 _TERMS = ("final_loss", "exit_loss", "loss")

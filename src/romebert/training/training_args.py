@@ -26,6 +26,7 @@ from romebert.training.methods import (
 )
 
 POOLINGS = ("cls", "mean")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # training/precision.py resolves "auto" for a device
 
 # Presets: named sets of option values (fields of TrainingArguments or DataSpec). "reference" trains as
 # the reference code does (method.md); what still differs is listed in README.md ("Differences from
@@ -129,6 +130,13 @@ class TrainingArguments:
     keep_checkpoints: bool = option(
         False, "keep the optimizer checkpoints once training ends (to train on later); by default they are deleted"
     )
+    precision: str = option(
+        "auto",
+        "fp32, bf16 or fp16 (autocast; fp32 master weights and losses; fp16 with a loss scale); auto: fp32 on "
+        "the CPU, bf16 on a GPU that has it (docs/gpu.md)",
+        choices=PRECISIONS,
+    )
+    tf32: bool = option(True, "allow TF32 matrix products for fp32 work on GPUs that have them")
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...", cli=False)  # a common flag of every command
     progress: bool = option(True, "progress bar", cli=False)
 
