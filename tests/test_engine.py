@@ -9,12 +9,12 @@ import torch
 from romebert.core.errors import RomebertError
 from romebert.evaluation.calibration import apply_temperatures
 from romebert.evaluation.exits import sweep
-from romebert.evaluation.logits import collect_logits
+from romebert.evaluation.logits import collect_logits, collect_outputs
 from romebert.runtime.criteria import AgreementPolicy
 from romebert.runtime.encoding import Collator, EncodedDataset
 from romebert.runtime.engine import EarlyExitEngine
 from romebert.runtime.policies import CRITERIA, exit_scores, get_policy
-from romebert.runtime.scores import change, energy, entropy, maxprob
+from romebert.runtime.scores import cap, change, energy, entropy, maxprob
 
 from conftest import sharpen_exits, tiny_model
 from fakes import FakeTask, fake_metrics, padded_batches
@@ -61,7 +61,7 @@ def _safe_threshold(scores: np.ndarray, q: float) -> float:
     return t
 
 
-def _policies(all_logits: np.ndarray, regression: bool = False) -> dict[str, object]:
+def _policies(all_logits: np.ndarray, regression: bool = False, features=None) -> dict[str, object]:
     """One policy per criterion, thresholds in the middle of this data's score range."""
     x = all_logits[:-1]
     if regression:
@@ -79,6 +79,7 @@ def _policies(all_logits: np.ndarray, regression: bool = False) -> dict[str, obj
         "patience-confidence": get_policy("patience-confidence", _safe_threshold(entropy(x), 0.7), patience=2),
         "energy": get_policy("energy", _safe_threshold(energy(x), 0.4)),
         "agreement": get_policy("agreement", _safe_threshold(exit_scores(AgreementPolicy, all_logits)[0], 0.6)),
+        **({"cap": get_policy("cap", _safe_threshold(cap(x, features["nsp"][:-1]), 0.4))} if features else {}),
     }
 
 
@@ -86,18 +87,20 @@ def _policies(all_logits: np.ndarray, regression: bool = False) -> dict[str, obj
 def setup():
     model = _model()
     data = _dataset()
-    cached = collect_logits(model, data, COLLATE, batch_size=16)  # [L, N, C], length-sorted batches
-    return model, data, cached, _policies(cached)
+    # [L, N, C] and CAP's null-space share [L, N], length-sorted batches
+    cached, features = collect_outputs(model, data, COLLATE, batch_size=16, features=("nsp",))
+    return model, data, cached, _policies(cached, features=features), features
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 32])
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_engine_equals_offline_decisions(setup, criterion, batch_size):
-    model, data, cached, policies = setup
+    model, data, cached, policies, features = setup
     policy = policies[criterion]
     if batch_size == 1:  # the same path, one row at a time: half the rows keep the test fast
         data, cached = EncodedDataset(data.features[:20]), cached[:, :20]
-    ref_layers, ref_logits = policy.decide(cached)
+        features = {k: v[:, :20] for k, v in features.items()}
+    ref_layers, ref_logits = policy.decide(cached, features=features)
     logits, layers, work = _run(EarlyExitEngine(model, policy), data, batch_size)
     assert np.array_equal(layers, ref_layers)
     assert np.array_equal(logits.argmax(-1), ref_logits.argmax(-1))
@@ -107,7 +110,8 @@ def test_engine_equals_offline_decisions(setup, criterion, batch_size):
     assert len(np.unique(layers)) >= 2
     if batch_size == 32:  # and the offline sweep's row for this policy agrees
         labels = ref_logits.argmax(-1)
-        row = sweep(cached, labels, FakeTask(labels=("0", "1", "2")), [policy], metric_fn=fake_metrics)[0]
+        row = sweep(cached, labels, FakeTask(labels=("0", "1", "2")), [policy], metric_fn=fake_metrics,
+                    features=features)[0]  # fmt: skip
         assert row["counts"] == np.bincount(layers - 1, minlength=LAYERS).tolist()
 
 
@@ -118,9 +122,9 @@ def _batches(dataset: EncodedDataset, batch_size: int, collator: Collator = COLL
 @pytest.mark.parametrize("input_bs, batch_size", [(1, 1), (3, 3), (32, 32), (8, 5)])
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_stream_refill_equals_offline_decisions(setup, criterion, input_bs, batch_size):
-    model, data, cached, policies = setup
+    model, data, cached, policies, features = setup
     policy = policies[criterion]
-    ref_layers, ref_logits = policy.decide(cached)
+    ref_layers, ref_logits = policy.decide(cached, features=features)
     out = EarlyExitEngine(model, policy).run_stream(_batches(data, input_bs), batch_size=batch_size)
     assert np.array_equal(out.exit_layer, ref_layers)
     assert np.allclose(out.logits, ref_logits, atol=1e-4)
@@ -133,7 +137,7 @@ def test_stream_refill_equals_offline_decisions(setup, criterion, input_bs, batc
 @pytest.mark.parametrize("batch_size", [1, 7])
 def test_run_dataset_returns_results_in_dataset_order(setup, batch_size):
     """Length-sorted batches inside, dataset order outside (the data here is in random length order)."""
-    model, data, cached, policies = setup
+    model, data, cached, policies, _ = setup
     policy = policies["entropy"]
     ref_layers, ref_logits = policy.decide(cached)
     out = EarlyExitEngine(model, policy).run_dataset(data, COLLATE, batch_size)
@@ -145,7 +149,7 @@ def test_run_dataset_returns_results_in_dataset_order(setup, batch_size):
 
 
 def test_stream_with_per_exit_thresholds_temperatures_and_padding(setup):
-    model, data, cached, _ = setup
+    model, data, cached, _, _ = setup
     temps = [0.7, 1.3, 1.0, 2.0]
     scaled = apply_temperatures(cached, temps)
     ent = entropy(scaled[:-1])
@@ -161,7 +165,7 @@ def test_stream_with_per_exit_thresholds_temperatures_and_padding(setup):
 
 
 def test_per_exit_thresholds(setup):
-    model, data, cached, _ = setup
+    model, data, cached, _, _ = setup
     ent = entropy(cached[:-1])  # [L-1, N]
     thr = [_safe_threshold(ent[i], q) for i, q in enumerate((0.2, 0.6, 0.4))]
     for policy in (get_policy("entropy", thr), get_policy("patience-confidence", thr, patience=2)):
@@ -171,7 +175,7 @@ def test_per_exit_thresholds(setup):
 
 
 def test_temperatures_apply_before_the_policy(setup):
-    model, data, cached, _ = setup
+    model, data, cached, _, _ = setup
     temps = [0.5, 2.0, 1.5, 3.0]
     scaled = apply_temperatures(cached, temps)
     policy = get_policy("entropy", _safe_threshold(entropy(scaled[:-1]), 0.5))
@@ -198,7 +202,7 @@ def test_padding_never_changes_a_result(pooling):
 
 
 def test_batch_that_all_exits_at_layer_one_does_no_more_layer_work(setup):
-    model, data, _, _ = setup
+    model, data, _, _, _ = setup
     calls: list[tuple[int, int]] = []
     original = model.run_layer
 
@@ -224,7 +228,7 @@ def test_batch_that_all_exits_at_layer_one_does_no_more_layer_work(setup):
 
 
 def test_rows_leave_and_columns_are_trimmed(setup):
-    model, _, _, _ = setup
+    model, _, _, _, _ = setup
     rng = np.random.default_rng(0)
     longs = [{"input_ids": [2, *rng.integers(5, 100, 30).tolist(), 3], "attention_mask": [1] * 32} for _ in range(30)]
     shorts = [{"input_ids": [2, t, 3], "attention_mask": [1, 1, 1]} for t in range(5, 100)]
@@ -263,7 +267,7 @@ def test_regression_engine_equals_offline(batch_size):
 
 
 def test_engine_errors(setup):
-    model, _, _, _ = setup
+    model, _, _, _, _ = setup
     with pytest.raises(RomebertError, match="one per exit"):
         EarlyExitEngine(model, get_policy("entropy", 0.1), temperatures=[1.0, 2.0])
     with pytest.raises(RomebertError, match="positive"):
@@ -287,7 +291,7 @@ def test_row_extent_handles_right_and_left_padding_and_empty_rows():
 def test_engine_follows_the_model_to_another_dtype_and_new_weights(setup):
     # An engine built before the model moves (here to float64) or its weights change runs what the model
     # is now, not a copy taken when the engine was built.
-    _, data, _, _ = setup
+    _, data, _, _, _ = setup
     model = _model(seed=3)
     engine = EarlyExitEngine(model, get_policy("entropy", 0.0))  # never exits early: every row at layer L
     batch = COLLATE([data[i] for i in range(6)])
@@ -311,7 +315,7 @@ def test_host_side_pooling_weights_match_the_model(setup):
     # the model itself uses.
     from romebert.model.modeling import pool_weights
 
-    model, data, _, _ = setup
+    model, data, _, _, _ = setup
     batch = COLLATE([data[i] for i in range(5)])
     ids, mask, types = (batch[k].numpy() for k in ("input_ids", "attention_mask", "token_type_ids"))
     state = model.segments().start(ids, mask, types)

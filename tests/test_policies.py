@@ -162,7 +162,7 @@ def test_get_policy_and_errors():
     pc = get_policy("patience_confidence", 0.2, patience=3, tolerance=0.5)  # tolerance ignored
     assert isinstance(pc, PatienceConfidencePolicy) and pc.patience == 3
     assert get_policy("patience", 2, tolerance=0.5, patience=9).tolerance == 0.5
-    assert set(CRITERIA) == {"entropy", "maxprob", "patience", "patience-confidence", "energy", "agreement"}
+    assert set(CRITERIA) == {"entropy", "maxprob", "patience", "patience-confidence", "energy", "agreement", "cap"}
     with pytest.raises(RomebertError, match="unknown exit criterion"):
         get_policy("margin", 0.1)
     with pytest.raises(RomebertError, match="NaN"):
@@ -177,23 +177,31 @@ def test_get_policy_and_errors():
         EntropyPolicy(0.1).decide(np.zeros((5, 2)))
 
 
+def _nsp(logits: np.ndarray) -> dict[str, np.ndarray]:
+    """Stand-in null-space shares [L, N] in [0, 1] for CAP (the other criteria ignore them)."""
+    return {"nsp": np.random.default_rng(1).uniform(0, 1, size=logits.shape[:2])}
+
+
 def test_sweep_and_predictions_accept_every_criterion():
     logits = _random_logits(7, layers=4)
     labels = np.argmax(logits[-1], axis=-1)
     task = FakeTask(labels=("0", "1", "2"))
+    feats = _nsp(logits)
     for criterion in CRITERIA:
         grid = default_thresholds(criterion, num_layers=4)
         policies = [get_policy(criterion, t) for t in grid]
-        rows = sweep(logits, labels, task, policies, metric_fn=fake_metrics)
+        rows = sweep(logits, labels, task, policies, metric_fn=fake_metrics, features=feats)
         assert [r["criterion"] for r in rows] == [criterion] * len(grid)
         if criterion != "entropy":  # numbers + criterion= give the same rows
-            assert sweep(logits, labels, task, grid, metric_fn=fake_metrics, criterion=criterion) == rows
+            assert (
+                sweep(logits, labels, task, grid, metric_fn=fake_metrics, criterion=criterion, features=feats) == rows
+            )
         for row, t in zip(rows, grid):
-            layers, _ = get_policy(criterion, t).decide(logits)
+            layers, _ = get_policy(criterion, t).decide(logits, features=feats)
             assert row["counts"] == np.bincount(layers - 1, minlength=4).tolist()
         policy = get_policy(criterion, grid[len(grid) // 2])
-        preds, layers = predictions(logits, policy, task)
-        assert np.array_equal(layers, policy.decide(logits)[0])
+        preds, layers = predictions(logits, policy, task, features=feats)
+        assert np.array_equal(layers, policy.decide(logits, features=feats)[0])
     # plain numbers are entropy thresholds
     assert sweep(logits, labels, task, [0.1], metric_fn=fake_metrics)[0]["criterion"] == "entropy"
 
@@ -201,15 +209,16 @@ def test_sweep_and_predictions_accept_every_criterion():
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_candidate_thresholds_span_every_operating_point(criterion):
     logits = _random_logits(8, layers=4, scale=2.0)
-    grid = candidate_thresholds(criterion, logits)
+    feats = _nsp(logits)
+    grid = candidate_thresholds(criterion, logits, features=feats)
 
     def speedup(t):
-        return 4 * logits.shape[1] / get_policy(criterion, t).decide(logits)[0].sum()
+        return 4 * logits.shape[1] / get_policy(criterion, t).decide(logits, features=feats)[0].sum()
 
     loosest = {"entropy": np.inf, "maxprob": 0.0, "patience": 1, "patience-confidence": np.inf, "energy": 1.0,
-               "agreement": 0.0}[criterion]  # fmt: skip
+               "agreement": 0.0, "cap": 1.0}[criterion]  # fmt: skip
     strictest = {"entropy": 0.0, "maxprob": 2.0, "patience": 4, "patience-confidence": 0.0, "energy": 0.0,
-                 "agreement": 100.0}[criterion]  # fmt: skip
+                 "agreement": 100.0, "cap": 0.0}[criterion]  # fmt: skip
     speedups = [speedup(t) for t in grid]
     assert min(speedups) == pytest.approx(speedup(strictest), abs=0.02)
     assert max(speedups) == pytest.approx(speedup(loosest), abs=0.02)
@@ -235,3 +244,26 @@ def test_energy_and_agreement_scores_by_hand():
     assert scores[1].tolist() == pytest.approx([w1 * p(2, 0) + w2 * p(1, 0), w2 * p(1, 0)])  # row 1 restarts
     layers, _ = get_policy("agreement", 0.5).decide(logits)
     assert layers.tolist() == [2, 3]  # row 0: 0.29 + 0.49 >= 0.5 at exit 2; row 1 never reaches 0.5 early
+
+
+def test_cap_score_and_the_null_space_share_by_hand():
+    import math
+
+    import torch
+
+    from romebert.model.modeling import ExitHead
+    from romebert.runtime.scores import cap
+
+    head = ExitHead(hidden_size=3, num_labels=2, dropout=0.0, pooling="cls")
+    with torch.no_grad():
+        head.classifier.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+        head.classifier.bias.copy_(torch.tensor([1.0, 2.0]))
+    x = torch.tensor([[3.0, 4.0, 12.0]])
+    # the bias folds in as the offset b (W^T)^+ = (1, 2, 0): x + offset = (4, 6, 12), 12 of it outside W's rows
+    assert head.null_space_share(x).item() == pytest.approx(12 / math.sqrt(16 + 36 + 144), rel=1e-6)
+    z, nsp = np.array([[2.0, 0.0]]), np.array([0.5])
+    assert cap(z, nsp)[0] == pytest.approx(math.exp(0.5) / (math.exp(2) + 1 + math.exp(0.5)))
+    layers, _ = get_policy("cap", 0.3).decide(np.stack([z, z]), features={"nsp": np.array([[0.5], [0.5]])})
+    assert layers.tolist() == [1]  # 0.14 < 0.3: out at exit 1
+    with pytest.raises(RomebertError, match="needs each exit's nsp"):
+        get_policy("cap", 0.3).decide(np.stack([z, z]))

@@ -38,6 +38,10 @@ class EvalFolder:
     def labels(self) -> Path:
         return self.root / "labels.npy"
 
+    def feature(self, name: str) -> Path:
+        """A per-exit output cached beside the logits, [L, N] (e.g. "nsp": CAP's null-space share)."""
+        return self.root / f"{name}.npy"
+
     @property
     def per_exit(self) -> Path:
         """Every exit's metrics (JSON; ``per_exit_csv`` holds the same table)."""

@@ -32,8 +32,9 @@ from romebert.data.spec import DataSpec
 from romebert.evaluation.exits import choice_record, choose_threshold, layer_stats
 from romebert.runtime.artefacts import EARLY_EXIT_FILE, MANIFEST_FILE, EarlyExitConfig
 from romebert.runtime.encoding import Collator, FastTokenizer, encode
-from romebert.runtime.engine import EarlyExitEngine, dataset_exit_logits
+from romebert.runtime.engine import EarlyExitEngine, dataset_exit_outputs
 from romebert.runtime.exit_policy import OPTION_NAMES, ExitPolicy, Threshold
+from romebert.runtime.policies import criterion_class
 from romebert.runtime.scores import softmax
 
 TextInput = str | tuple[str, str]
@@ -246,20 +247,29 @@ class EarlyExitClassifier:
 
     def dev_logits(self, split: str | None = None, use_cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Every exit's logits [L, N, C] and labels [N] on a dev split (the evaluate cache when present)."""
-        from romebert.evaluation.evaluate import load_cached
+        logits, labels, _ = self.dev_outputs(split, (), use_cache)
+        return logits, labels
+
+    def dev_outputs(self, split: str | None = None, features: Sequence[str] = (), use_cache: bool = True):
+        """(logits [L, N, C], labels [N], {feature: [L, N]}) on a dev split: the evaluate cache when it holds
+        everything asked, else one pass of the segments."""
+        from romebert.evaluation.evaluate import load_cached, load_features
 
         split = self._split(split)
         cache = self.run.eval(split) if self.run is not None else None
         if use_cache and cache is not None and cache.has_cache():
             logits, labels = load_cached(cache)
+            extra = load_features(cache, tuple(features))
             if logits.shape[0] == self.num_layers and logits.shape[2] == self.segments.num_labels:
-                return logits, labels
+                if set(extra) == set(features):
+                    return logits, labels, extra
         task = self.task()
         dataset = encode(self.data.examples(split), self.tokenizer, task.labels, self.data.max_seq_length)
         if not dataset.has_labels:
             raise RomebertError(f"split {split} has no labels")
         labels = np.asarray([f["labels"] for f in dataset.features])
-        return dataset_exit_logits(self.segments, dataset, self.collator), labels
+        logits, extra = dataset_exit_outputs(self.segments, dataset, self.collator, features=tuple(features))
+        return logits, labels, extra
 
     def choose_threshold(self, criterion: str = "entropy", *, target_speedup: float | None = None,
                          max_metric_drop: float | None = None, split: str | None = None,
@@ -272,7 +282,7 @@ class EarlyExitClassifier:
         from romebert.evaluation.calibration import apply_temperatures
 
         split = self._split(split)
-        logits, labels = self.dev_logits(split)
+        logits, labels, features = self.dev_outputs(split, criterion_class(criterion).needs)
         use = calibrated if calibrated is not None else self.exit_config.temperatures is not None
         temps = self.temperatures() if use else None
         if temps is not None:
@@ -280,7 +290,7 @@ class EarlyExitClassifier:
         task = self.task()
         threshold, row = choose_threshold(logits, labels, task, criterion, target_speedup=target_speedup,
                                           max_metric_drop=max_metric_drop, thresholds=thresholds,
-                                          confidence=confidence, **policy_kwargs)  # fmt: skip
+                                          confidence=confidence, features=features, **policy_kwargs)  # fmt: skip
         chosen = choice_record(row, split, task, target_speedup, max_metric_drop)
         keep = {k: policy_kwargs[k] for k in OPTION_NAMES if k in policy_kwargs}
         if isinstance(confidence, str):

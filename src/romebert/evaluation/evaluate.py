@@ -17,6 +17,8 @@ from romebert.evaluation.plots import plot_per_exit, plot_speedup
 from romebert.evaluation.reports import write_per_exit_csv, write_sweep_csv
 from romebert.runtime.policies import default_thresholds
 
+FEATURES = ("nsp",)  # the per-exit outputs an evaluation caches for the criteria that read them (CAP)
+
 
 def write_evaluation(
     out: EvalFolder,
@@ -27,15 +29,19 @@ def write_evaluation(
     criterion: str = "entropy",
     options: dict[str, Any] | None = None,
     title: str = "",
+    features: dict[str, np.ndarray] | None = None,
 ) -> dict:
-    """From every exit's logits [L, N, C]: per-exit metrics, the sweep of ``criterion`` over ``thresholds``
-    (default: its grid for L layers; entries may be policies), their JSON / CSV files and the two plots."""
+    """From every exit's logits [L, N, C] (and the per-exit ``features`` some criteria read): per-exit
+    metrics, the sweep of ``criterion`` over ``thresholds`` (default: its grid for L layers; entries may be
+    policies), their JSON / CSV files and the two plots."""
     out.root.mkdir(parents=True, exist_ok=True)
     np.save(out.logits, logits)
     np.save(out.labels, labels)
+    for name, values in (features or {}).items():
+        np.save(out.feature(name), values)
     grid = list(thresholds) if thresholds is not None else default_thresholds(criterion, logits.shape[0])
     per_exit = [{"exit": i + 1, **m} for i, m in enumerate(per_exit_metrics(logits, labels, task))]
-    rows = sweep(logits, labels, task, grid, criterion=criterion, policy_kwargs=options)
+    rows = sweep(logits, labels, task, grid, criterion=criterion, policy_kwargs=options, features=features)
     write_json(out.per_exit, per_exit)
     write_per_exit_csv(out.per_exit_csv, per_exit)
     write_json(out.sweep, rows)
@@ -52,6 +58,11 @@ def load_cached(out: EvalFolder) -> tuple[np.ndarray, np.ndarray]:
     return np.load(out.logits), np.load(out.labels)
 
 
+def load_features(out: EvalFolder, names: tuple[str, ...] = FEATURES) -> dict[str, np.ndarray]:
+    """The per-exit features an evaluation cached beside its logits (those it has of ``names``)."""
+    return {k: np.load(out.feature(k)) for k in names if out.feature(k).is_file()}
+
+
 def sweep_cached(
     out: EvalFolder,
     task: TaskSpec,
@@ -61,4 +72,5 @@ def sweep_cached(
 ) -> dict:
     """Re-sweep from the logits an earlier evaluation cached (no model needed)."""
     logits, labels = load_cached(out)
-    return write_evaluation(out, logits, labels, task, thresholds, criterion, options, f"{task.name} {out.root.name}")
+    return write_evaluation(out, logits, labels, task, thresholds, criterion, options, f"{task.name} {out.root.name}",
+                            load_features(out))  # fmt: skip

@@ -113,6 +113,7 @@ def sweep(
     metric_fn: MetricFn | None = None,
     criterion: str = "entropy",
     policy_kwargs: dict[str, Any] | None = None,
+    features: dict[str, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per threshold: the policy's parameters (criterion, threshold, ...), all task metrics,
     "metric" (main), counts, ratio, saving, speedup.
@@ -128,7 +129,7 @@ def sweep(
     scores: dict = {}  # each exit's scores, computed once for all thresholds
     for t in thresholds:
         policy = as_policy(t, criterion, **(policy_kwargs or {}))
-        layers, _ = policy.decide(logits, regression=task.is_regression, scores=scores)
+        layers, _ = policy.decide(logits, regression=task.is_regression, scores=scores, features=features)
         d = _metrics(task, preds_all[layers - 1, np.arange(n)], lab, metric_fn)
         row: dict[str, Any] = {**policy.params(), **d, "metric": _main_value(task, d, metric_fn)}
         row.update(layer_stats(layers, num_layers))
@@ -136,12 +137,15 @@ def sweep(
     return rows
 
 
-def predictions(all_logits: np.ndarray, threshold: Any, task: Any) -> tuple[np.ndarray, np.ndarray]:
+def predictions(
+    all_logits: np.ndarray, threshold: Any, task: Any, features: dict[str, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(predicted class indices, or floats for regression, [N]; exit layers, 1-based, [N]).
 
     ``threshold``: an entropy threshold (one number or per exit), or any ``romebert.runtime.policies`` policy.
     """
-    layers, chosen = as_policy(threshold).decide(_as_logits(all_logits), regression=task.is_regression)
+    layers, chosen = as_policy(threshold).decide(_as_logits(all_logits), regression=task.is_regression,
+                                                 features=features)  # fmt: skip
     return _preds_from_logits(chosen, task.is_regression), layers
 
 
@@ -199,6 +203,7 @@ def choose_threshold(
     confidence: float | str | None = None,
     calibration_fraction: float = 0.5,
     seed: int = 0,
+    features: dict[str, np.ndarray] | None = None,
     **policy_kwargs: Any,
 ) -> tuple[Threshold, dict[str, Any]]:
     """Pick a threshold of ``criterion`` on dev logits [L, N, C] -> (threshold, its sweep row).
@@ -215,13 +220,17 @@ def choose_threshold(
     elif confidence is not None:
         return _choose_with_guarantee(logits, np.asarray(labels), task, criterion, target_speedup, max_metric_drop,
                                       float(confidence), thresholds, metric_fn, calibration_fraction, seed,
-                                      policy_kwargs)  # fmt: skip
+                                      policy_kwargs, features)  # fmt: skip
     if thresholds is None:
         thresholds = candidate_thresholds(
-            criterion, logits, task.is_regression, **{k: v for k, v in policy_kwargs.items() if k == "confidence"}
+            criterion,
+            logits,
+            task.is_regression,
+            features=features,
+            **{k: v for k, v in policy_kwargs.items() if k == "confidence"},
         )
     policies = [get_policy(criterion, t, **policy_kwargs) for t in thresholds]
-    rows = sweep(logits, labels, task, policies, metric_fn=metric_fn)
+    rows = sweep(logits, labels, task, policies, metric_fn=metric_fn, features=features)
     per_exit = per_exit_metrics(logits, labels, task, metric_fn=metric_fn)
     if metric_fn is None:
         from romebert.data.metrics import main_metric
@@ -238,7 +247,7 @@ def _final_metric(logits: np.ndarray, labels: np.ndarray, task: Any, metric_fn: 
 
 
 def _choose_with_guarantee(logits, labels, task, criterion, target_speedup, epsilon, confidence, thresholds,
-                           metric_fn, calibration_fraction, seed, policy_kwargs):  # fmt: skip
+                           metric_fn, calibration_fraction, seed, policy_kwargs, features=None):  # fmt: skip
     """:func:`choose_threshold` with a risk guarantee: Learn-then-Test on the calibration rows, the sweep row
     (and the realised disagreement and drop) on the report rows."""
     from romebert.evaluation.risk import control_risk, disagreement, split_indices
@@ -246,11 +255,14 @@ def _choose_with_guarantee(logits, labels, task, criterion, target_speedup, epsi
     if epsilon is None:
         raise RomebertError("a confidence needs --max-metric-drop: the share of disagreements it guarantees")
     calib, report = split_indices(logits.shape[1], calibration_fraction, seed)
+    part = {"calib": calib, "report": report}
+    feats = {name: {k: np.asarray(v)[:, rows] for k, v in (features or {}).items()} for name, rows in part.items()}
     grid = thresholds
     if grid is None:
-        grid = candidate_thresholds(criterion, logits[:, calib], task.is_regression,
+        grid = candidate_thresholds(criterion, logits[:, calib], task.is_regression, features=feats["calib"],
                                     **{k: v for k, v in policy_kwargs.items() if k == "confidence"})  # fmt: skip
-    control = control_risk(logits[:, calib], grid, epsilon, 1.0 - confidence, criterion, **policy_kwargs)
+    control = control_risk(logits[:, calib], grid, epsilon, 1.0 - confidence, criterion, features=feats["calib"],
+                           **policy_kwargs)  # fmt: skip
     if not control.certified:
         raise RomebertError(
             f"no {criterion} threshold is certified to disagree with the final exit on at most {epsilon} of inputs "
@@ -267,7 +279,7 @@ def _choose_with_guarantee(logits, labels, task, criterion, target_speedup, epsi
         chosen = reach[0]["threshold"]
     policy = get_policy(criterion, chosen, **policy_kwargs)
     rep_logits, rep_labels = logits[:, report], labels[report]
-    row = sweep(rep_logits, rep_labels, task, [policy], metric_fn=metric_fn)[0]
+    row = sweep(rep_logits, rep_labels, task, [policy], metric_fn=metric_fn, features=feats["report"])[0]
     final = _final_metric(rep_logits, rep_labels, task, metric_fn)
     tested = next(t for t in control.tested if t["threshold"] == chosen)
     guarantee = {
@@ -278,7 +290,7 @@ def _choose_with_guarantee(logits, labels, task, criterion, target_speedup, epsi
         "calibration_examples": int(calib.size),
         "report_examples": int(report.size),
         "calibration_disagreement": tested["disagreement"],
-        "report_disagreement": float(disagreement(rep_logits, policy)[0].mean()),
+        "report_disagreement": float(disagreement(rep_logits, policy, features=feats["report"])[0].mean()),
         "report_metric_drop": final - row["metric"],
     }
     return chosen, {**row, "final_metric": final, "guarantee": guarantee}
@@ -294,6 +306,7 @@ def check_guarantee(
     splits: int = 100,
     calibration_fraction: float = 0.5,
     metric_fn: MetricFn | None = None,
+    features: dict[str, np.ndarray] | None = None,
     **policy_kwargs: Any,
 ) -> dict[str, Any]:
     """The guarantee checked over ``splits`` random calibration / report splits of dev: how often the chosen
@@ -306,7 +319,7 @@ def check_guarantee(
         try:
             _, row = choose_threshold(logits, lab, task, criterion, max_metric_drop=epsilon, confidence=confidence,
                                       calibration_fraction=calibration_fraction, seed=s, metric_fn=metric_fn,
-                                      **policy_kwargs)  # fmt: skip
+                                      features=features, **policy_kwargs)  # fmt: skip
         except RomebertError:
             uncertified += 1
             continue

@@ -57,9 +57,11 @@ class RiskControl:
         return self.threshold is not None
 
 
-def disagreement(all_logits: np.ndarray, policy: Any, regression: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def disagreement(
+    all_logits: np.ndarray, policy: Any, regression: bool = False, features: dict | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(per input: whether the early-exit prediction differs from the final exit's, the exit layers)."""
-    layers, chosen = policy.decide(all_logits, regression=regression)
+    layers, chosen = policy.decide(all_logits, regression=regression, features=features)
     if regression:
         raise RomebertError("risk-controlled thresholds need class predictions; they do not apply to regression")
     return chosen.argmax(-1) != np.asarray(all_logits)[-1].argmax(-1), layers
@@ -71,6 +73,7 @@ def control_risk(
     epsilon: float,
     delta: float,
     criterion: str = "entropy",
+    features: dict[str, np.ndarray] | None = None,
     **options: Any,
 ) -> RiskControl:
     """Learn-then-Test over ``candidates`` (thresholds of ``criterion``, or policies) on calibration logits
@@ -85,7 +88,7 @@ def control_risk(
     rows = []
     for t in candidates:
         policy = as_policy(t, criterion, **options)
-        wrong, layers = disagreement(logits, policy)
+        wrong, layers = disagreement(logits, policy, features=features)
         rows.append({"threshold": policy.threshold, "policy": policy, "disagree": int(wrong.sum()),
                      "mean_exit": float(layers.mean())})  # fmt: skip
     rows.sort(key=lambda r: -r["mean_exit"])  # most conservative first

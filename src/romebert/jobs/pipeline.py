@@ -19,8 +19,8 @@ from romebert.core.runs import RunFolder
 from romebert.data.examples import Example
 from romebert.data.spec import DataSpec
 from romebert.data.tasks import TaskSpec
-from romebert.evaluation.evaluate import write_evaluation
-from romebert.evaluation.logits import collect_logits, dataset_labels
+from romebert.evaluation.evaluate import FEATURES, write_evaluation
+from romebert.evaluation.logits import collect_outputs, dataset_labels
 from romebert.model.loading import load_run, load_tokenizer
 from romebert.model.modeling import MultiExitModel
 from romebert.runtime.encoding import Collator, encode
@@ -137,11 +137,12 @@ def evaluate_run(
         if labels is None:
             raise RomebertError(f"split {split} has no labels; cannot evaluate")
         t0 = time.perf_counter()
-        logits = collect_logits(model, dataset, Collator(tokenizer), batch_size, precision)
+        features = () if task.is_regression else FEATURES  # CAP's null-space share, for sweeps from the cache
+        logits, extra = collect_outputs(model, dataset, Collator(tokenizer), batch_size, precision, features)
         seconds = time.perf_counter() - t0
         folder = run.eval(split)
         write_json(folder.timing, {"examples": len(dataset), "full_pass_seconds": seconds, "batch_size": batch_size})
         results[split] = write_evaluation(folder, logits, labels, task, thresholds, criterion, options,
-                                          title=f"{task.name} {split}")  # fmt: skip
+                                          title=f"{task.name} {split}", features=extra)  # fmt: skip
         results[split]["full_pass_seconds"] = seconds
     return results

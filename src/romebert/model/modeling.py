@@ -129,14 +129,32 @@ class ExitHead(nn.Module):
 
     def forward(self, hidden: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
         # hidden [B, T, H], mask [B, T] (1 = token), weights [B, T] from pool_weights(mask) -> logits [B, C]
+        return self.classify(self.feature(hidden, mask, weights))
+
+    def feature(self, hidden: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
+        """The pooled feature the classifier reads, [B, H] (after the pooler's tanh, and dropout in training)."""
         if self.pooling == "mean" and weights is None:
             weights = pool_weights(mask, hidden.dtype)
         pooled = _pool(hidden, weights if self.pooling == "mean" else None)  # [B, H]
         # addmm, not F.linear: the same arithmetic (F.linear calls addmm) with less dispatch.
         x = torch.addmm(self.pooler.bias, pooled, self.pooler.weight.t()).tanh()
-        if self.training:
-            x = self.dropout(x)
+        return self.dropout(x) if self.training else x
+
+    def classify(self, x: Tensor) -> Tensor:
+        """Logits [B, C] of pooled features [B, H] (in label units for regression)."""
         return _to_label_units(torch.addmm(self.classifier.bias, x, self.classifier.weight.t()), self.target)
+
+    def null_space_share(self, x: Tensor) -> Tensor:
+        """CAP's NSP score of pooled features x [B, H] -> [B]: the share (sine) of ``x + b W^+`` outside the
+        row space of the classifier's W [C, H], where ``b W^+`` (W^+ the pseudo-inverse of W^T) is the offset
+        that folds the bias in (``(x + b W^+) W^T`` is the logits)."""
+        w, b = self.classifier.weight.float(), self.classifier.bias.float()
+        offset = b @ torch.linalg.pinv(w.t())  # [H]
+        basis, _ = torch.linalg.qr(w.t())  # [H, C] orthonormal, spans W's rows
+        shifted = x.float() + offset
+        inside = (shifted @ basis).pow(2).sum(-1)
+        total = shifted.pow(2).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+        return (1.0 - inside / total).clamp_min(0.0).sqrt()
 
 
 def _to_label_units(raw: Tensor, target: tuple[float, float] | None) -> Tensor:

@@ -48,6 +48,7 @@ class TorchSegments:
         self.regression = model.config.is_regression
         self._mean = model.config.pooling == "mean"
         self._exit_transform = model.adapter.exit_transform  # None for most families: no call at all
+        self.features = ("nsp",)  # per-exit outputs besides the logits it can hand out (CAP's null-space share)
 
     @torch.inference_mode()
     def start(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None) -> TorchState:
@@ -72,15 +73,20 @@ class TorchSegments:
         return logits.float().cpu().numpy()
 
     @torch.inference_mode()
-    def layer(self, index: int, state: TorchState) -> tuple[TorchState, np.ndarray]:
+    def layer(self, index: int, state: TorchState, features: bool = False):
+        """Layer ``index`` and its exit: (state, logits [b, C]), and with ``features`` also {"nsp": [b]}."""
         with self._autocast():
             if not state.has_layer_inputs:  # built once per set of rows and columns
                 state.layer_inputs = self.model.layer_inputs(state.hidden, state.mask)
                 state.has_layer_inputs = True
             state.hidden = self.model.run_layer(index, state.hidden, state.layer_inputs)
             exit_hidden = state.hidden if self._exit_transform is None else self._exit_transform(state.hidden)
-            logits = self.model.exits[index](exit_hidden, state.mask, state.weights)  # [b, C]
-        return state, logits.float().cpu().numpy()
+            head = self.model.exits[index]
+            x = head.feature(exit_hidden, state.mask, state.weights)  # [b, H]
+            logits = head.classify(x)  # [b, C]
+        if not features:
+            return state, logits.float().cpu().numpy()
+        return state, logits.float().cpu().numpy(), {"nsp": head.null_space_share(x).cpu().numpy()}
 
     @torch.inference_mode()
     def select(self, state: TorchState, rows: np.ndarray, cols: int) -> TorchState:

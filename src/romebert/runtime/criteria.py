@@ -18,7 +18,7 @@ from romebert.runtime.exit_policy import (
     _agreement_run,
     _small_change_streak,
 )
-from romebert.runtime.scores import change, energy, entropy, maxprob
+from romebert.runtime.scores import cap, change, energy, entropy, maxprob
 
 
 class EntropyPolicy(ExitPolicy):
@@ -195,3 +195,27 @@ def agreement_step(layer: int, logits: np.ndarray, state: PolicyState) -> np.nda
     total = weighted if prev is None else np.where(pred == prev, carried + weighted, weighted)
     rows["prev"], rows["sum"] = pred, total
     return total
+
+
+class CapPolicy(ExitPolicy):
+    """CAP (He et al., IJCAI 2025, arXiv 2506.17249): the share of the exit's pooled feature outside the span of
+    its classifier's weights (NSP) is appended to the logits as one more class; exit when that class's
+    softmax probability < t. Needs no retraining; the exits report NSP beside their logits."""
+
+    name = "cap"
+    rule = "exit when the softmax probability of the exit feature's null-space share, as an extra class, < t (CAP)"
+    default_threshold = 0.1
+    supports_regression = False
+    needs = ("nsp",)
+
+    @classmethod
+    def grid(cls, num_layers: int) -> list[float]:
+        return [0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5]
+
+    @classmethod
+    def bounds(cls, num_labels: int, num_layers: int, **options: Any) -> tuple[float, float]:
+        return 0.0, 1.0
+
+    def _step(self, layer: int, logits: np.ndarray, state: PolicyState) -> np.ndarray:
+        nsp = state.rows["nsp"]
+        return state.score("cap", layer, lambda: cap(logits, nsp)) < state.threshold(layer)

@@ -118,6 +118,13 @@ class EarlyExitEngine:
             self.temperatures = [temperatures[k - 1] for k in self.exit_layers]
         # Fail early: the policy rejects regression for criteria it cannot apply, or bad thresholds.
         policy.init_state(0, self.num_layers, self.segments.regression)
+        self.features = tuple(policy.needs)  # what the criterion reads besides the logits, asked of every layer
+        missing = [k for k in self.features if k not in getattr(self.segments, "features", ())]
+        if missing:
+            raise RomebertError(
+                f"criterion {policy.name!r} needs each exit's {missing[0]}, which these segments do not give "
+                "(an export made before the criterion existed: export the run again)"
+            )
 
     # ------------------------------------------------------------------------------------ one batch
     def run(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> EngineOutput:
@@ -203,7 +210,11 @@ class EarlyExitEngine:
 
     def run_layer(self, i: int, g: Group, done: list[Done], shapes: list[tuple[int, int]]) -> Group | None:
         """Run layer ``i`` and exit ``i`` on ``g``; record the leavers in ``done``; return the rest."""
-        state, logits = self.segments.layer(i, g.state)
+        if self.features:
+            state, logits, extra = self.segments.layer(i, g.state, features=True)
+            g.policy.rows.update({k: extra[k] for k in self.features})  # this layer's, for these rows
+        else:
+            state, logits = self.segments.layer(i, g.state)
         shapes.append((len(g), g.width))
         if self.temperatures is not None:
             logits = logits / np.float32(self.temperatures[i])
@@ -296,11 +307,22 @@ class LayerQueues:
 
 def all_exit_logits(segments: Any, batches: Iterable[Batch]) -> np.ndarray:
     """Every exit's logits [L, N, C] (float32) of every row, in the batches' concatenated order: each
-    batch runs to the last layer (evaluation, sweeps and threshold choice read these). Segments that can
-    run every exit in one call (``all_logits``, PyTorch's: one forward, one copy to the host) do so."""
+    batch runs to the last layer (evaluation, sweeps and threshold choice read these)."""
+    return all_exit_outputs(segments, batches)[0]
+
+
+def all_exit_outputs(
+    segments: Any, batches: Iterable[Batch], features: Sequence[str] = ()
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Every exit's logits [L, N, C] float32 and the per-exit ``features`` the segments give ([L, N] each,
+    e.g. "nsp"), in the batches' order. Segments that run every exit in one call (``all_logits``, PyTorch's:
+    one forward, one copy to the host) do so when no features are asked."""
     seg: Segments = segments.segments() if hasattr(segments, "segments") else segments
-    whole = getattr(seg, "all_logits", None)
-    parts = []
+    missing = [k for k in features if k not in getattr(seg, "features", ())]
+    if missing:
+        raise RomebertError(f"these segments give no {missing[0]} (an export made before it existed: export again)")
+    whole = getattr(seg, "all_logits", None) if not features else None
+    parts, extra = [], {k: [] for k in features}
     for batch in batches:
         ids, mask, types = _host_batch(*batch)
         cols = max(int(_extent(mask != 0).max()), 1) if ids.shape[0] else 1
@@ -310,23 +332,45 @@ def all_exit_logits(segments: Any, batches: Iterable[Batch]) -> np.ndarray:
             parts.append(whole(ids, mask, types))
             continue
         state = seg.start(ids, mask, types)
-        per_layer = []
+        per_layer, per_feature = [], {k: [] for k in features}
         for i in range(seg.num_layers):
-            state, logits = seg.layer(i, state)
+            if features:
+                state, logits, got = seg.layer(i, state, features=True)
+                for k in features:
+                    per_feature[k].append(got[k])
+            else:
+                state, logits = seg.layer(i, state)
             per_layer.append(logits)
         parts.append(np.stack(per_layer))
+        for k in features:
+            extra[k].append(np.stack(per_feature[k]))
     if not parts:
-        return np.zeros((seg.num_layers, 0, seg.num_labels), dtype=np.float32)
-    return np.concatenate(parts, axis=1).astype(np.float32, copy=False)
+        empty = {k: np.zeros((seg.num_layers, 0), dtype=np.float32) for k in features}
+        return np.zeros((seg.num_layers, 0, seg.num_labels), dtype=np.float32), empty
+    logits = np.concatenate(parts, axis=1).astype(np.float32, copy=False)
+    return logits, {k: np.concatenate(v, axis=1).astype(np.float32, copy=False) for k, v in extra.items()}
 
 
 def dataset_exit_logits(segments: Any, dataset: Any, collator: Any, batch_size: int = 64) -> np.ndarray:
     """:func:`all_exit_logits` of an encoded dataset, in dataset order (batches sorted by length): the
     one loop behind evaluation, the classifier's dev logits and the export's threshold choice."""
-    logits, order = in_length_order(dataset, collator, batch_size, lambda b: all_exit_logits(segments, b))
+    return dataset_exit_outputs(segments, dataset, collator, batch_size)[0]
+
+
+def dataset_exit_outputs(
+    segments: Any, dataset: Any, collator: Any, batch_size: int = 64, features: Sequence[str] = ()
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """:func:`all_exit_outputs` of an encoded dataset, in dataset order."""
+    (logits, extra), order = in_length_order(
+        dataset, collator, batch_size, lambda b: all_exit_outputs(segments, b, features)
+    )
     out = np.empty_like(logits)
     out[:, order] = logits
-    return out
+    scattered = {}
+    for k, v in extra.items():
+        scattered[k] = np.empty_like(v)
+        scattered[k][:, order] = v
+    return out, scattered
 
 
 def in_length_order(dataset: Any, collator: Any, batch_size: int, run: Any) -> tuple[Any, np.ndarray]:

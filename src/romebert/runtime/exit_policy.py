@@ -132,6 +132,9 @@ class ExitPolicy:
     rule: ClassVar[str] = ""
     default_threshold: ClassVar[float] = 0.0
     options: ClassVar[tuple[str, ...]] = ()  # PolicyOptions fields it takes
+    # per-exit outputs besides the logits that it reads (from the segments online, from the evaluation's
+    # cache offline), each [b] per layer, e.g. "nsp": the null-space share of the exit's pooled feature
+    needs: ClassVar[tuple[str, ...]] = ()
     supports_regression: ClassVar[bool] = True
 
     @classmethod
@@ -195,12 +198,17 @@ class ExitPolicy:
         return self._step(layer, logits, state), state
 
     def decide(
-        self, all_logits: np.ndarray, regression: bool = False, scores: dict | None = None
+        self,
+        all_logits: np.ndarray,
+        regression: bool = False,
+        scores: dict | None = None,
+        features: dict[str, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Offline: exit layer (1-based, [N] int64) and the chosen exit's logits ([N, C]) from [L, N, C].
 
         Runs the same ``step`` calls as the engines, on every row at once. ``scores``: a dict shared by
         several decisions over the same ``all_logits`` (a sweep), where exit scores are kept.
+        ``features``: the per-exit outputs [L, N] the criterion ``needs`` (see :attr:`needs`).
         """
         logits = np.asarray(all_logits)
         if logits.ndim != 3 or logits.shape[0] < 1 or logits.shape[2] < 1:
@@ -212,7 +220,14 @@ class ExitPolicy:
         state.scores = scores
         first = np.full(n, num_layers - 1, dtype=np.int64)
         undecided = np.ones(n, dtype=bool)
+        missing = [k for k in self.needs if k not in (features or {})]
+        if missing:
+            raise RomebertError(
+                f"criterion {self.name!r} needs each exit's {missing[0]}, which these logits come without"
+            )
         for i in range(num_layers - 1):
+            for k in self.needs:
+                state.rows[k] = np.asarray(features[k][i])
             exit_mask, state = self.step(i, logits[i], state)
             fire = exit_mask & undecided
             first[fire] = i

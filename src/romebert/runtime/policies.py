@@ -42,6 +42,7 @@ import numpy as np
 from romebert.core.errors import RomebertError
 from romebert.runtime.criteria import (
     AgreementPolicy,
+    CapPolicy,
     EnergyPolicy,
     EntropyPolicy,
     MaxProbPolicy,
@@ -50,13 +51,21 @@ from romebert.runtime.criteria import (
     agreement_step,
 )
 from romebert.runtime.exit_policy import ExitPolicy, PolicyState, Threshold
-from romebert.runtime.scores import change, energy, entropy, maxprob
+from romebert.runtime.scores import cap, change, energy, entropy, maxprob
 
 # The registry: the one place a criterion is registered. The CLI, the service, exit configs and sweeps
 # read everything they know of a criterion from its class.
 POLICIES: dict[str, type[ExitPolicy]] = {
     cls.name: cls
-    for cls in (EntropyPolicy, MaxProbPolicy, PatiencePolicy, PatienceConfidencePolicy, EnergyPolicy, AgreementPolicy)
+    for cls in (
+        EntropyPolicy,
+        MaxProbPolicy,
+        PatiencePolicy,
+        PatienceConfidencePolicy,
+        EnergyPolicy,
+        AgreementPolicy,
+        CapPolicy,
+    )
 }
 CRITERIA: tuple[str, ...] = tuple(POLICIES)
 _ALIASES = {"pabee": "patience", "max-prob": "maxprob"}
@@ -92,7 +101,12 @@ def default_thresholds(criterion: str, num_layers: int | None = None) -> list[fl
 
 
 def candidate_thresholds(
-    criterion: str, all_logits: np.ndarray, regression: bool = False, num: int = 200, confidence: str = "entropy"
+    criterion: str,
+    all_logits: np.ndarray,
+    regression: bool = False,
+    num: int = 200,
+    confidence: str = "entropy",
+    features: dict[str, np.ndarray] | None = None,
 ) -> list[float]:
     """A data-driven, fine grid for choosing a threshold: score quantiles of exits 1..L-1.
 
@@ -105,7 +119,7 @@ def candidate_thresholds(
         return default_thresholds(cls.name, logits.shape[0])
     if regression and not cls.supports_regression:
         raise RomebertError(f"criterion {cls.name!r} does not apply to regression")
-    scores, above = exit_scores(cls, logits, regression, confidence)
+    scores, above = exit_scores(cls, logits, regression, confidence, features)
     values = scores.reshape(-1)
     values = values[np.isfinite(values)]
     if values.size == 0:
@@ -116,10 +130,19 @@ def candidate_thresholds(
     return [0.0] + [float(v) for v in np.nextafter(grid, np.inf)]
 
 
-def exit_scores(cls: type[ExitPolicy], logits: np.ndarray, regression: bool = False, confidence: str = "entropy"):
+def exit_scores(
+    cls: type[ExitPolicy],
+    logits: np.ndarray,
+    regression: bool = False,
+    confidence: str = "entropy",
+    features: dict[str, np.ndarray] | None = None,
+):
     """(the scores [L-1, N] a criterion's threshold is compared with at exits 1..L-1 of cached logits
-    [L, N, C], whether exiting means score >= threshold rather than <)."""
+    [L, N, C] (and the exits' ``features`` [L, N] it needs), whether exiting means score >= threshold)."""
     early = logits[:-1] if logits.shape[0] > 1 else logits
+    missing = [k for k in cls.needs if k not in (features or {})]
+    if missing:
+        raise RomebertError(f"criterion {cls.name!r} needs each exit's {missing[0]}, which these logits come without")
     if regression:
         x = logits.astype(np.float64)
         return (change(x[1:], x[:-1])[:-1] if logits.shape[0] > 2 else change(x[1:], x[:-1])), False
@@ -127,6 +150,9 @@ def exit_scores(cls: type[ExitPolicy], logits: np.ndarray, regression: bool = Fa
         return maxprob(early), True
     if cls is EnergyPolicy:
         return energy(early), False
+    if cls is CapPolicy:
+        nsp = np.asarray(features["nsp"])
+        return cap(early, nsp[:-1] if nsp.shape[0] > 1 else nsp), False
     if cls is AgreementPolicy:
         state = PolicyState(logits.shape[0], False, [0.0] * logits.shape[0])
         return np.stack([agreement_step(i, x, state) for i, x in enumerate(early)]), True

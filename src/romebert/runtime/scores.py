@@ -55,3 +55,12 @@ def energy(logits: np.ndarray) -> np.ndarray:
     m = x.max(axis=-1)
     lse = m + np.log(np.exp(x - m[..., None]).sum(axis=-1))
     return np.exp(-np.logaddexp(0.0, lse))  # sigmoid(-lse) without overflow
+
+
+def cap(logits: np.ndarray, nsp: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    """CAP (arXiv 2506.17249): the softmax probability of a class appended to the logits [..., C] with logit
+    ``alpha * nsp`` ([...], the exit's null-space share, ``model.modeling.ExitHead.null_space_share``),
+    float64; lower means more confident."""
+    x = np.asarray(logits, dtype=np.float64)
+    extra = alpha * np.asarray(nsp, dtype=np.float64)[..., None]
+    return np.exp(log_softmax(np.concatenate([x, extra], axis=-1))[..., -1])

@@ -375,11 +375,12 @@ class Comparison:
         cfg = self.cfg
         if cfg.criteria == ["entropy"] and cfg.risk_confidence is None:
             return None
-        from romebert.evaluation.evaluate import load_cached
+        from romebert.evaluation.evaluate import load_cached, load_features
         from romebert.jobs.compare.criteria import criteria_record
 
         logits, labels = load_cached(run.eval(split))
-        return criteria_record(logits, labels, self.task, cfg.criteria, cfg.max_metric_drop, cfg.risk_confidence)
+        return criteria_record(logits, labels, self.task, cfg.criteria, cfg.max_metric_drop, cfg.risk_confidence,
+                               load_features(run.eval(split)))  # fmt: skip
 
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
