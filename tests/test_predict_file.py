@@ -361,3 +361,13 @@ def test_the_progress_line_shows_rows_per_second():
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("predict x.csv: 10/10 rows, ") and lines[0].endswith(" rows/s")
     assert Progress("x", enabled=False, stream=stream).line() == "x: 0 rows, 0 rows/s"
+
+
+def test_predict_help_lists_the_file_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--input", "--output", "-o", "--id-column", "--keep-columns", "--chunk-rows", "--resume", "--shard",
+                 "--text-column", "--text-pair-column"):  # fmt: skip
+        assert f"{flag} " in text or f"{flag}," in text
