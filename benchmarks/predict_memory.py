@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     old = json.loads(out.with_suffix(".json").read_text()) if args.merge and out.with_suffix(".json").exists() else {}
     key = lambda r: (r["rows"], r["arena"], r["batch_size"])  # noqa: E731
     merged = {key(r): r for r in old.get("runs", [])} | {key(r): r for r in runs}
-    command = (f"python benchmarks/predict_memory.py --export EXPORT --rows {args.rows} --arena-rows "
+    command = (f"python benchmarks/predict_memory.py --export EXPORT --rows {args.rows!r} --arena-rows "
                f"{args.arena_rows!r} --batch-rows {args.batch_rows!r}" + " --merge" * args.merge)  # fmt: skip
     report = {
         "commands": [*old.get("commands", [old["command"]] if "command" in old else []), command],
