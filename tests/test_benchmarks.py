@@ -102,3 +102,32 @@ def test_load_sweep_stops_at_saturation_and_bisects_the_50ms_knee():
     assert [r for r, s in calls if s] == [150.0, 125.0, 137.5]  # between 100 (within) and 200 (over)
     assert [r["offered"] for r in rows] == sorted(r for r, _ in calls)
     assert serve_load.best_within_budget(rows) == 125.0
+
+
+def test_the_predict_memory_benchmark_measures_each_run_in_its_own_torch_free_process(tiny_run, tmp_path):
+    import predict_memory
+
+    from romebert.cli import main
+
+    from glue_fixtures import write_glue_fixture
+
+    write_glue_fixture(tmp_path / "glue", "SST-2", n=16)
+    export = tmp_path / "export"
+    assert main(["export", str(tiny_run), "-o", str(export), "--threshold", "0.3"]) == 0
+    out = tmp_path / "pm"
+    args = ["--export", str(export), "--glue", str(tmp_path / "glue"), "--rows", "30,60", "--arena-rows", "30",
+            "--batch-rows", "", "--out", str(out)]  # fmt: skip
+    report = predict_memory.main(args)
+    runs = report["runs"]
+    assert [(r["rows"], r["arena"], r["batch_size"]) for r in runs] == [
+        (30, False, 64),
+        (30, True, 64),
+        (60, False, 64),
+    ]
+    assert all(r["peak_rss_mib"] > 0 and r["rows_per_s"] > 0 for r in runs) and report["baseline_rss_mib"] > 0
+    assert json.loads(out.with_suffix(".json").read_text())["runs"] == runs
+    md = out.with_suffix(".md").read_text()
+    assert "| 60 | off (now) | 64 |" in md and str(tmp_path) not in md  # no machine paths in the report
+    report = predict_memory.main([*args[:4], "--rows", "40", "--arena-rows", "", "--batch-rows", "", "--merge",
+                                  "--out", str(out)])  # fmt: skip
+    assert [r["rows"] for r in report["runs"]] == [30, 30, 40, 60] and len(report["commands"]) == 2

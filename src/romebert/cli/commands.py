@@ -115,11 +115,21 @@ def sweep(ns: argparse.Namespace) -> dict:
     return results
 
 
-def predict(ns: argparse.Namespace, source: Any = None) -> list:
+def _runtime(ns: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(ns, k) for k in ("intra_op_threads", "inter_op_threads") if getattr(ns, k, None)}
+
+
+def predict(ns: argparse.Namespace, source: Any = None) -> Any:
     from romebert.jobs.predict import predict_run
 
+    if getattr(ns, "input", None) is not None:
+        return predict_input(ns)
+    if source is None:
+        for name in ("output", "id_column", "keep_columns", "chunk_rows", "resume", "shard"):
+            if hasattr(ns, name):
+                raise RomebertError(f"--{name.replace('_', '-')} applies to --input FILE only")
     common = _common(ns)
-    runtime = {k: getattr(ns, k) for k in ("intra_op_threads", "inter_op_threads") if getattr(ns, k, None)}
+    runtime = _runtime(ns)
     written = predict_run(source or ns.run, _rule(ns), common.eval_batch_size, common.device,
                           _data_override(ns) if source is None else None, getattr(ns, "predictions_dir", None),
                           **runtime)  # fmt: skip
@@ -128,6 +138,28 @@ def predict(ns: argparse.Namespace, source: Any = None) -> list:
         print(f"test predictions ({rule}): {w['file']} ({w['rows']} rows, "
               f"mean exit layer {w['mean_exit_layer']:.2f})")  # fmt: skip
     return written
+
+
+def predict_input(ns: argparse.Namespace):
+    """``predict MODEL --input FILE``: one output file in the input's format."""
+    from romebert.deploy.predict_file import FileOptions
+    from romebert.jobs.predict import predict_input
+
+    data = _data_override(ns)
+    ignored = [k for k in data if k not in ("text_a", "text_b")]
+    if ignored or getattr(ns, "predictions_dir", None):
+        flags = [f"--{k.replace('_', '-')}" for k in ignored] + ["--predictions-dir"] * bool(ns.predictions_dir)
+        raise RomebertError(f"{', '.join(flags)}: not used with --input (it scores FILE; only --text-column and "
+                            "--text-pair-column name its columns)")  # fmt: skip
+    common = _common(ns)
+    opts = FileOptions(**options.values(ns, FileOptions))
+    s = predict_input(ns.run, opts, data.get("text_a"), data.get("text_b"), _rule(ns), common.eval_batch_size,
+                      common.device, not common.quiet, **_runtime(ns))  # fmt: skip
+    rule = ", ".join(f"{k} {v}" for k, v in s.policy.items())
+    layer = f", mean exit layer {s.mean_exit_layer:.2f}" if s.mean_exit_layer is not None else ""
+    resumed = f", {s.resumed_rows} of them from the interrupted run" if s.resumed_rows else ""
+    print(f"predictions ({rule}): {s.output} ({s.rows} rows{resumed}{layer}; {s.rows_per_second:.0f} rows/s)")
+    return s
 
 
 def serve(ns: argparse.Namespace) -> None:

@@ -1,7 +1,8 @@
 """The ``romebert`` command line's flags. Every flag comes from a dataclass field declared with
 ``core.options.option`` (its help and default live there): data (``DataSpec``), training
 (``TrainingArguments``), the exit criteria (``PolicyOptions`` and the criterion registry), export
-(``ExportOptions``), serving (``ServeConfig``), comparison (``CompareConfig``) and :class:`CommonOptions`.
+(``ExportOptions``), a file to score (``FileOptions``), serving (``ServeConfig``), comparison
+(``CompareConfig``) and :class:`CommonOptions`.
 Building the parser imports no torch."""
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def defaults_text() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from romebert.deploy.export_options import ExportOptions
+    from romebert.deploy.predict_file import FileOptions
     from romebert.deploy.service import ServeConfig
     from romebert.jobs.compare.config import COMPARE_VARIES, CompareConfig
 
@@ -103,8 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder written by 'romebert train' and evaluated")
     add_criterion(p, sweep=True)
 
-    p = sub.add_parser("predict", help="GLUE test-submission files by real early exit (a run or an export)")
+    p = sub.add_parser("predict", help="score a CSV / TSV / JSON Lines file (--input), or write GLUE test-submission "
+                       "files, by real early exit (a run, a classifier folder or an export)")  # fmt: skip
     p.add_argument("run", help="run folder, classifier folder or ONNX export")
+    options.add_arguments(p.add_argument_group("your file (--input; the text columns: --text-column, "
+                                               "--text-pair-column)"), FileOptions)  # fmt: skip
     add_criterion(p, threshold=f"default: the export's own (chosen on dev); for a run, entropy {entropy:g}; "
                   f"{defaults_text()}")  # fmt: skip
     p.add_argument("--predictions-dir", help="where the files go (default: <run>/predictions, else ./predictions)")

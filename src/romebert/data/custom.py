@@ -1,11 +1,13 @@
-"""Reading the user's own files: CSV, TSV and JSON Lines, streamed a row at a time, with the columns
-named by the header row (or each object's keys). Bad rows fail in one line naming the file and line."""
+"""The user's own files: CSV, TSV and JSON Lines, read a row at a time with the columns named by the
+header row (or each object's keys), and written back in the same format (:func:`render_rows`). Bad rows
+fail in one line naming the file and line."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,21 +145,38 @@ def iter_custom(
     records: Records, text_a: str, text_b: str | None = None, label: str | None = None
 ) -> Iterator[Example]:
     """:func:`read_custom` one example at a time, each naming its ``file:line`` in ``where``."""
-    path = records.path
-    wanted = {"text_a": text_a, "text_b": text_b, "label": label}
-    if records.format != JSONL:
-        for role, column in wanted.items():
-            if column is not None and column not in records.columns:
-                raise RomebertError(
-                    f"{path}: column '{column}' (for {role}) not found; available columns: {records.columns}"
-                )
-    needed = max((records.columns.index(c) + 1 for c in wanted.values() if c in records.columns), default=0)
+    reader = ExampleReader(records, text_a, text_b, label)
     count = 0
     for number, row in records.rows():
-        if records.format != JSONL and len(row) < needed:
-            raise RomebertError(f"{path}:{number}: expected at least {needed} columns, got {len(row)}")
+        yield reader.example(number, row, f"{records.path.stem}-{count}")
+        count += 1
+    if count == 0:
+        raise RomebertError(f"{records.path}: file has a header row but no data rows")
+
+
+class ExampleReader:
+    """Turns rows of ``records`` into :class:`Example` s: the text (and pair, label) columns checked once
+    against the header, each row's cells checked as it comes (one line naming the file and line)."""
+
+    def __init__(self, records: Records, text_a: str, text_b: str | None = None, label: str | None = None) -> None:
+        self.path, self.label = records.path, label
+        self.wanted = {"text_a": text_a, "text_b": text_b, "label": label}
+        self.check_rows = records.format != JSONL
+        if self.check_rows:
+            for role, column in self.wanted.items():
+                if column is not None and column not in records.columns:
+                    raise RomebertError(
+                        f"{self.path}: column '{column}' (for {role}) not found; available columns: {records.columns}"
+                    )
+        wanted = [c for c in self.wanted.values() if c in records.columns]
+        self.needed = max((records.columns.index(c) + 1 for c in wanted), default=0)
+
+    def example(self, number: int, row: dict[str, Any], guid: str) -> Example:
+        path = self.path
+        if self.check_rows and len(row) < self.needed:
+            raise RomebertError(f"{path}:{number}: expected at least {self.needed} columns, got {len(row)}")
         values: dict[str, str | None] = {}
-        for role, column in wanted.items():
+        for role, column in self.wanted.items():
             if column is None:
                 continue
             if column not in row:
@@ -166,18 +185,49 @@ def iter_custom(
                 values[role] = _cell_text(row[column])
             except ValueError as err:
                 raise RomebertError(f"{path}:{number}: '{column}' must be text or a number, got {err}") from None
-        if label is not None and not (values["label"] or "").strip():
-            raise RomebertError(f"{path}:{number}: empty label in column '{label}'")
+        if self.label is not None and not (values["label"] or "").strip():
+            raise RomebertError(f"{path}:{number}: empty label in column '{self.label}'")
         for role in ("text_a", "text_b"):
             if role in values and values[role] is None:
-                raise RomebertError(f"{path}:{number}: '{wanted[role]}' is null")
-        yield Example(
-            guid=f"{path.stem}-{count}",
+                raise RomebertError(f"{path}:{number}: '{self.wanted[role]}' is null")
+        return Example(
+            guid=guid,
             text_a=values["text_a"],  # type: ignore[arg-type]
             text_b=values.get("text_b"),
-            label=values["label"].strip() if label is not None else None,  # type: ignore[union-attr]
+            label=values["label"].strip() if self.label is not None else None,  # type: ignore[union-attr]
             where=f"{path}:{number}",
         )
-        count += 1
-    if count == 0:
-        raise RomebertError(f"{path}: file has a header row but no data rows")
+
+
+def render_rows(fmt: str, columns: Sequence[str], rows: Sequence[dict[str, Any]], header: bool = False) -> str:
+    """``rows`` as the text of a file in format ``fmt`` (a delimiter or ``JSONL``), the header row first
+    when ``header``. CSV quotes as needed; TSV has no quoting (like the files it reads), so a value with
+    a tab or a line break is refused. JSON Lines keeps each row's keys and value types; CSV / TSV write
+    ``columns`` in order (a missing value as an empty cell) with :func:`cell_text`."""
+    if fmt == JSONL:
+        return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    out = io.StringIO()
+    quoting = csv.QUOTE_NONE if fmt == "\t" else csv.QUOTE_MINIMAL
+    writer = csv.writer(out, delimiter=fmt, quoting=quoting, lineterminator="\n")
+    try:
+        if header:
+            writer.writerow(columns)
+        for row in rows:
+            writer.writerow([cell_text(row.get(c)) for c in columns])
+    except csv.Error:
+        raise RomebertError("a value holds a tab or a line break, which a TSV file cannot hold (use CSV)") from None
+    return out.getvalue()
+
+
+def cell_text(value: Any) -> str:
+    """A value as a CSV / TSV cell: floats with 6 significant digits, None as empty, the rest as text."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, str):
+        return value
+    try:
+        return _cell_text(value) or ""
+    except ValueError:  # a JSON list or object
+        return json.dumps(value, ensure_ascii=False)

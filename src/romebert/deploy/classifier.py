@@ -9,6 +9,7 @@ Example::
     clf.predict(["a gripping film", "dull and overlong"])          # -> ["1", "0"]
     clf.predict_proba("a gripping film")                           # -> array([0.03, 0.97])
     out = clf.predict_with_exits(texts); out.exit_layers           # labels, probabilities, exit layers
+    clf.predict_file("reviews.csv", text_column="review")          # -> reviews.predictions.csv, streamed
     clf.save_pretrained("deploy/sst2")                             # model + tokenizer + early_exit.json
 
 A classifier is its segments (``engine.Segments``: a PyTorch model or an ONNX export), its tokenizer
@@ -18,7 +19,7 @@ loaded (and torch imported) only when a folder holds one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ from romebert.core.errors import RomebertError
 from romebert.core.runs import RunFolder
 from romebert.data.examples import Example
 from romebert.data.spec import DataSpec
+from romebert.data.tasks import get_task
+from romebert.deploy.file_scoring import DEFAULT_CHUNK_ROWS, FileScorer, PredictionChunk
+from romebert.deploy.predict_file import FileSummary, predict_file
 from romebert.evaluation.exits import choice_record, choose_threshold, layer_stats
 from romebert.runtime.artefacts import EARLY_EXIT_FILE, MANIFEST_FILE, EarlyExitConfig
 from romebert.runtime.encoding import Collator, FastTokenizer, encode
@@ -80,7 +84,8 @@ class EarlyExitClassifier:
     ``segments``: a ``MultiExitModel`` (PyTorch) or ``onnx_runtime.OrtSegments``. ``labels``: class
     names in index order (None: regression). ``data``: where its dev data comes from (threshold choice
     and calibration need it). ``run``: the run folder it was trained in, if any. ``task``: the task it
-    was trained for (default: a PyTorch model's ``config.task``).
+    was trained for (default: a PyTorch model's ``config.task``). ``text_columns``: the (text, pair)
+    columns of the user's files it was trained on (default: ``data``'s, for custom data).
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class EarlyExitClassifier:
         data: DataSpec | None = None,
         run: RunFolder | None = None,
         task: str | None = None,
+        text_columns: Sequence[str | None] | None = None,
     ) -> None:
         self.model = segments if hasattr(segments, "segments") else None  # the PyTorch model, when it is one
         self.segments = segments.segments() if self.model is not None else segments
@@ -105,6 +111,9 @@ class EarlyExitClassifier:
         self.data = data
         self.run = run
         self.task_name = task if task is not None else getattr(getattr(segments, "config", None), "task", None)
+        if text_columns is None and data is not None and data.is_custom and data.text_a:
+            text_columns = (data.text_a, data.text_b)
+        self.text_columns = (text_columns[0], text_columns[1]) if text_columns else None
         pad = pad_token_id if pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
         self.collator = Collator(tokenizer, pad_token_id=pad, return_tensors="np")
 
@@ -112,7 +121,7 @@ class EarlyExitClassifier:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "auto", **runtime: Any) -> EarlyExitClassifier:
         """Load a folder written by :meth:`save_pretrained`, an ONNX export (``romebert export``; runtime
-        options ``intra_op_threads``, ``inter_op_threads``, ``spinning``) or a run folder."""
+        options ``intra_op_threads``, ``inter_op_threads``, ``spinning``, ``memory_arena``) or a run folder."""
         path = Path(path)
         if (path / MANIFEST_FILE).is_file():
             return cls._from_export(path, **runtime)
@@ -148,7 +157,8 @@ class EarlyExitClassifier:
         cfg = model.config
         labels = None if cfg.is_regression else (cfg.labels or [str(i) for i in range(cfg.num_labels)])
         max_len = data.max_seq_length if data is not None else int(cfg.extra.get("max_seq_length", 128))
-        return cls(model, tokenizer, labels, max_seq_length=max_len, exit_config=exit_config, data=data, run=run)
+        return cls(model, tokenizer, labels, max_seq_length=max_len, exit_config=exit_config, data=data, run=run,
+                   text_columns=cfg.extra.get("text_columns"))  # fmt: skip
 
     @classmethod
     def _from_export(cls, folder: Path, **runtime: Any) -> EarlyExitClassifier:
@@ -167,6 +177,8 @@ class EarlyExitClassifier:
             raise RomebertError("an ONNX export is already a deployable folder; copy it instead")
         directory = Path(directory)
         self.model.config.extra["max_seq_length"] = self.max_seq_length
+        if self.text_columns is not None:  # what predict_file reads by default
+            self.model.config.extra["text_columns"] = list(self.text_columns)
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(str(directory))
         self.exit_config.save(directory / EARLY_EXIT_FILE)
@@ -206,7 +218,12 @@ class EarlyExitClassifier:
         """
         texts = [texts] if isinstance(texts, str) or _is_pair(texts) else list(texts)
         engine = self.engine(criterion, threshold, calibrated, **overrides)
-        dataset = encode(_examples(texts), self.tokenizer, None, self.max_seq_length)
+        return self.predict_examples(_examples(texts), engine, batch_size)
+
+    def predict_examples(self, examples: Sequence[Example], engine: EarlyExitEngine, batch_size: int = 32
+                         ) -> Predictions:  # fmt: skip
+        """:meth:`predict_with_exits` of examples already read, with an engine already made."""
+        dataset = encode(examples, self.tokenizer, None, self.max_seq_length)
         out = engine.run_dataset(dataset, self.collator, batch_size)
         return self._predictions(out.logits, out.exit_layer, out.layer_work)
 
@@ -227,6 +244,40 @@ class EarlyExitClassifier:
             raise RomebertError("a regression model has no class probabilities; use predict")
         probs = self.predict_with_exits(texts, **options).probabilities
         return probs[0] if isinstance(texts, str) or _is_pair(texts) else probs
+
+    @property
+    def pair_input(self) -> bool | None:
+        """Whether the model was trained on text pairs (None: not known)."""
+        if self.text_columns is not None:
+            return self.text_columns[1] is not None
+        name = self.task_name or (self.data.task if self.data is not None else None)
+        try:
+            return get_task(name).is_pair if name else None
+        except RomebertError:
+            return None
+
+    def iter_predictions(self, path: str | Path, text_column: str | None = None, text_pair_column: str | None = None,
+                         *, chunk_rows: int = DEFAULT_CHUNK_ROWS, batch_size: int = 64,
+                         criterion: str | ExitPolicy | None = None, threshold: Threshold | None = None,
+                         calibrated: bool | None = None, **overrides: Any) -> Iterator[PredictionChunk]:  # fmt: skip
+        """The predictions of a CSV / TSV / JSON Lines file, one chunk of ``chunk_rows`` rows at a time
+        (``chunk.rows``: (line, row) as read; ``chunk.predictions``: :class:`Predictions`). The text
+        columns default to the ones the model was trained on (custom data)."""
+        engine = self.engine(criterion, threshold, calibrated, **overrides)
+        scorer = FileScorer(self, path, engine, text_column, text_pair_column, batch_size=batch_size)
+        return scorer.chunks(chunk_rows)
+
+    def predict_file(self, path: str | Path, output: str | Path | None = None, text_column: str | None = None,
+                     text_pair_column: str | None = None, *, criterion: str | ExitPolicy | None = None,
+                     threshold: Threshold | None = None, calibrated: bool | None = None, **options: Any
+                     ) -> FileSummary:  # fmt: skip
+        """Predict every row of a CSV / TSV / JSON Lines file into ``output`` (default
+        ``./<stem>.predictions.<ext>``), in the input's format, streamed a chunk at a time and renamed
+        into place when complete. ``options``: those of :func:`romebert.deploy.predict_file.predict_file`
+        (``id_column``, ``keep_columns``, ``chunk_rows``, ``batch_size``, ``resume``, ``shard``,
+        ``progress``). Returns where it went, the rows and the mean exit layer."""
+        engine = self.engine(criterion, threshold, calibrated)
+        return predict_file(self, engine, path, output, text_column, text_pair_column, **options)
 
     # -------------------------------------------------------------------------- dev-side choices
     def _split(self, split: str | None) -> str:

@@ -1,5 +1,6 @@
 """What the command line runs: training and evaluating a run (``pipeline``), predicting files
-(``predict``) and comparing methods (``compare``).
+(``predict``), on Ray Data beyond one machine (``distributed_predict``) and comparing methods
+(``compare``).
 
 May import: core, data, runtime, model, training, evaluation, deploy.
 """

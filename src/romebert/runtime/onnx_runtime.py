@@ -36,13 +36,20 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def session_options(intra_op_threads: int | None = None, inter_op_threads: int = 1, spinning: bool = True):
+def session_options(
+    intra_op_threads: int | None = None, inter_op_threads: int = 1, spinning: bool = True, memory_arena: bool = True
+):
     """ONNX Runtime session options.
 
     ``spinning``: worker threads spin briefly after a call, waiting for the next one. Good for a single
     graph called again and again (ONNX Runtime's default); bad for an engine, which calls one session
     per layer in turn: each session's threads spin on after its call and steal the cores from the next
     session (docs/inference.md has the figures). ``OrtSegments`` turns it off.
+
+    ``memory_arena``: ONNX Runtime's CPU arena and memory patterns (its defaults) keep the blocks of past
+    calls for reuse. An engine calls each graph with ever new shapes (rows leave, batches are trimmed to
+    their longest row), so the arenas only grow: peak memory then rises with the number of rows scored
+    (results/predict_memory.md). ``OrtSegments`` turns them off, for plain allocations freed after each call.
     """
     ort = _ort()
     so = ort.SessionOptions()
@@ -52,6 +59,8 @@ def session_options(intra_op_threads: int | None = None, inter_op_threads: int =
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only: ORT's warnings are about its own optimizer
+    so.enable_cpu_mem_arena = memory_arena
+    so.enable_mem_pattern = memory_arena
     return so
 
 
@@ -66,7 +75,8 @@ class OrtSegments:
     """The graphs of an export, run one segment per layer (``engine.Segments``).
 
     ``one_graph``: the export's whole-model graph instead (``export --full-graph``), as a single
-    "layer" whose exit is the final head: the plain model, run by the same code.
+    "layer" whose exit is the final head: the plain model, run by the same code. ``memory_arena``: see
+    :func:`session_options` (off: memory does not grow with the rows scored).
     """
 
     def __init__(
@@ -77,6 +87,7 @@ class OrtSegments:
         inter_op_threads: int = 1,
         spinning: bool = False,
         one_graph: bool = False,
+        memory_arena: bool = False,
     ) -> None:
         ort = _ort()
         self.folder = Path(folder)
@@ -90,7 +101,7 @@ class OrtSegments:
         self.exit_layers = [self.manifest.num_layers] if one_graph else list(range(1, self.num_layers + 1))
         self.num_labels = self.manifest.num_labels
         self.regression = self.manifest.regression
-        so = session_options(intra_op_threads, inter_op_threads, spinning)
+        so = session_options(intra_op_threads, inter_op_threads, spinning, memory_arena)
         self.sessions = []
         for g in graphs:
             try:
