@@ -13,7 +13,7 @@ from romebert.core.errors import RomebertError
 from romebert.data.examples import Example
 from romebert.deploy.classifier import EarlyExitClassifier
 from romebert.evaluation.calibration import CALIBRATION_FILE, apply_temperatures
-from romebert.evaluation.exits import choose_threshold, pick_from_sweep, sweep
+from romebert.evaluation.exits import choice_record, choose_threshold, pick_from_sweep, sweep
 from romebert.evaluation.logits import collect_logits
 from romebert.runtime.encoding import Collator, encode
 from romebert.runtime.policies import CRITERIA, get_policy
@@ -211,6 +211,25 @@ def test_choose_threshold_from_logits_matches_its_sweep():
     assert 1.0 - row["metric"] <= 0.05 + 1e-9 and row["speedup"] > 1.0
     layers, _ = get_policy("maxprob", t).decide(logits)
     assert 4 * 300 / layers.sum() == pytest.approx(row["speedup"])
+
+
+def test_a_metric_drop_counts_against_the_reference_given():
+    """An int8 export whose own final exit lost a point: within one point of the fp32 model's final exit
+    is stricter than within one point of its own."""
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(4, 400, 2)) * np.array([0.5, 1.0, 2.0, 4.0])[:, None, None]).astype(np.float32)
+    labels = logits[-1].argmax(-1)  # the final exit is right on every row: its metric is 1.0
+    own_t, own = choose_threshold(logits, labels, FakeTask(), max_metric_drop=0.05, metric_fn=fake_metrics)
+    t, row = choose_threshold(logits, labels, FakeTask(), max_metric_drop=0.05, metric_fn=fake_metrics,
+                              reference_metric=1.02)  # fmt: skip
+    assert own["reference_metric"] == own["final_metric"] == 1.0 and row["reference_metric"] == 1.02
+    assert 1.02 - row["metric"] <= 0.05 + 1e-9 < 1.02 - own["metric"]  # the own-final choice breaks the budget
+    assert row["speedup"] < own["speedup"] and t < own_t
+    record = choice_record(row, "dev", FakeTask(), None, 0.05, "fp32", 1.02)
+    assert record["reference"] == "fp32" and record["reference_metric"] == record["fp32_final_metric"] == 1.02
+    with pytest.raises(RomebertError, match="within 0.05 of the fp32 model's final exit's 1.1000"):
+        choose_threshold(logits, labels, FakeTask(), max_metric_drop=0.05, metric_fn=fake_metrics,
+                         reference_metric=1.10)  # fmt: skip
 
 
 def test_cli_evaluate_sweep_predict_with_a_criterion(run, capsys):

@@ -1,0 +1,158 @@
+"""int8 recipes compared on dev: every exit's metric against the fp32 model, per recipe, per task.
+
+    python benchmarks/int8_recipes.py --runs runs/quickstart-sst2,runs/quickstart-mrpc
+
+For each run and each recipe of ``romebert.deploy.quantize.RECIPES``, the run is exported in int8 by that
+recipe (calibrated on the same training sentences) and its dev logits are compared with the fp32 model's
+(the run's evaluation cache, or one PyTorch pass): per-exit differences of every metric, the rows whose
+prediction changed, export seconds and graph size. A recipe passes when no exit of any metric falls more
+than ``--tolerance`` (0.3 points) below fp32. Accuracy, not timing: it may run on a busy machine.
+
+Writes results/int8_recipes.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def evaluate_recipes(run: Path, work: Path, names: list[str], batch_size: int = 64) -> dict:
+    from romebert.core.runs import RunFolder
+    from romebert.deploy.export import export_model
+    from romebert.deploy.export_dev import fp32_dev_logits
+    from romebert.deploy.quantize import calibration_batches, recipe
+    from romebert.evaluation.exits import per_exit_metrics
+    from romebert.evaluation.logits import dataset_labels
+    from romebert.model.loading import load_run
+    from romebert.runtime.encoding import Collator, encode
+    from romebert.runtime.engine import dataset_exit_logits
+    from romebert.runtime.onnx_runtime import OrtSegments
+
+    model, tokenizer, data = load_run(run, "cpu")
+    task = data.task_spec()
+    split = data.eval_splits()[0]
+    dataset = encode(data.examples(split), tokenizer, task.labels, data.max_seq_length)
+    labels = dataset_labels(dataset)
+    collator = Collator(tokenizer, return_tensors="np")
+    fp32 = fp32_dev_logits(model, RunFolder(run), split, dataset, labels, collator, batch_size)
+    ref = per_exit_metrics(fp32, labels, task)
+    rows_needed = max(recipe(n).calibration_examples for n in names)
+    calibration = calibration_batches(data.examples("train"), tokenizer, data.max_seq_length, rows_needed)
+    out = {"task": task.name, "split": split, "examples": int(len(labels)), "metric": task.metric,
+           "fp32": ref, "calibration_rows": int(sum(b[0].shape[0] for b in calibration)), "recipes": []}  # fmt: skip
+    for name in ["fp32 export", *names]:
+        folder = work / run.name / name.replace(" ", "-")
+        shutil.rmtree(folder, ignore_errors=True)
+        t0 = time.perf_counter()
+        precision = "fp32" if name == "fp32 export" else "int8"
+        manifest = export_model(model, run / "model", folder, precision=precision, max_seq_length=data.max_seq_length,
+                                int8_recipe=name if precision == "int8" else "dynamic", calibration=calibration,
+                                single_row=False)  # fmt: skip
+        seconds = time.perf_counter() - t0
+        logits = dataset_exit_logits(OrtSegments(folder, manifest), dataset, collator, batch_size)
+        got = per_exit_metrics(logits, labels, task)
+        q = manifest.quantization or {}
+        out["recipes"].append({
+            "recipe": name,
+            "settings": q.get("settings"),
+            "deltas": {k: [100 * (g[k] - r[k]) for r, g in zip(ref, got, strict=True)] for k in ref[0]},
+            "changed_rows": [int(c) for c in (logits.argmax(-1) != fp32.argmax(-1)).sum(-1)],
+            "fp32_nodes": sum(len(v) for v in q.get("fp32_nodes", {}).values()),
+            "outlier_products": sum(len(v) for v in q.get("outliers", {}).values()),
+            "export_seconds": seconds,
+            "graph_mib": sum(f.stat().st_size for f in folder.glob("segment_*.onnx")) / 2**20,
+        })  # fmt: skip
+        shutil.rmtree(folder, ignore_errors=True)
+        deltas = out["recipes"][-1]["deltas"]
+        text = "; ".join(f"{k} " + " ".join(f"{d:+.2f}" for d in v) for k, v in deltas.items())
+        print(f"{task.name} {name}: {text}", flush=True)
+    return out
+
+
+def passes(entry: dict, tolerance: float, keys: list[str]) -> bool:
+    return all(min(entry["deltas"][k]) >= -tolerance - 1e-9 for k in keys)
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    tol = report["tolerance"]
+    lines = [
+        "# int8 recipes: every exit's dev metric against the fp32 model",
+        "",
+        f"Measured {report['created']} with `{report['command']}`.",
+        "",
+        f"- Machine: {env['cpu']}, {env['cpu_count']} logical CPUs. Versions: romebert {env['romebert']}, "
+        f"onnxruntime {env['onnxruntime']}, onnx {env.get('onnx')}, torch {env['torch']}.",
+        f"- Models: {', '.join(report['models'])}.",
+        "- Each recipe exports the run in int8 (deploy/quantize.py, calibrated on the same training sentences) and "
+        "runs the dev split through the exported segments. Figures are int8 minus fp32 in points, exits 1..L; "
+        "fp32 = the trained model's own dev logits. Changed rows: dev rows whose predicted class differs from fp32.",
+        f"- A recipe passes when no exit of any listed metric is more than {tol} points below fp32. One dev row is "
+        + ", ".join(f"{100 / t['examples']:.3f} points on {t['task']}" for t in report["tasks"])
+        + ".",
+        "- Not timed here (a busy machine): speed is the benchmark's (benchmarks/inference_speed.py).",
+        "",
+    ]
+    for t in report["tasks"]:
+        keys = report["keys"][t["task"]]
+        lines += [f"## {t['task']} ({t['examples']} dev rows; fp32 final exit "
+                  + ", ".join(f"{k} {100 * t['fp32'][-1][k]:.2f}" for k in keys) + ")", "",
+                  "| recipe | " + " | ".join(f"{k}, exits 1..L" for k in keys)
+                  + " | changed rows per exit | fp32 nodes | outlier products | passes | export s |",
+                  "|---|" + "---|" * len(keys) + "---|---|---|---|---|"]  # fmt: skip
+        for r in t["recipes"]:
+            cells = [" ".join(f"{d:+.2f}" for d in r["deltas"][k]) for k in keys]
+            ok = "yes" if passes(r, tol, keys) else "no"
+            changed = " ".join(map(str, r["changed_rows"]))
+            lines.append(f"| {r['recipe']} | " + " | ".join(cells) + f" | {changed} | {r['fp32_nodes']} | "
+                         f"{r['outlier_products']} | {ok} | {r['export_seconds']:.0f} |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from romebert.core.environment import backbone_label, environment, now
+    from romebert.core.files import write_atomic
+    from romebert.deploy.quantize import RECIPES
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default="runs/quickstart-sst2,runs/quickstart-mrpc", help="comma-separated run folders")
+    p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipe names")
+    p.add_argument("--work", default="runs/int8-work", help="where the exports are built (removed after each)")
+    p.add_argument("--out", default="results/int8_recipes", help="writes OUT.md and OUT.json")
+    p.add_argument("--tolerance", type=float, default=0.3, help="points an exit may fall below fp32")
+    args = p.parse_args(argv)
+    import onnx
+
+    env = {**environment(), "onnx": onnx.__version__}
+    command = shlex.join(["python", "benchmarks/int8_recipes.py", *(argv if argv is not None else sys.argv[1:])])
+    report = {"created": now(), "command": command, "environment": env, "tolerance": args.tolerance,
+              "models": [], "tasks": [], "keys": {}}  # fmt: skip
+    for run in [Path(r) for r in args.runs.split(",") if r]:
+        t = evaluate_recipes(run, Path(args.work), [n for n in args.recipes.split(",") if n])
+        info = json.loads((run / "run.json").read_text())
+        method = json.loads((run / "training_args.json").read_text()).get("method")
+        report["models"].append(f"{t['task']}: run {run.name} ({method}, {info.get('pooling')} pooling, "
+                                f"{backbone_label(info.get('backbone'))})")  # fmt: skip
+        # the task's main metric and accuracy (MRPC: F1 and accuracy); the averaged ones add nothing
+        report["keys"][t["task"]] = [k for k in t["fp32"][0] if k in (t["metric"], "accuracy", "f1")]
+        report["tasks"].append(t)
+    out = Path(args.out)
+    write_atomic(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    write_atomic(out.with_suffix(".md"), markdown(report) + "\n")
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
