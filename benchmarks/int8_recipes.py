@@ -26,11 +26,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def evaluate_recipes(run: Path, work: Path, names: list[str], batch_size: int = 64) -> dict:
+def evaluate_recipes(run: Path, work: Path, names: list[str], seeds: list[int], batch_size: int = 64) -> dict:
+    """Every recipe of ``names`` on the run's dev split; the default recipe again with each calibration seed
+    of ``seeds`` (how much the figures move with the 256 sentences drawn)."""
     from romebert.core.runs import RunFolder
     from romebert.deploy.export import export_model
     from romebert.deploy.export_dev import fp32_dev_logits
-    from romebert.deploy.quantize import calibration_batches, recipe
+    from romebert.deploy.quantize import DEFAULT_INT8, calibration_batches, recipe
     from romebert.evaluation.exits import per_exit_metrics
     from romebert.evaluation.logits import dataset_labels
     from romebert.model.loading import load_run
@@ -46,12 +48,20 @@ def evaluate_recipes(run: Path, work: Path, names: list[str], batch_size: int = 
     collator = Collator(tokenizer, return_tensors="np")
     fp32 = fp32_dev_logits(model, RunFolder(run), split, dataset, labels, collator, batch_size)
     ref = per_exit_metrics(fp32, labels, task)
-    rows_needed = max(recipe(n).calibration_examples for n in names)
-    calibration = calibration_batches(data.examples("train"), tokenizer, data.max_seq_length, rows_needed)
-    out = {"task": task.name, "split": split, "examples": int(len(labels)), "metric": task.metric,
-           "fp32": ref, "calibration_rows": int(sum(b[0].shape[0] for b in calibration)), "recipes": []}  # fmt: skip
-    for name in ["fp32 export", *names]:
-        folder = work / run.name / name.replace(" ", "-")
+    train = data.examples("train")
+    calibrations: dict[
+        tuple[int, int], list
+    ] = {}  # each recipe's own number of sentences, drawn as the exporter draws them
+    out = {"task": task.name, "split": split, "examples": int(len(labels)), "metric": task.metric, "fp32": ref,
+           "recipes": []}  # fmt: skip
+    entries = [("fp32 export", 0), *((n, 0) for n in names), *((DEFAULT_INT8, s) for s in seeds if s)]
+    for name, seed in entries:
+        rows = recipe(name).calibration_examples if name != "fp32 export" else 0
+        if (rows, seed) not in calibrations:
+            calibrations[rows, seed] = (calibration_batches(train, tokenizer, data.max_seq_length, rows, seed=seed)
+                                        if rows else [])  # fmt: skip
+        calibration = calibrations[rows, seed]
+        folder = work / run.name / f"{name.replace(' ', '-')}-{seed}"
         shutil.rmtree(folder, ignore_errors=True)
         t0 = time.perf_counter()
         precision = "fp32" if name == "fp32 export" else "int8"
@@ -63,11 +73,13 @@ def evaluate_recipes(run: Path, work: Path, names: list[str], batch_size: int = 
         got = per_exit_metrics(logits, labels, task)
         q = manifest.quantization or {}
         out["recipes"].append({
-            "recipe": name,
+            "recipe": name + (f" (calibration seed {seed})" if seed else ""),
             "settings": q.get("settings"),
             "deltas": {k: [100 * (g[k] - r[k]) for r, g in zip(ref, got, strict=True)] for k in ref[0]},
             "changed_rows": [int(c) for c in (logits.argmax(-1) != fp32.argmax(-1)).sum(-1)],
-            "fp32_nodes": sum(len(v) for v in q.get("fp32_nodes", {}).values()),
+            "calibration_rows": q.get("calibration_rows", 0),
+            # encoder products kept fp32 (the outliers' small side products, named .../Fp32, are counted apart)
+            "fp32_products": sum(not n.endswith("/Fp32") for v in q.get("fp32_nodes", {}).values() for n in v),
             "outlier_products": sum(len(v) for v in q.get("outliers", {}).values()),
             "export_seconds": seconds,
             "graph_mib": sum(f.stat().st_size for f in folder.glob("segment_*.onnx")) / 2**20,
@@ -75,7 +87,7 @@ def evaluate_recipes(run: Path, work: Path, names: list[str], batch_size: int = 
         shutil.rmtree(folder, ignore_errors=True)
         deltas = out["recipes"][-1]["deltas"]
         text = "; ".join(f"{k} " + " ".join(f"{d:+.2f}" for d in v) for k, v in deltas.items())
-        print(f"{task.name} {name}: {text}", flush=True)
+        print(f"{task.name} {out['recipes'][-1]['recipe']}: {text}", flush=True)
     return out
 
 
@@ -94,9 +106,11 @@ def markdown(report: dict) -> str:
         f"- Machine: {env['cpu']}, {env['cpu_count']} logical CPUs. Versions: romebert {env['romebert']}, "
         f"onnxruntime {env['onnxruntime']}, onnx {env.get('onnx')}, torch {env['torch']}.",
         f"- Models: {', '.join(report['models'])}.",
-        "- Each recipe exports the run in int8 (deploy/quantize.py, calibrated on the same training sentences) and "
-        "runs the dev split through the exported segments. Figures are int8 minus fp32 in points, exits 1..L; "
-        "fp32 = the trained model's own dev logits. Changed rows: dev rows whose predicted class differs from fp32.",
+        "- Each recipe exports the run in int8 (deploy/quantize.py; the recipes that calibrate draw their training "
+        "sentences with seed 0, as the exporter does) and runs the dev split through the exported segments, 64 rows "
+        "a batch. Figures are int8 minus fp32 in points, exits 1..L; fp32 = the trained model's own dev logits. "
+        'Changed rows: dev rows whose predicted class differs from fp32. "(calibration seed s)": the default '
+        "recipe calibrated on another draw of training sentences: how much the figures move with the draw.",
         f"- A recipe passes when no exit of any listed metric is more than {tol} points below fp32. One dev row is "
         + ", ".join(f"{100 / t['examples']:.3f} points on {t['task']}" for t in report["tasks"])
         + ".",
@@ -108,13 +122,13 @@ def markdown(report: dict) -> str:
         lines += [f"## {t['task']} ({t['examples']} dev rows; fp32 final exit "
                   + ", ".join(f"{k} {100 * t['fp32'][-1][k]:.2f}" for k in keys) + ")", "",
                   "| recipe | " + " | ".join(f"{k}, exits 1..L" for k in keys)
-                  + " | changed rows per exit | fp32 nodes | outlier products | passes | export s |",
+                  + " | changed rows per exit | fp32 products | outlier products | passes | export s |",
                   "|---|" + "---|" * len(keys) + "---|---|---|---|---|"]  # fmt: skip
         for r in t["recipes"]:
             cells = [" ".join(f"{d:+.2f}" for d in r["deltas"][k]) for k in keys]
             ok = "yes" if passes(r, tol, keys) else "no"
             changed = " ".join(map(str, r["changed_rows"]))
-            lines.append(f"| {r['recipe']} | " + " | ".join(cells) + f" | {changed} | {r['fp32_nodes']} | "
+            lines.append(f"| {r['recipe']} | " + " | ".join(cells) + f" | {changed} | {r['fp32_products']} | "
                          f"{r['outlier_products']} | {ok} | {r['export_seconds']:.0f} |")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
@@ -131,6 +145,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", default="runs/int8-work", help="where the exports are built (removed after each)")
     p.add_argument("--out", default="results/int8_recipes", help="writes OUT.md and OUT.json")
     p.add_argument("--tolerance", type=float, default=0.3, help="points an exit may fall below fp32")
+    p.add_argument(
+        "--seeds", default="1,2", help="the default recipe again with these calibration seeds (0 is its own)"
+    )
     args = p.parse_args(argv)
     import onnx
 
@@ -139,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"created": now(), "command": command, "environment": env, "tolerance": args.tolerance,
               "models": [], "tasks": [], "keys": {}}  # fmt: skip
     for run in [Path(r) for r in args.runs.split(",") if r]:
-        t = evaluate_recipes(run, Path(args.work), [n for n in args.recipes.split(",") if n])
+        seeds = [int(x) for x in args.seeds.split(",") if x]
+        t = evaluate_recipes(run, Path(args.work), [n for n in args.recipes.split(",") if n], seeds)
         info = json.loads((run / "run.json").read_text())
         method = json.loads((run / "training_args.json").read_text()).get("method")
         report["models"].append(f"{t['task']}: run {run.name} ({method}, {info.get('pooling')} pooling, "

@@ -17,8 +17,8 @@ from romebert.deploy.export import export_model
 from romebert.deploy.quantize import (
     DEFAULT_INT8,
     RECIPES,
-    channel_max,
     chain,
+    channel_max,
     first_feeds,
     quantize,
     recipe,
@@ -134,8 +134,15 @@ def test_int8_export_is_quiet_and_leaves_logging_as_it_was(fp32_export, tmp_path
     model, _ = fp32_export
     root = logging.getLogger()
     handlers = list(root.handlers)
-    export_model(model, tok, tmp_path / "q", precision="int8", max_seq_length=40, calibration=CALIBRATION,
-                 int8_recipe="static-entropy-qdq")  # fmt: skip  (the noisiest: histogram progress on stdout)
+    export_model(
+        model,
+        tok,
+        tmp_path / "q",
+        precision="int8",
+        max_seq_length=40,
+        calibration=CALIBRATION,
+        int8_recipe="static-entropy-qdq",
+    )  # fmt: skip  (the noisiest: histogram progress on stdout)
     out = capfd.readouterr()
     assert "pre-processing" not in out.err + out.out and "histogram" not in out.out
     assert root.handlers == handlers and not root.filters

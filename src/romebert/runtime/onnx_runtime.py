@@ -21,13 +21,14 @@ import numpy as np
 from romebert.core.errors import RomebertError
 from romebert.runtime.artefacts import ExportManifest
 from romebert.runtime.encoding import mean_pool_weights
-from romebert.runtime.policies import POLICIES, ExitPolicy, threshold_vector
+from romebert.runtime.exit_policy import ExitPolicy, threshold_vector
+from romebert.runtime.policies import POLICIES
 
 # The one-graph early exit stops a row at exit k when margin >= -GUARD and the host accepts it when
-# margin > GUARD (margin: the signed distance of the exit score from the threshold, float64). Within
-# GUARD the host decides with the engine's numpy scores: ORT's float64 softmax may differ from numpy's in
-# the last bits, far below GUARD.
-SINGLE_ROW_GUARD = 1e-9
+# margin > GUARD (margin: the signed distance of the exit score from the threshold, in float32). Within
+# GUARD the host decides with the engine's own float64 numpy scores: the graph's float32 scores (and
+# thresholds) are within about 1e-7 of them, far below GUARD.
+SINGLE_ROW_GUARD = 1e-5
 SINGLE_ROW_INPUTS = ("temperatures", "exit_bias", "use_maxprob")
 SINGLE_ROW_CRITERIA = ("entropy", "maxprob")
 
@@ -136,7 +137,7 @@ class OrtSegments:
         if self._single is None or name not in SINGLE_ROW_CRITERIA or type(policy) is not POLICIES[name]:
             return None
         n = self.num_layers
-        bias = threshold_vector(policy.threshold, n) * (-1.0 if name == "maxprob" else 1.0)  # float64
+        bias = (threshold_vector(policy.threshold, n) * (-1.0 if name == "maxprob" else 1.0)).astype(np.float32)
         bias[-1] = 0.0  # the final exit takes every row left: its threshold (maybe inf) is never read
         temps = np.asarray(temperatures if temperatures is not None else np.ones(n), np.float32)
         feed = {"exit_bias": bias, "use_maxprob": np.array([name == "maxprob"]), "temperatures": temps}
