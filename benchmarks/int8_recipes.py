@@ -26,9 +26,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def evaluate_recipes(run: Path, work: Path, names: list[str], seeds: list[int], batch_size: int = 64) -> dict:
-    """Every recipe of ``names`` on the run's dev split; the default recipe again with each calibration seed
-    of ``seeds`` (how much the figures move with the 256 sentences drawn)."""
+def evaluate_recipes(run: Path, work: Path, names: list[str], seeds: list[int], dev_batches: list[int] = (),
+                     batch_size: int = 64) -> dict:  # fmt: skip
+    """Every recipe of ``names`` on the run's dev split (in batches of ``batch_size``); the default recipe
+    again with each calibration seed of ``seeds`` (how much the figures move with the sentences drawn) and
+    its dev logits in batches of each of ``dev_batches`` (how much they move with the batching)."""
     from romebert.core.runs import RunFolder
     from romebert.deploy.export import export_model
     from romebert.deploy.export_dev import fp32_dev_logits
@@ -69,25 +71,35 @@ def evaluate_recipes(run: Path, work: Path, names: list[str], seeds: list[int], 
                                 int8_recipe=name if precision == "int8" else "dynamic", calibration=calibration,
                                 single_row=False)  # fmt: skip
         seconds = time.perf_counter() - t0
-        logits = dataset_exit_logits(OrtSegments(folder, manifest), dataset, collator, batch_size)
-        got = per_exit_metrics(logits, labels, task)
         q = manifest.quantization or {}
-        out["recipes"].append({
-            "recipe": name + (f" (calibration seed {seed})" if seed else ""),
-            "settings": q.get("settings"),
-            "deltas": {k: [100 * (g[k] - r[k]) for r, g in zip(ref, got, strict=True)] for k in ref[0]},
-            "changed_rows": [int(c) for c in (logits.argmax(-1) != fp32.argmax(-1)).sum(-1)],
-            "calibration_rows": q.get("calibration_rows", 0),
-            # encoder products kept fp32 (the outliers' small side products, named .../Fp32, are counted apart)
-            "fp32_products": sum(not n.endswith("/Fp32") for v in q.get("fp32_nodes", {}).values() for n in v),
-            "outlier_products": sum(len(v) for v in q.get("outliers", {}).values()),
-            "export_seconds": seconds,
-            "graph_mib": sum(f.stat().st_size for f in folder.glob("segment_*.onnx")) / 2**20,
-        })  # fmt: skip
+        segments = OrtSegments(folder, manifest)
+        # int8 quantizes activations with one scale per batch: the dev figures move with how dev is batched
+        for bs in [batch_size] + [
+            b for b in (dev_batches if name == DEFAULT_INT8 and not seed else []) if b != batch_size
+        ]:
+            logits = dataset_exit_logits(segments, dataset, collator, bs)
+            got = per_exit_metrics(logits, labels, task)
+            label = (
+                name
+                + (f" (calibration seed {seed})" if seed else "")
+                + (f" (dev in batches of {bs})" if bs != batch_size else "")
+            )
+            out["recipes"].append({
+                "recipe": label,
+                "settings": q.get("settings"),
+                "deltas": {k: [100 * (g[k] - r[k]) for r, g in zip(ref, got, strict=True)] for k in ref[0]},
+                "changed_rows": [int(c) for c in (logits.argmax(-1) != fp32.argmax(-1)).sum(-1)],
+                "calibration_rows": q.get("calibration_rows", 0),
+                # encoder products kept fp32 (the outliers' small side products, named .../Fp32, are counted apart)
+                "fp32_products": sum(not n.endswith("/Fp32") for v in q.get("fp32_nodes", {}).values() for n in v),
+                "outlier_products": sum(len(v) for v in q.get("outliers", {}).values()),
+                "export_seconds": seconds,
+                "graph_mib": sum(f.stat().st_size for f in folder.glob("segment_*.onnx")) / 2**20,
+            })  # fmt: skip
+            deltas = out["recipes"][-1]["deltas"]
+            text = "; ".join(f"{k} " + " ".join(f"{d:+.2f}" for d in v) for k, v in deltas.items())
+            print(f"{task.name} {label}: {text}", flush=True)
         shutil.rmtree(folder, ignore_errors=True)
-        deltas = out["recipes"][-1]["deltas"]
-        text = "; ".join(f"{k} " + " ".join(f"{d:+.2f}" for d in v) for k, v in deltas.items())
-        print(f"{task.name} {out['recipes'][-1]['recipe']}: {text}", flush=True)
     return out
 
 
@@ -110,7 +122,9 @@ def markdown(report: dict) -> str:
         "sentences with seed 0, as the exporter does) and runs the dev split through the exported segments, 64 rows "
         "a batch. Figures are int8 minus fp32 in points, exits 1..L; fp32 = the trained model's own dev logits. "
         'Changed rows: dev rows whose predicted class differs from fp32. "(calibration seed s)": the default '
-        "recipe calibrated on another draw of training sentences: how much the figures move with the draw.",
+        "recipe calibrated on another draw of training sentences: how much the figures move with the draw. "
+        '"(dev in batches of b)": the same export\'s dev logits computed b rows a batch (dynamic int8 takes one '
+        "activation scale per batch, so a row's logits depend on the rows batched with it).",
         f"- A recipe passes when no exit of any listed metric is more than {tol} points below fp32. One dev row is "
         + ", ".join(f"{100 / t['examples']:.3f} points on {t['task']}" for t in report["tasks"])
         + ".",
@@ -157,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
               "models": [], "tasks": [], "keys": {}}  # fmt: skip
     for run in [Path(r) for r in args.runs.split(",") if r]:
         seeds = [int(x) for x in args.seeds.split(",") if x]
-        t = evaluate_recipes(run, Path(args.work), [n for n in args.recipes.split(",") if n], seeds)
+        dev_batches = [int(x) for x in args.dev_batches.split(",") if x]
+        t = evaluate_recipes(run, Path(args.work), [n for n in args.recipes.split(",") if n], seeds, dev_batches)
         info = json.loads((run / "run.json").read_text())
         method = json.loads((run / "training_args.json").read_text()).get("method")
         report["models"].append(f"{t['task']}: run {run.name} ({method}, {info.get('pooling')} pooling, "
