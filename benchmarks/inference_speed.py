@@ -112,16 +112,16 @@ def bench_task(run: Path, work: Path, args) -> tuple[list[R.Row], dict, str]:
     fp32_logits = runtimes[0].dev_logits(dataset, collate)  # the trained model: what "within 1 point" counts against
     fp32_metric = metric_of(task, fp32_logits[-1], labels)
     paths: list[P.Path_] = []
-    for rt in runtimes:  # thresholds chosen on dev with each runtime's own logits
-        logits = fp32_logits if rt.name == "torch" else rt.dev_logits(dataset, collate)
+    for rt in runtimes:  # thresholds chosen on dev with each runtime's own logits, 32 rows a batch as timed
+        logits = fp32_logits if rt.name == "torch" else rt.dev_logits(dataset, collate, 32)
         paths += P.full_paths(rt)
         for s in SPEEDUPS:
             t, _ = choose_threshold(logits, labels, task, target_speedup=s)
             paths.append(P.engine_path(rt, get_policy("entropy", t), f"{s:g}x"))
         t, _ = choose_threshold(logits, labels, task, max_metric_drop=0.01, reference_metric=fp32_metric)
         paths.append(P.engine_path(rt, get_policy("entropy", t), "<=1pt"))
-        if rt.name == "ort-int8":  # the same threshold through the per-layer graphs at batch size 1
-            paths.append(P.engine_path(rt, get_policy("entropy", t), "<=1pt", segments=True))
+        if rt.name == "ort-int8":  # the same threshold, batch size 1 run the other ways
+            paths += [P.engine_path(rt, get_policy("entropy", t), "<=1pt", v) for v in (P.PER_LAYER, P.SPIN)]
     rows = []
     inverse = np.empty_like(order)
     inverse[order] = np.arange(order.size)
@@ -129,14 +129,14 @@ def bench_task(run: Path, work: Path, args) -> tuple[list[R.Row], dict, str]:
         out = p.run_many(sorted32, 32)
         logits = (out if isinstance(out, np.ndarray) else out.logits)[inverse]
         layers = np.full(len(labels), model.num_layers) if isinstance(out, np.ndarray) else out.exit_layer
-        settings = p.extra.get("settings") or ("per-layer graphs at bs 1" if p.extra.get("segments") else "")
+        settings = p.extra.get("settings") or p.extra.get("variant", "")
         rows.append(R.Row(task.name, p.name, p.runtime, p.kind, p.target,
                           None if p.policy is None else p.policy.threshold, metric_of(task, logits, labels),
                           float(np.mean(layers)), model.num_layers / float(np.mean(layers)), fp32_metric=fp32_metric,
                           settings=settings))  # fmt: skip
     busy = T.busy_cores()
     bs1 = T.interleaved({p.name: (lambda p=p: [p.run_one(b) for b in one]) for p in paths}, args.repeats)
-    batched = [p for p in paths if not p.extra.get("segments")]  # (the per-layer comparison is for bs 1 only)
+    batched = [p for p in paths if not p.extra.get("variant")]  # (the variants differ at batch size 1 only)
     bs32 = T.interleaved({p.name: (lambda p=p: p.run_many(sorted32, 32)) for p in batched}, args.repeats)
     for r in rows:
         R.set_times(r, "1", bs1[r.path], len(one))
@@ -154,7 +154,7 @@ def _breakdown(rt: P.Runtime, one, paths, repeats: int) -> dict:
     from romebert.runtime.engine import EarlyExitEngine
     from romebert.runtime.policies import get_policy
 
-    best = next(p for p in paths if p.runtime == rt.name and p.target == "<=1pt" and not p.extra.get("segments"))
+    best = next(p for p in paths if p.runtime == rt.name and p.target == "<=1pt" and not p.extra.get("variant"))
     timed = P.TimedSegments(rt.per_layer)
     engine = EarlyExitEngine(timed, best.policy)
     zero = get_policy("entropy", 0.0)  # entropy is never below 0: every row runs every layer

@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--seeds", default="1,2", help="the default recipe again with these calibration seeds (0 is its own)"
     )
+    p.add_argument("--dev-batches", default="1,32", help="the default recipe's dev logits also in batches of these")
     args = p.parse_args(argv)
     import onnx
 

@@ -5,8 +5,9 @@ predictions. Full-model paths run the final head only, as a plain classifier wou
 graph is timed under each session setting (spinning threads on and off), the benchmark's baseline being
 the faster. Engine paths run ``EarlyExitEngine`` (``run`` per batch at batch size 1, which takes the
 export's one-graph early exit where it applies; ``run_stream`` with refill above, as ``predict`` does) at
-a threshold chosen on dev for that path's own model. ``segments=True`` keeps batch size 1 on the
-per-layer graphs (the path before the one-graph early exit), for comparison.
+a threshold chosen on dev for that path's own model. A ``variant`` runs batch size 1 otherwise, for
+comparison: through the per-layer graphs (the path before the one-graph early exit), or through the one
+graph with spinning threads.
 """
 
 from __future__ import annotations
@@ -47,8 +48,13 @@ class Runtime:
     labelled) and the segments (``per_layer``: the same export without its one-graph early exit)."""
 
     def __init__(self, name: str, segments: Any, fulls: dict[str, Callable[[Batch], np.ndarray]],
-                 per_layer: Any = None) -> None:  # fmt: skip
-        self.name, self.segments, self.fulls, self.per_layer = name, segments, fulls, per_layer
+                 variants: dict[str, Any] | None = None) -> None:  # fmt: skip
+        self.name, self.segments, self.fulls = name, segments, fulls
+        self.variants = variants or {}  # label -> the same export run otherwise at batch size 1
+
+    @property
+    def per_layer(self) -> Any:
+        return self.variants.get(PER_LAYER)
 
     @property
     def full(self) -> Callable[[Batch], np.ndarray]:
@@ -76,6 +82,8 @@ def torch_runtime(model) -> Runtime:
 
 
 FULL_SETTINGS = {"spinning": True, "no spinning": False}  # the full graph's session settings tried
+PER_LAYER = "per-layer graphs at bs 1"  # batch size 1 through the per-layer graphs, as before the one graph
+SPIN = "one graph with spinning at bs 1"  # the one graph's other session setting
 
 
 def ort_runtime(name: str, segments_dir: Path, full_graph: Path, threads: int | None) -> Runtime:
@@ -94,8 +102,9 @@ def ort_runtime(name: str, segments_dir: Path, full_graph: Path, threads: int | 
             return sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
 
         fulls[label] = full
-    return Runtime(name, OrtSegments(segments_dir, intra_op_threads=threads), fulls,
-                   OrtSegments(segments_dir, intra_op_threads=threads, single_row=False))  # fmt: skip
+    variants = {PER_LAYER: OrtSegments(segments_dir, intra_op_threads=threads, single_row=False),
+                SPIN: OrtSegments(segments_dir, intra_op_threads=threads, single_row_spinning=True)}  # fmt: skip
+    return Runtime(name, OrtSegments(segments_dir, intra_op_threads=threads), fulls, variants)
 
 
 # ------------------------------------------------------------------------------------------ paths
@@ -112,8 +121,9 @@ def full_paths(rt: Runtime) -> list[Path_]:
     return paths
 
 
-def engine_path(rt: Runtime, policy: ExitPolicy, target: str, segments: bool = False) -> Path_:
-    engine = EarlyExitEngine(rt.per_layer if segments else rt.segments, policy)
+def engine_path(rt: Runtime, policy: ExitPolicy, target: str, variant: str = "") -> Path_:
+    """The engine at a threshold; ``variant``: one of the runtime's other ways to run batch size 1."""
+    engine = EarlyExitEngine(rt.variants[variant] if variant else rt.segments, policy)
 
     def one(batch: Batch) -> np.ndarray:
         return engine.run(*batch).logits
@@ -121,8 +131,8 @@ def engine_path(rt: Runtime, policy: ExitPolicy, target: str, segments: bool = F
     def many(batches: Sequence[Batch], bs: int):
         return engine.run_stream(batches, bs)
 
-    name = f"engine {target} / {rt.name}" + (" (per-layer graphs at bs 1)" if segments else "")
-    return Path_(name, rt.name, "engine", one, many, target, policy, {"segments": segments})
+    name = f"engine {target} / {rt.name}" + (f" ({variant})" if variant else "")
+    return Path_(name, rt.name, "engine", one, many, target, policy, {"variant": variant})
 
 
 class TimedSegments:

@@ -81,8 +81,9 @@ class OrtSegments:
 
     ``one_graph``: the export's whole-model graph instead (``export --full-graph``), as a single
     "layer" whose exit is the final head: the plain model, run by the same code. ``single_row``: load the
-    export's one-graph early exit for batches of one row (a second copy of the weights in memory), run
-    with spinning threads (``single_row_spinning``: one graph called again and again).
+    export's one-graph early exit for batches of one row (a second copy of the weights in memory);
+    ``single_row_spinning``: its threads spin between calls (ORT's default for one graph called again and
+    again; off by default: on a machine with other work, spinning threads fight it for the cores).
     """
 
     def __init__(
@@ -94,7 +95,7 @@ class OrtSegments:
         spinning: bool = False,
         one_graph: bool = False,
         single_row: bool = True,
-        single_row_spinning: bool = True,
+        single_row_spinning: bool = False,
     ) -> None:
         ort = _ort()
         self.folder = Path(folder)
