@@ -1,9 +1,10 @@
 """Early exit against the full model, on PyTorch, ONNX Runtime fp32 and ONNX Runtime int8 (one run, the
-same trained weights behind every path): ms/example at batch sizes 1 and 32, dev metric, mean exit
-layer, layer speed-up and peak RSS, with speed-ups against the same runtime's full model and against
-the full model on ONNX Runtime int8 (what a user would deploy instead).
+same trained weights behind every path): ms/example at batch sizes 1 and 32, dev metric (and the fp32
+model's, which thresholds count against), mean exit layer, layer speed-up and peak RSS, with speed-ups
+against the same runtime's full model and against the full model on ONNX Runtime int8 (what a user would
+deploy instead, under its best session setting; its spread over passes is reported).
 
-    python benchmarks/inference_speed.py --runs runs/quickstart-sst2,runs/quickstart-mrpc
+    python benchmarks/inference_speed.py --runs runs/quickstart-sst2,runs/quickstart-mrpc --threads 2
 
 Writes results/inference_speed.{md,json}. Keep other work off the CPU while it runs (``--wait-idle``).
 The harness is in benchmarks/speed/ (paths, timing, rows); tests/test_benchmarks.py runs it on a tiny model.
@@ -33,21 +34,34 @@ SPEEDUPS = (1.5, 2.0, 3.0)
 
 
 def prepare(run: Path, work: Path) -> dict[str, Path]:
-    """The run's fp32 and int8 exports and full-model graphs, built once into ``work``."""
+    """The run's fp32 and int8 exports (int8: the default recipe, calibrated on training sentences) and the
+    full-model graphs (int8: ``quantize_dynamic`` with its defaults, the baseline), built once into ``work``."""
     from romebert.deploy.export import export_full_model, export_model
+    from romebert.deploy.quantize import BASELINE_INT8, DEFAULT_INT8, calibration_batches, recipe
     from romebert.model.loading import load_run
+    from romebert.runtime.artefacts import ExportManifest
 
     work.mkdir(parents=True, exist_ok=True)
     files = {"ort-fp32": work / "segments-fp32", "ort-int8": work / "segments-int8",
              "full-ort-fp32": work / "full-fp32.onnx", "full-ort-int8": work / "full-int8.onnx"}  # fmt: skip
-    model, _, data = load_run(run, "cpu")
+    model, tok, data = load_run(run, "cpu")
+    calibration = calibration_batches(data.examples("train"), tok, data.max_seq_length,
+                                      recipe(DEFAULT_INT8).calibration_examples)  # fmt: skip
     for precision in ("fp32", "int8"):
-        if not (files[f"ort-{precision}"] / "manifest.json").is_file():
-            export_model(model, run / "model", files[f"ort-{precision}"], precision=precision,
-                         max_seq_length=data.max_seq_length)  # fmt: skip
+        folder = files[f"ort-{precision}"]
+        current = (folder / "manifest.json").is_file() and _current(ExportManifest.load(folder, verify=False))
+        if not current:  # an export of an older romebert or recipe is built again
+            export_model(model, run / "model", folder, precision=precision, max_seq_length=data.max_seq_length,
+                         calibration=calibration)  # fmt: skip
         if not files[f"full-ort-{precision}"].is_file():
-            export_full_model(model, files[f"full-ort-{precision}"], precision)
+            export_full_model(model, files[f"full-ort-{precision}"], precision, int8_recipe=BASELINE_INT8)
     return files
+
+
+def _current(m) -> bool:
+    from romebert.deploy.quantize import DEFAULT_INT8
+
+    return m.single_row_graph is not None and (m.precision == "fp32" or m.quantization["recipe"] == DEFAULT_INT8)
 
 
 def dev_data(run: Path, bs1_examples: int):
@@ -95,15 +109,19 @@ def bench_task(run: Path, work: Path, args) -> tuple[list[R.Row], dict, str]:
     runtimes = [P.torch_runtime(model)] + [
         P.ort_runtime(name, files[name], files[f"full-{name}"], args.threads) for name in ("ort-fp32", "ort-int8")
     ]
+    fp32_logits = runtimes[0].dev_logits(dataset, collate)  # the trained model: what "within 1 point" counts against
+    fp32_metric = metric_of(task, fp32_logits[-1], labels)
     paths: list[P.Path_] = []
-    for rt in runtimes:  # thresholds chosen on dev with each runtime's own logits
-        logits = rt.dev_logits(dataset, collate)
-        paths.append(P.full_path(rt))
+    for rt in runtimes:  # thresholds chosen on dev with each runtime's own logits, 32 rows a batch as timed
+        logits = fp32_logits if rt.name == "torch" else rt.dev_logits(dataset, collate, 32)
+        paths += P.full_paths(rt)
         for s in SPEEDUPS:
             t, _ = choose_threshold(logits, labels, task, target_speedup=s)
             paths.append(P.engine_path(rt, get_policy("entropy", t), f"{s:g}x"))
-        t, _ = choose_threshold(logits, labels, task, max_metric_drop=0.01)
+        t, _ = choose_threshold(logits, labels, task, max_metric_drop=0.01, reference_metric=fp32_metric)
         paths.append(P.engine_path(rt, get_policy("entropy", t), "<=1pt"))
+        if rt.name == "ort-int8":  # the same threshold, batch size 1 run the other ways
+            paths += [P.engine_path(rt, get_policy("entropy", t), "<=1pt", v) for v in (P.PER_LAYER, P.SPIN)]
     rows = []
     inverse = np.empty_like(order)
     inverse[order] = np.arange(order.size)
@@ -111,44 +129,54 @@ def bench_task(run: Path, work: Path, args) -> tuple[list[R.Row], dict, str]:
         out = p.run_many(sorted32, 32)
         logits = (out if isinstance(out, np.ndarray) else out.logits)[inverse]
         layers = np.full(len(labels), model.num_layers) if isinstance(out, np.ndarray) else out.exit_layer
+        settings = p.extra.get("settings") or p.extra.get("variant", "")
         rows.append(R.Row(task.name, p.name, p.runtime, p.kind, p.target,
                           None if p.policy is None else p.policy.threshold, metric_of(task, logits, labels),
-                          float(np.mean(layers)), model.num_layers / float(np.mean(layers))))  # fmt: skip
+                          float(np.mean(layers)), model.num_layers / float(np.mean(layers)), fp32_metric=fp32_metric,
+                          settings=settings))  # fmt: skip
     busy = T.busy_cores()
     bs1 = T.interleaved({p.name: (lambda p=p: [p.run_one(b) for b in one]) for p in paths}, args.repeats)
-    bs32 = T.interleaved({p.name: (lambda p=p: p.run_many(sorted32, 32)) for p in paths}, args.repeats)
+    batched = [p for p in paths if not p.extra.get("variant")]  # (the variants differ at batch size 1 only)
+    bs32 = T.interleaved({p.name: (lambda p=p: p.run_many(sorted32, 32)) for p in batched}, args.repeats)
     for r in rows:
-        r.ms = {"1": 1e3 * T.median(bs1[r.path]) / len(one), "32": 1e3 * T.median(bs32[r.path]) / len(labels)}
+        R.set_times(r, "1", bs1[r.path], len(one))
+        if r.path in bs32:
+            R.set_times(r, "32", bs32[r.path], len(labels))
     breakdown = _breakdown(runtimes[-1], one, paths, args.repeats)
     breakdown["busy cores during the run (other processes)"] = f"{busy:.2f}"
     return rows, breakdown, task.name
 
 
 def _breakdown(rt: P.Runtime, one, paths, repeats: int) -> dict:
-    """Where the int8 engine's time goes at batch size 1: graph calls against host work, and what cutting
-    the model into per-layer graphs costs by itself (every row at full depth, against the one graph)."""
+    """At batch size 1, at the <=1pt threshold: the one-graph early exit against the per-layer graphs (and
+    how much of the latter is inside the graphs); at full depth (threshold 0: no row leaves early): what the
+    exits cost on top of the plain model, in the one graph and cut into per-layer graphs."""
     from romebert.runtime.engine import EarlyExitEngine
     from romebert.runtime.policies import get_policy
 
-    best = next(p for p in paths if p.runtime == rt.name and p.target == "<=1pt")
-    timed = P.TimedSegments(rt.segments)
+    best = next(p for p in paths if p.runtime == rt.name and p.target == "<=1pt" and not p.extra.get("variant"))
+    timed = P.TimedSegments(rt.per_layer)
     engine = EarlyExitEngine(timed, best.policy)
-    deep = EarlyExitEngine(rt.segments, get_policy("entropy", 0.0))  # threshold 0: every row runs every layer
-    times = T.interleaved({"engine": lambda: [engine.run(*b) for b in one],
-                           "deep": lambda: [deep.run(*b) for b in one],
-                           "full": lambda: [rt.full(b) for b in one]}, repeats)  # fmt: skip
+    zero = get_policy("entropy", 0.0)  # entropy is never below 0: every row runs every layer
+    deep_one, deep_layers = EarlyExitEngine(rt.segments, zero), EarlyExitEngine(rt.per_layer, zero)
+    full = next(iter(rt.fulls.values()))
+    times = T.interleaved({"one graph": lambda: [best.run_one(b) for b in one],
+                           "per-layer": lambda: [engine.run(*b) for b in one],
+                           "deep one graph": lambda: [deep_one.run(*b) for b in one],
+                           "deep per-layer": lambda: [deep_layers.run(*b) for b in one],
+                           "full": lambda: [full(b) for b in one]}, repeats)  # fmt: skip
     n = len(one)
     per = {k: 1e3 * T.median(v) / n for k, v in times.items()}
     calls = timed.calls / (repeats + 1) / n  # graph calls per input (warm-up included in the counts)
     graph_ms = 1e3 * timed.graph_seconds / (repeats + 1) / n
     layers = rt.segments.num_layers
     return {
-        "engine <=1pt, ms per input": f"{per['engine']:.3f}, of which inside the graphs {graph_ms:.3f} "
-        f"({calls:.2f} graph calls per input) and host work (policy, bookkeeping, compaction) "
-        f"{per['engine'] - graph_ms:.3f}",
-        "full depth through the segments vs the one graph, ms per input": f"{per['deep']:.3f} vs {per['full']:.3f}: "
-        f"{(per['deep'] - per['full']) / layers * 1e3:.0f} us per layer for cutting the model into {layers} graphs "
-        "(a call, the repeated LayerNorm, the decision)",
+        "<=1pt at batch size 1, ms per input": f"one-graph early exit {per['one graph']:.3f}; per-layer graphs "
+        f"{per['per-layer']:.3f}, of which inside the graphs {graph_ms:.3f} ({calls:.2f} graph calls per input)",
+        "full depth (no row leaves early), ms per input": f"one-graph early exit {per['deep one graph']:.3f}, "
+        f"per-layer graphs {per['deep per-layer']:.3f}, the full graph ({next(iter(rt.fulls))}) {per['full']:.3f}: "
+        f"{(per['deep one graph'] - per['full']) / layers * 1e3:.0f} us per layer for the exits in the one graph, "
+        f"{(per['deep per-layer'] - per['full']) / layers * 1e3:.0f} us per layer cut into {layers} graphs",
     }
 
 
@@ -186,7 +214,9 @@ def rss_probe(spec: dict) -> float:
         b = collate([dataset[i] for i in range(s, min(s + 32, len(dataset)))])
         batches.append((b["input_ids"], b["attention_mask"], b.get("token_type_ids", np.zeros_like(b["input_ids"]))))
     path = (
-        P.full_path(rt) if spec["kind"] == "full" else P.engine_path(rt, get_policy("entropy", spec["threshold"]), "")
+        P.full_paths(rt)[0]
+        if spec["kind"] == "full"
+        else P.engine_path(rt, get_policy("entropy", spec["threshold"]), "")
     )
     path.run_many(batches, 32)
     if spec["runtime"] != "torch":
@@ -195,12 +225,14 @@ def rss_probe(spec: dict) -> float:
 
 
 def measure_rss(run: Path, work: Path, rows: list[R.Row], threads: int) -> None:
+    seen = set()
     for r in rows:
+        if r.settings or (r.kind == "engine" and r.target != "<=1pt") or (r.runtime, r.kind) in seen:
+            continue  # one full and one engine row per runtime: memory depends on neither threshold nor setting
+        seen.add((r.runtime, r.kind))
         precision = r.runtime[4:]  # ort-fp32 -> fp32
         spec = {"run": str(run), "runtime": r.runtime, "kind": r.kind, "threshold": r.threshold, "threads": threads}
         spec.update(segments=str(work / f"segments-{precision}"), full=str(work / f"full-{precision}.onnx"))
-        if r.kind == "engine" and r.target != "<=1pt":
-            continue  # one engine row per runtime: memory does not depend on the threshold
         out = subprocess.run([sys.executable, __file__, "--rss-probe", json.dumps(spec)], capture_output=True,
                              text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})  # fmt: skip
         r.peak_rss_mib = float(out.stdout.strip().splitlines()[-1])

@@ -13,8 +13,8 @@ from romebert.core.errors import RomebertError
 from romebert.data.examples import Example
 from romebert.deploy.classifier import EarlyExitClassifier
 from romebert.evaluation.calibration import CALIBRATION_FILE, apply_temperatures
-from romebert.evaluation.exits import choose_threshold, pick_from_sweep, sweep
-from romebert.evaluation.logits import collect_logits
+from romebert.evaluation.exits import choice_record, choose_threshold, pick_from_sweep, sweep
+from romebert.evaluation.logits import collect_outputs
 from romebert.runtime.encoding import Collator, encode
 from romebert.runtime.policies import CRITERIA, get_policy
 from romebert.runtime.scores import entropy
@@ -45,8 +45,9 @@ TEXTS = [sentence(i, length=1 + (i * 7) % 12) for i in range(24)]  # mixed lengt
 def _offline(clf: EarlyExitClassifier, texts, policy, temperatures=None):
     """Reference: every exit's logits from one cached pass, then the policy's offline decisions."""
     ds = encode([Example(str(i), t, None, None) for i, t in enumerate(texts)], clf.tokenizer, None, 32)
-    cached = apply_temperatures(collect_logits(clf.model, ds, Collator(clf.tokenizer)), temperatures)
-    return cached, *policy.decide(cached)
+    logits, features = collect_outputs(clf.model, ds, Collator(clf.tokenizer), features=tuple(policy.needs))
+    cached = apply_temperatures(logits, temperatures)
+    return cached, *policy.decide(cached, features=features)
 
 
 def _mid_threshold(cached: np.ndarray) -> float:
@@ -78,7 +79,7 @@ def test_predict_returns_labels_probabilities_and_exit_layers_in_input_order(clf
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_every_criterion_through_predict(clf, criterion):
     threshold = {"entropy": 0.69, "maxprob": 0.51, "patience": 2, "patience-confidence": 0.69, "energy": 0.2,
-                 "agreement": 0.4}[criterion]  # fmt: skip
+                 "agreement": 0.4, "cap": 0.69}[criterion]  # fmt: skip
     policy = get_policy(criterion, threshold, patience=2)
     _, ref_layers, _ = _offline(clf, TEXTS, policy)
     out = clf.predict_with_exits(TEXTS, criterion=criterion, threshold=threshold, batch_size=4, patience=2)
@@ -148,13 +149,14 @@ def test_calibrate_saves_and_predict_uses_it(run, clf):
 
 def test_choose_threshold_on_the_runs_dev_split(run):
     clf = EarlyExitClassifier.from_run(run, device="cpu")  # uncalibrated (calibrate() sets temperatures)
-    logits, labels = clf.dev_logits()
+    logits, labels, features = clf.dev_outputs(features=("nsp",))  # (nsp: CAP's)
     assert logits.shape == (clf.num_layers, 12, 2) and labels.shape == (12,)
+    assert features["nsp"].shape == (clf.num_layers, 12)
     for criterion in CRITERIA:
         t, row = clf.choose_threshold(criterion, target_speedup=1.0)
         assert row["speedup"] >= 1.0 and row["threshold"] == t
         t, row = clf.choose_threshold(criterion, max_metric_drop=1.0)  # no budget: the fastest
-        rows = sweep(logits, labels, clf.task(), [get_policy(criterion, x) for x in [t]])
+        rows = sweep(logits, labels, clf.task(), [get_policy(criterion, x) for x in [t]], features=features)
         assert rows[0]["speedup"] == pytest.approx(row["speedup"])
     _, row = clf.choose_threshold("entropy", max_metric_drop=1.0)
     assert row["speedup"] == pytest.approx(clf.num_layers)  # a huge threshold: everyone leaves at layer 1
@@ -211,6 +213,25 @@ def test_choose_threshold_from_logits_matches_its_sweep():
     assert 1.0 - row["metric"] <= 0.05 + 1e-9 and row["speedup"] > 1.0
     layers, _ = get_policy("maxprob", t).decide(logits)
     assert 4 * 300 / layers.sum() == pytest.approx(row["speedup"])
+
+
+def test_a_metric_drop_counts_against_the_reference_given():
+    """An int8 export whose own final exit lost a point: within one point of the fp32 model's final exit
+    is stricter than within one point of its own."""
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(4, 400, 2)) * np.array([0.5, 1.0, 2.0, 4.0])[:, None, None]).astype(np.float32)
+    labels = logits[-1].argmax(-1)  # the final exit is right on every row: its metric is 1.0
+    own_t, own = choose_threshold(logits, labels, FakeTask(), max_metric_drop=0.05, metric_fn=fake_metrics)
+    t, row = choose_threshold(logits, labels, FakeTask(), max_metric_drop=0.05, metric_fn=fake_metrics,
+                              reference_metric=1.02)  # fmt: skip
+    assert own["reference_metric"] == own["final_metric"] == 1.0 and row["reference_metric"] == 1.02
+    assert 1.02 - row["metric"] <= 0.05 + 1e-9 < 1.02 - own["metric"]  # the own-final choice breaks the budget
+    assert row["speedup"] < own["speedup"] and t < own_t
+    record = choice_record(row, "dev", FakeTask(), None, 0.05, "fp32", 1.02)
+    assert record["reference"] == "fp32" and record["reference_metric"] == record["fp32_final_metric"] == 1.02
+    with pytest.raises(RomebertError, match="within 0.05 of the fp32 model's final exit's 1.1000"):
+        choose_threshold(logits, labels, FakeTask(), max_metric_drop=0.05, metric_fn=fake_metrics,
+                         reference_metric=1.10)  # fmt: skip
 
 
 def test_cli_evaluate_sweep_predict_with_a_criterion(run, capsys):

@@ -26,19 +26,35 @@ def test_the_benchmark_runs_and_reports_every_path(tiny_run, tmp_path):
     rows = report["rows"]
     assert {(r["runtime"], r["kind"]) for r in rows} == {(rt, k) for rt in ("torch", "ort-fp32", "ort-int8")
                                                          for k in ("full", "engine")}  # fmt: skip
-    assert len(rows) == 3 * 5  # per runtime: the full model and four thresholds
+    # per runtime four thresholds; ONNX Runtime's full graph under two session settings; int8 also runs
+    # its <=1pt threshold at batch size 1 through the per-layer graphs and through the one graph with spinning threads
+    assert len(rows) == 5 + 6 + 8
+    fp32 = rows[0]["metric"]  # the PyTorch full model: the model the user trained
     for r in rows:
-        assert r["ms"]["1"] > 0 and r["ms"]["32"] > 0 and 0.0 <= r["metric"] <= 1.0
-        assert r["vs_same_runtime"]["1"] > 0 and r["vs_ort_int8"]["32"] > 0
+        assert r["ms"]["1"] > 0 and 0.0 <= r["metric"] <= 1.0 and r["fp32_metric"] == fp32
+        assert len(r["passes"]["1"]) == 1 and r["vs_ort_int8"]["1"] > 0
         assert 1.0 <= r["mean_exit_layer"] <= 3.0
+        if not r["settings"].endswith("at bs 1"):
+            assert r["ms"]["32"] > 0 and r["vs_ort_int8"]["32"] > 0
     full = [r for r in rows if r["kind"] == "full"]
-    assert all(r["vs_same_runtime"]["1"] == 1.0 for r in full)
+    assert {r["settings"] for r in full} == {"", "spinning", "no spinning"}
+    for bs in ("1", "32"):  # the baseline is the faster session setting of the full int8 graph
+        assert max(r["vs_ort_int8"][bs] for r in full if r["runtime"] == "ort-int8") == 1.0
     # the fp32 export predicts as the PyTorch model does: the same dev metric for the full model
     assert full[0]["metric"] == full[1]["metric"]
+    within = [r for r in rows if r["target"] == "<=1pt"]
+    assert len(within) == 5 and all(r["fp32_metric"] == fp32 for r in within)
+    # within 1 point of fp32 (int8's own batches give its rows slightly other logits than the choice saw)
+    assert all(fp32 - r["metric"] <= 0.01 + 1e-9 for r in within if r["runtime"] != "ort-int8")
+    one_graph, *others = (r for r in within if r["runtime"] == "ort-int8")
+    assert all(r["threshold"] == one_graph["threshold"] and r["metric"] == one_graph["metric"] for r in others)
     assert report["targets"]["SST-2"] and "SST-2" in report["breakdown"]
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == rows
     md = out.with_suffix(".md").read_text()
     assert "| engine <=1pt / ort-int8 |" in md and "Against the targets" in md
+    assert "| engine <=1pt / ort-int8 (per-layer graphs at bs 1) |" in md and "min / median / max" in md
+    assert "| engine <=1pt / ort-int8 (one graph with spinning at bs 1) |" in md
+    assert "Baseline (full ORT int8, best session setting): batch size 1: " in md
     assert str(Path.home()) not in md and "site-packages" not in md  # no machine paths
 
 

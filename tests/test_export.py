@@ -9,51 +9,24 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, RobertaConfig
+from transformers import AutoTokenizer
 
 from romebert.cli import main
 from romebert.core.errors import RomebertError
 from romebert.data.examples import Example
 from romebert.deploy.classifier import EarlyExitClassifier
 from romebert.deploy.export import export_model
-from romebert.model.modeling import MultiExitConfig, MultiExitModel
+from romebert.deploy.quantize import DEFAULT_INT8
 from romebert.runtime.artefacts import MANIFEST_FILE, EarlyExitConfig, ExportManifest
 from romebert.runtime.criteria import AgreementPolicy
-from romebert.runtime.encoding import Collator, EncodedDataset, FastTokenizer, encode
-from romebert.runtime.engine import EarlyExitEngine, all_exit_logits
+from romebert.runtime.encoding import FastTokenizer, encode
+from romebert.runtime.engine import EarlyExitEngine, all_exit_logits, all_exit_outputs
 from romebert.runtime.onnx_runtime import OrtSegments
-from romebert.runtime.policies import CRITERIA, exit_scores, get_policy
-from romebert.runtime.scores import energy, entropy, maxprob
+from romebert.runtime.policies import CRITERIA, criterion_class, exit_scores, get_policy
 
-from conftest import sharpen_exits
+from export_fixtures import LAYERS, _batches, _dataset, _model, _threshold
 from glue_fixtures import sentence
-from tiny import VOCAB, make_tiny_tokenizer
-
-LAYERS = 3
-
-
-def _backbone_config(family: str):
-    common = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
-                  intermediate_size=37, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
-    if family == "roberta":
-        return RobertaConfig(**common, max_position_embeddings=70, pad_token_id=0, type_vocab_size=1)
-    return BertConfig(**common, max_position_embeddings=64)
-
-
-def _model(family: str = "bert", pooling: str = "mean", seed: int = 0) -> MultiExitModel:
-    torch.manual_seed(seed)
-    cfg = MultiExitConfig(num_labels=3, pooling=pooling, exit_dropout=0.0, task=None, labels=["a", "b", "c"])
-    return sharpen_exits(MultiExitModel.from_config(_backbone_config(family), cfg).eval())
-
-
-def _dataset(n: int = 40, seed: int = 0) -> EncodedDataset:
-    rng = np.random.default_rng(seed)
-    feats = []
-    for _ in range(n):
-        length = int(rng.integers(2, 30))
-        ids = [2, *rng.integers(5, len(VOCAB), size=length - 2).tolist(), 3]
-        feats.append({"input_ids": ids, "attention_mask": [1] * length, "token_type_ids": [0] * length})
-    return EncodedDataset(feats)
+from tiny import make_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +48,6 @@ def exported(tmp_path_factory, tokenizer_dir):
     return out
 
 
-COLLATE = Collator(pad_token_id=0, return_tensors="np")
-
-
 def test_export_leaves_the_callers_model_as_it_found_it(tmp_path, tokenizer_dir):
     model = _model().train()
     model.backbone.config._attn_implementation = "sdpa"
@@ -88,29 +58,8 @@ def test_export_leaves_the_callers_model_as_it_found_it(tmp_path, tokenizer_dir)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def _batches(dataset: EncodedDataset, batch_size: int):
-    out = []
-    for start in range(0, len(dataset), batch_size):
-        b = COLLATE([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        out.append((b["input_ids"], b["attention_mask"], b["token_type_ids"]))
-    return out
-
-
 def agreement(all_logits: np.ndarray) -> np.ndarray:
     return exit_scores(AgreementPolicy, all_logits)[0]
-
-
-def _threshold(scores: np.ndarray, q: float, avoid: np.ndarray) -> float:
-    """A threshold near quantile q of ``scores`` with no score of ``avoid`` within 1e-3 (no near-ties:
-    ONNX Runtime and torch logits differ in the last float digits)."""
-    s = np.sort(scores.ravel())
-    for offset in range(len(s)):
-        for i in (int(q * len(s)) + offset, int(q * len(s)) - offset):
-            if 0 <= i < len(s) - 1 and s[i + 1] - s[i] > 2e-3:
-                t = float((s[i] + s[i + 1]) / 2)
-                if np.abs(avoid - t).min() > 1e-3:
-                    return t
-    raise AssertionError("no robust threshold")
 
 
 @pytest.mark.parametrize("key", [("bert", "mean"), ("bert", "cls"), ("roberta", "mean")], ids=lambda k: "-".join(k))
@@ -161,21 +110,20 @@ def test_ort_engine_equals_the_pytorch_engine(exported, criterion, batch_size):
     model, folder = exported["bert", "mean"]
     data = _dataset(n=20 if batch_size == 1 else 40, seed=1)
     batches = _batches(data, batch_size)
-    torch_logits = all_exit_logits(model, batches)
-    ort_logits = all_exit_logits(OrtSegments(folder), batches)
-    early = np.concatenate([torch_logits[:-1], ort_logits[:-1]])
-    threshold = {
-        "entropy": _threshold(entropy(torch_logits[:-1]), 0.4, entropy(early)),
-        "maxprob": _threshold(maxprob(torch_logits[:-1]), 0.6, maxprob(early)),
-        "patience": 2,
-        "patience-confidence": _threshold(entropy(torch_logits[:-1]), 0.3, entropy(early)),
-        "energy": _threshold(energy(torch_logits[:-1]), 0.4, energy(early)),
-        "agreement": _threshold(
-            exit_scores(AgreementPolicy, torch_logits)[0],
-            0.6,
-            np.concatenate([exit_scores(AgreementPolicy, x)[0] for x in (torch_logits, ort_logits)]),
-        ),
-    }[criterion]
+    # every exit's logits and nsp (CAP's feature, an output of every segment graph) from both runtimes
+    (torch_logits, torch_nsp), (ort_logits, ort_nsp) = (
+        all_exit_outputs(seg, batches, ("nsp",)) for seg in (model, OrtSegments(folder))
+    )
+    assert np.abs(torch_nsp["nsp"] - ort_nsp["nsp"]).max() < 1e-4
+    assert 0.0 < torch_nsp["nsp"].min() and torch_nsp["nsp"].max() < 1.0  # a share of the feature's norm
+    quantile = {"entropy": 0.4, "maxprob": 0.6, "patience-confidence": 0.3, "energy": 0.4, "agreement": 0.6, "cap": 0.4}
+    if criterion == "patience":
+        threshold = 2.0
+    else:  # patience-confidence reads the entropy of each exit
+        cls = criterion_class("entropy" if criterion == "patience-confidence" else criterion)
+        ours = exit_scores(cls, torch_logits, features=torch_nsp)[0]
+        both = np.concatenate([ours, exit_scores(cls, ort_logits, features=ort_nsp)[0]])
+        threshold = _threshold(ours, quantile[criterion], both)
     policy = get_policy(criterion, threshold, patience=2)
     a = EarlyExitEngine(model, policy).run_stream(batches, batch_size)
     b = EarlyExitEngine(OrtSegments(folder), policy).run_stream(batches, batch_size)
@@ -186,16 +134,27 @@ def test_ort_engine_equals_the_pytorch_engine(exported, criterion, batch_size):
         assert len(np.unique(a.exit_layer)) >= 2  # a real mix of exits
 
 
-def test_int8_export_loads_runs_and_mostly_agrees_with_fp32(tmp_path, exported, tokenizer_dir):
+def test_int8_export_loads_runs_and_agrees_with_fp32(tmp_path, exported, tokenizer_dir):
     model, fp32 = exported["bert", "mean"]
     int8 = tmp_path / "int8"
-    manifest = export_model(model, tokenizer_dir, int8, precision="int8", max_seq_length=40)
-    assert manifest.precision == "int8"
-    assert sum(f.stat().st_size for f in int8.glob("*.onnx")) < 0.6 * sum(f.stat().st_size for f in fp32.glob("*.onnx"))
+    calibration = _batches(_dataset(n=64, seed=9), 16)  # "training sentences" the recipe calibrates on
+    manifest = export_model(model, tokenizer_dir, int8, precision="int8", max_seq_length=40, calibration=calibration)
+    assert manifest.precision == "int8" and manifest.quantization["recipe"] == DEFAULT_INT8
+    sizes = {f: sum(p.stat().st_size for p in f.glob("segment_*.onnx")) for f in (int8, fp32)}
+    assert sizes[int8] < 0.7 * sizes[fp32]  # (the default recipe keeps the embedding table fp32)
+    import onnx
+
+    for g in manifest.graphs:  # every layer's attention and feed-forward products run in int8
+        ops = [n.op_type for n in onnx.load(str(int8 / g.file)).graph.node]
+        assert "QAttention" in ops and ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul") >= 3
     data = _dataset(n=60, seed=2)
     a = all_exit_logits(OrtSegments(fp32), _batches(data, 16))
     b = all_exit_logits(OrtSegments(int8), _batches(data, 16))
-    # the stated bound: int8 keeps the fp32 prediction of at least 90 % of rows at every exit
+    # the stated bounds (what the default recipe gives on this random model, with margin): every exit's
+    # logits within 0.1 of fp32 (their scale here: a few units), and the fp32 prediction of at least 90 %
+    # of rows kept at every exit (this model's exits have near-ties; the real runs' per-exit dev figures
+    # are in results/int8_recipes.md)
+    assert np.abs(a - b).max() < 0.1
     assert ((a.argmax(-1) == b.argmax(-1)).mean(axis=1) >= 0.9).all()
 
 
@@ -359,6 +318,39 @@ def test_cli_export_then_predict_with_the_export(trained_run, tmp_path, capsys):
     assert layers.min() < manifest.num_layers  # rows do leave early: the equality covers real exits
     layers = np.load(preds / "SST-2.exit_layers.npy")
     assert np.array_equal(layers, np.load(trained_run / "predictions" / "SST-2.exit_layers.npy"))
+
+
+@pytest.mark.parametrize("against", ["fp32", "exported"])
+def test_cli_int8_export_counts_the_drop_against_the_fp32_model_by_default(trained_run, tmp_path, capsys, against):
+    from romebert.evaluation.exits import per_exit_metrics
+    from romebert.evaluation.logits import collect_logits
+    from romebert.model.loading import load_run
+
+    out = tmp_path / "exp"
+    flags = [] if against == "fp32" else ["--drop-against", against]
+    assert main(["export", str(trained_run), "-o", str(out), "--quantize", "int8", "--max-metric-drop", "0.05",
+                 *flags]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    m = ExportManifest.load(out)
+    chosen, dev = m.early_exit.chosen, m.dev_metrics
+    # the fp32 figures are the trained PyTorch model's own, every exit
+    model, tok, data = load_run(trained_run, "cpu")
+    dataset = encode(data.examples("dev"), tok, data.task_spec().labels, data.max_seq_length)
+    labels = np.asarray([f["labels"] for f in dataset.features])
+    assert dev["fp32"] == per_exit_metrics(collect_logits(model, dataset), labels, data.task_spec())
+    assert dev["exported"][-1][chosen["metric_name"]] == chosen["final_metric"]
+    fp32_final = dev["fp32"][-1][chosen["metric_name"]]
+    assert chosen["reference"] == against and chosen["fp32_final_metric"] == fp32_final
+    assert chosen["reference_metric"] == (fp32_final if against == "fp32" else chosen["final_metric"])
+    assert chosen["reference_metric"] - chosen["metric"] <= 0.05 + 1e-12
+    # the summary names both final exits and what the drop counted against; the per-exit deltas are printed
+    assert f"final exit: int8 {100 * chosen['final_metric']:.2f}, fp32 {100 * fp32_final:.2f}" in printed
+    assert ("against the fp32 model" if against == "fp32" else "against the int8 export") in printed
+    deltas = " ".join(f"{100 * (e['accuracy'] - f['accuracy']):+.2f}" for f, e in zip(dev["fp32"], dev["exported"]))
+    assert f"int8 - fp32 on dev, accuracy (fp32 final exit {100 * dev['fp32'][-1]['accuracy']:.2f}), " in printed
+    assert deltas in printed
+    assert m.quantization["recipe"] == DEFAULT_INT8 and m.quantization["calibration_rows"] > 0
+    assert "pre-processing" not in printed
 
 
 def test_cli_export_errors(trained_run, tmp_path, capsys):

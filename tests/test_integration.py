@@ -76,18 +76,16 @@ def _engine_equals_offline_on_real_inputs(run_dir) -> None:
     """Real sentences, the real backbone: the engine's exit layers (batched, mixed lengths) equal the
     offline decisions on freshly collected logits, for every criterion, at batch sizes 1 and 32."""
     import numpy as np
-    import torch
 
     from romebert.deploy.classifier import EarlyExitClassifier
-    from romebert.runtime.policies import CRITERIA, get_policy
-    from romebert.runtime.scores import entropy, maxprob
+    from romebert.runtime.policies import CRITERIA, criterion_class, exit_scores, get_policy
 
     clf = EarlyExitClassifier.from_run(run_dir, device="cpu")
     split = clf.data.eval_splits()[0]
     n = 200
     texts = [e.text_a for e in clf.data.examples(split)[:n]]
-    logits = clf.dev_logits(split, use_cache=False)[0][:, :n]  # [L, N, C]: the same sentences, in order
-    early = torch.from_numpy(logits[:-1])
+    logits, _, features = clf.dev_outputs(split, ("nsp",), use_cache=False)
+    logits, features = logits[:, :n], {"nsp": features["nsp"][:, :n]}  # [L, N, C]: the same sentences, in order
 
     def gap_threshold(scores: np.ndarray, q: float) -> float:
         # Midway across the widest gap between distinct scores near quantile q: live and cached logits
@@ -98,16 +96,15 @@ def _engine_equals_offline_on_real_inputs(run_dir) -> None:
         j = lo + int(np.argmax(np.diff(s[lo : hi + 1])))
         return float((s[j] + s[j + 1]) / 2)
 
-    ent, mp = entropy(early).ravel(), maxprob(early).ravel()
-    thresholds = {
-        "entropy": gap_threshold(ent, 0.5),
-        "maxprob": gap_threshold(mp, 0.5),
-        "patience": 2,
-        "patience-confidence": gap_threshold(ent, 0.7),
-    }
     for criterion in CRITERIA:
-        policy = get_policy(criterion, thresholds[criterion], patience=2)
-        expected, _ = policy.decide(logits)
+        if criterion == "patience":
+            threshold = 2.0
+        else:  # patience-confidence reads each exit's entropy
+            cls = criterion_class("entropy" if criterion == "patience-confidence" else criterion)
+            threshold = gap_threshold(exit_scores(cls, logits, features=features)[0].ravel(),
+                                      0.7 if criterion == "patience-confidence" else 0.5)  # fmt: skip
+        policy = get_policy(criterion, threshold, patience=2)
+        expected, _ = policy.decide(logits, features=features)
         assert 1 < expected.mean() < clf.num_layers, (criterion, expected.mean())  # a real mix of exits
         for batch_size in (1, 32):
             got = clf.predict_with_exits(texts, policy, batch_size=batch_size).exit_layers

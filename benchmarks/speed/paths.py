@@ -1,9 +1,13 @@
 """What the benchmark times: the full model and the early-exit engine, on PyTorch and ONNX Runtime.
 
 A *path* runs pre-tokenized batches (tokenization is left out of every path alike) and gives its dev
-predictions. Full-model paths run the final head only, as a plain classifier would; engine paths run
-``EarlyExitEngine`` (``run`` per batch at batch size 1, ``run_stream`` with refill above, as
-``predict`` does) at a threshold chosen on dev for that path's own model.
+predictions. Full-model paths run the final head only, as a plain classifier would; an ONNX Runtime full
+graph is timed under each session setting (spinning threads on and off), the benchmark's baseline being
+the faster. Engine paths run ``EarlyExitEngine`` (``run`` per batch at batch size 1, which takes the
+export's one-graph early exit where it applies; ``run_stream`` with refill above, as ``predict`` does) at
+a threshold chosen on dev for that path's own model. A ``variant`` runs batch size 1 otherwise, for
+comparison: through the per-layer graphs (the path before the one-graph early exit), or through the one
+graph with spinning threads.
 """
 
 from __future__ import annotations
@@ -40,10 +44,21 @@ class Path_:
 
 # ------------------------------------------------------------------------------------------ runtimes
 class Runtime:
-    """A runtime's two models: the full model (one graph / one forward) and the segments."""
+    """A runtime's two models: the full model (one graph / one forward; one callable per session setting,
+    labelled) and the segments (``per_layer``: the same export without its one-graph early exit)."""
 
-    def __init__(self, name: str, segments: Any, full: Callable[[Batch], np.ndarray]) -> None:
-        self.name, self.segments, self.full = name, segments, full
+    def __init__(self, name: str, segments: Any, fulls: dict[str, Callable[[Batch], np.ndarray]],
+                 variants: dict[str, Any] | None = None) -> None:  # fmt: skip
+        self.name, self.segments, self.fulls = name, segments, fulls
+        self.variants = variants or {}  # label -> the same export run otherwise at batch size 1
+
+    @property
+    def per_layer(self) -> Any:
+        return self.variants.get(PER_LAYER)
+
+    @property
+    def full(self) -> Callable[[Batch], np.ndarray]:
+        return next(iter(self.fulls.values()))
 
     def dev_logits(self, dataset, collator, batch_size: int = 64) -> np.ndarray:
         return dataset_exit_logits(self.segments, dataset, collator, batch_size)
@@ -63,33 +78,52 @@ def torch_runtime(model) -> Runtime:
             hidden = model.run_layer(i, hidden, inputs)
         return model.exits[-1](model.exit_input(hidden), mask).numpy()
 
-    return Runtime("torch", model, full)
+    return Runtime("torch", model, {"": full})
+
+
+FULL_SETTINGS = {"spinning": True, "no spinning": False}  # the full graph's session settings tried
+PER_LAYER = "per-layer graphs at bs 1"  # batch size 1 through the per-layer graphs, as before the one graph
+SPIN = "one graph with spinning at bs 1"  # the one graph's other session setting
 
 
 def ort_runtime(name: str, segments_dir: Path, full_graph: Path, threads: int | None) -> Runtime:
-    """The full graph with ONNX Runtime's defaults (spinning threads: best for one graph called again
-    and again) and the export's segments as ``OrtSegments`` runs them (no spinning; see session_options)."""
+    """The full graph under each of ``FULL_SETTINGS`` (ONNX Runtime's default spins its threads: best for
+    one graph called again and again, but not always), and the export's segments as ``OrtSegments`` runs
+    them (no spinning between per-layer graphs; the one-graph early exit spins, see session_options)."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(full_graph), session_options(threads, 1, True), providers=["CPUExecutionProvider"])
+    fulls = {}
+    for label, spinning in FULL_SETTINGS.items():
+        sess = ort.InferenceSession(str(full_graph), session_options(threads, 1, spinning),
+                                    providers=["CPUExecutionProvider"])  # fmt: skip
 
-    def full(batch: Batch) -> np.ndarray:
-        ids, mask, types = batch
-        return sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
+        def full(batch: Batch, sess=sess) -> np.ndarray:
+            ids, mask, types = batch
+            return sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
 
-    return Runtime(name, OrtSegments(segments_dir, intra_op_threads=threads), full)
+        fulls[label] = full
+    variants = {PER_LAYER: OrtSegments(segments_dir, intra_op_threads=threads, single_row=False),
+                SPIN: OrtSegments(segments_dir, intra_op_threads=threads, single_row_spinning=True)}  # fmt: skip
+    return Runtime(name, OrtSegments(segments_dir, intra_op_threads=threads), fulls, variants)
 
 
 # ------------------------------------------------------------------------------------------ paths
-def full_path(rt: Runtime) -> Path_:
-    def many(batches: Sequence[Batch], bs: int) -> np.ndarray:
-        return np.concatenate([rt.full(b) for b in batches])
+def full_paths(rt: Runtime) -> list[Path_]:
+    """One path per session setting of the runtime's full model."""
+    paths = []
+    for label, fn in rt.fulls.items():
 
-    return Path_(f"full / {rt.name}", rt.name, "full", rt.full, many)
+        def many(batches: Sequence[Batch], bs: int, fn=fn) -> np.ndarray:
+            return np.concatenate([fn(b) for b in batches])
+
+        name = f"full / {rt.name}" + (f" ({label})" if label else "")
+        paths.append(Path_(name, rt.name, "full", fn, many, extra={"settings": label}))
+    return paths
 
 
-def engine_path(rt: Runtime, policy: ExitPolicy, target: str) -> Path_:
-    engine = EarlyExitEngine(rt.segments, policy)
+def engine_path(rt: Runtime, policy: ExitPolicy, target: str, variant: str = "") -> Path_:
+    """The engine at a threshold; ``variant``: one of the runtime's other ways to run batch size 1."""
+    engine = EarlyExitEngine(rt.variants[variant] if variant else rt.segments, policy)
 
     def one(batch: Batch) -> np.ndarray:
         return engine.run(*batch).logits
@@ -97,7 +131,8 @@ def engine_path(rt: Runtime, policy: ExitPolicy, target: str) -> Path_:
     def many(batches: Sequence[Batch], bs: int):
         return engine.run_stream(batches, bs)
 
-    return Path_(f"engine {target} / {rt.name}", rt.name, "engine", one, many, target, policy)
+    name = f"engine {target} / {rt.name}" + (f" ({variant})" if variant else "")
+    return Path_(name, rt.name, "engine", one, many, target, policy, {"variant": variant})
 
 
 class TimedSegments:

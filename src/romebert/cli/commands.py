@@ -172,6 +172,7 @@ def serve(ns: argparse.Namespace) -> None:
 
 def export(ns: argparse.Namespace) -> None:
     from romebert.deploy.export import export_run
+    from romebert.deploy.export_dev import dev_delta_lines
     from romebert.deploy.export_options import ExportOptions
 
     opts = ExportOptions(**options.values(ns, ExportOptions))
@@ -181,12 +182,31 @@ def export(ns: argparse.Namespace) -> None:
     print(f"exported {m.num_layers} segments ({m.precision}, opset {m.opset}) to {ns.output}/")
     for i, f in enumerate(m.fusions, start=1):
         print(f"  segment {i}: fused {', '.join(f'{k} x{v}' for k, v in f.items()) or 'nothing'}")
+    q = m.quantization
+    if q:
+        fp32 = sum(len(v) for v in q["fp32_nodes"].values())
+        outliers = sum(len(v) for v in q["outliers"].values())
+        calib = f"calibrated on {q['calibration_rows']} training sentences, " if q["calibration_rows"] else ""
+        print(f"  int8 recipe {q['recipe']}: {calib}{outliers} products with outlier channels in fp32 on the side, "
+              f"{fp32} fp32 nodes (docs/inference.md)")  # fmt: skip
+        for note in q.get("quantizer_notes", [])[:1]:
+            print(f"  ONNX Runtime's quantizer said: {note}")
+    for line in dev_delta_lines(m):
+        print(line)
     if m.full_graph is not None:
         print(f"  whole model as one graph: {m.full_graph.file} (serve --full-graph)")
+    if m.single_row_graph is not None:
+        print(f"  one input at a time: {m.single_row_graph.file} (the whole early exit in one graph)")
     line = f"  exit: {ee.criterion} threshold {ee.threshold}"
     if "speedup" in chosen:
-        line += f", chosen on {chosen['split']}: {chosen['metric_name']} {100 * chosen['metric']:.2f} "
-        line += f"(final exit {100 * chosen['final_metric']:.2f}) at {chosen['speedup']:.2f}x layer speed-up"
+        name = chosen["metric_name"]
+        line += f", chosen on {chosen['split']}: {name} {100 * chosen['metric']:.2f} at {chosen['speedup']:.2f}x layer "
+        line += f"speed-up; final exit: {m.precision} {100 * chosen['final_metric']:.2f}"
+        if "fp32_final_metric" in chosen:
+            line += f", fp32 {100 * chosen['fp32_final_metric']:.2f}"
+        if "max_metric_drop" in chosen:
+            ref = "the fp32 model" if chosen.get("reference") == "fp32" else f"the {m.precision} export"
+            line += f"; drop of at most {100 * chosen['max_metric_drop']:g} points counted against {ref}"
     print(line)
 
 

@@ -342,7 +342,9 @@ class EarlyExitClassifier:
         threshold, row = choose_threshold(logits, labels, task, criterion, target_speedup=target_speedup,
                                           max_metric_drop=max_metric_drop, thresholds=thresholds,
                                           confidence=confidence, features=features, **policy_kwargs)  # fmt: skip
-        chosen = choice_record(row, split, task, target_speedup, max_metric_drop)
+        # the drop counts against this classifier's own final exit: the fp32 model itself, or an export's graphs
+        chosen = choice_record(row, split, task, target_speedup, max_metric_drop,
+                               reference="fp32" if self.model is not None else "exported")  # fmt: skip
         keep = {k: policy_kwargs[k] for k in OPTION_NAMES if k in policy_kwargs}
         if isinstance(confidence, str):
             keep["confidence"] = confidence  # patience-confidence's option, not a risk level

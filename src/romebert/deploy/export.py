@@ -6,11 +6,14 @@
     <export>/segment_01.onnx ...  one graph per layer with its exit head (export_graphs.py)
     <export>/tokenizer.json ...   the tokenizer
 
+    <export>/early_exit.onnx      the whole early exit for one input, in one graph (single_row.py)
+
 Each graph goes through ONNX Runtime's transformer optimizer (attention, LayerNorm, GELU fusions; the
-manifest lists what fused in each graph) and, with ``quantize="int8"``, dynamic int8 quantization. The
-threshold is chosen on dev with the exported graphs' own logits, since a threshold does not carry over
-unchanged between precisions. The folder is built under a temporary name and renamed when complete, so
-an interrupted export never leaves a folder that loads.
+manifest lists what fused in each graph) and, with ``precision="int8"``, an int8 recipe (quantize.py,
+calibrated on training sentences). On the run's dev split (export_dev.py) the exporter measures every
+exit against the fp32 model and chooses the threshold with the exported graphs' own logits, since a
+threshold does not carry over unchanged between precisions. The folder is built under a temporary name
+and renamed when complete, so an interrupted export never leaves a folder that loads.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +39,11 @@ from romebert.core.runs import RunFolder
 from romebert.data.spec import DataSpec
 from romebert.deploy.export_graphs import FullModel, segment_io, segment_modules, uses_fused_segments
 from romebert.deploy.export_options import DEFAULT_OPSET, ExportOptions
+from romebert.deploy.quantize import DEFAULT_INT8, Batch, calibration_batches, quantize_segments, recipe
 from romebert.model.modeling import MultiExitModel
 from romebert.runtime.artefacts import MANIFEST_FILE, EarlyExitConfig, ExportManifest, GraphFile
-from romebert.runtime.encoding import Collator, encode, mean_pool_weights
-from romebert.runtime.engine import all_exit_logits, dataset_exit_logits
+from romebert.runtime.encoding import mean_pool_weights
+from romebert.runtime.engine import all_exit_logits
 from romebert.runtime.exit_policy import OPTION_NAMES
 
 PRECISIONS = ("fp32", "int8")
@@ -48,17 +52,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _DYNAMIC = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
             "token_type_ids": {0: "batch", 1: "tokens"}, "state": {0: "batch", 1: "tokens"},
             "next_state": {0: "batch", 1: "tokens"}, "pool_weights": {0: "batch", 1: "tokens"},
-            "logits": {0: "batch"}}  # fmt: skip
+            "logits": {0: "batch"}, "nsp": {0: "batch"}}  # fmt: skip
 
 
 def _onnx_tools():
     try:
         import onnx  # noqa: F401
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        import onnxruntime.quantization  # noqa: F401
         from onnxruntime.transformers.optimizer import optimize_model
     except ImportError as exc:
         raise RomebertError("export needs onnx and onnxruntime: pip install 'romebert[export]'") from exc
-    return optimize_model, quantize_dynamic, QuantType
+    return optimize_model
 
 
 def _probe_inputs(model: MultiExitModel) -> tuple[Tensor, Tensor, Tensor]:
@@ -94,30 +98,11 @@ def export_graph(module: torch.nn.Module, args: tuple, inputs: list[str], output
 
 def optimize_graph(path: Path, model: MultiExitModel) -> dict[str, int]:
     """ONNX Runtime's transformer fusions, in place; returns the fused operators that appeared."""
-    optimize_model, _, _ = _onnx_tools()
+    optimize_model = _onnx_tools()
     cfg = model.backbone.config
     opt = optimize_model(str(path), model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size)
     opt.save_model_to_file(str(path))
     return {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
-
-
-def quantize_graph(src: Path, dst: Path, keep_heads_fp32: bool = True) -> None:
-    """Dynamic int8 quantization (weights int8, activations quantized per call).
-
-    ``keep_heads_fp32``: the exit heads' two small matrix products stay fp32: on a [b, H] input,
-    quantizing the activations costs more than the int8 product saves.
-    """
-    import onnx
-
-    _, quantize_dynamic, quant_type = _onnx_tools()
-    heads = [n.name for n in onnx.load(str(src)).graph.node if "exits." in n.name] if keep_heads_fp32 else []
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        weight_type=quant_type.QInt8,
-        nodes_to_exclude=heads,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
 
 
 def _versions() -> dict[str, str]:
@@ -144,21 +129,31 @@ def export_model(
     max_seq_length: int = 128,
     opset: int = DEFAULT_OPSET,
     early_exit: EarlyExitConfig | None = None,
-    choose: Callable[[Path, ExportManifest], EarlyExitConfig] | None = None,
+    on_dev: Callable[[Path, ExportManifest], None] | None = None,
     data: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
     optimize: bool = True,
     full_graph: bool = False,
+    int8_recipe: str = DEFAULT_INT8,
+    calibration: Sequence[Batch] | None = None,
+    single_row: bool = True,
 ) -> ExportManifest:
     """Write ``model`` as an export folder ``out``.
 
-    ``choose(folder, manifest)``, if given, picks the early-exit config from the finished graphs
-    (on dev); otherwise ``early_exit`` (default: the reference's entropy 0.15) is used as it is.
-    ``full_graph``: also the whole model as one graph (``full.onnx``), the baseline a service without
-    early exit runs.
+    ``on_dev(folder, manifest)``, if given, measures the finished graphs on dev and may set the manifest's
+    early-exit config and dev metrics (``export_dev.py``); otherwise ``early_exit`` (default: the
+    reference's entropy 0.15) is used as it is. ``full_graph``: also the whole model as one graph
+    (``full.onnx``), the baseline a service without early exit runs. ``int8_recipe`` and ``calibration``
+    (padded batches of training sentences, for the recipes that need them): how ``precision="int8"``
+    quantizes (``quantize.py``). ``single_row``: also the one-graph early exit for batches of one row
+    (classification).
     """
     if precision not in PRECISIONS:
         raise RomebertError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    rec = recipe(int8_recipe)
+    if precision == "int8" and rec.needs_calibration and not calibration:
+        raise RomebertError(f"int8 recipe {rec.name} needs calibration sentences (export_run takes them from the "
+                            "run's training split); or choose int8_recipe='dynamic-per-channel'")  # fmt: skip
     out = Path(out)
     _check_target(out)
     # traced on the CPU in eval mode with eager attention; the caller's model is put back as it was
@@ -171,10 +166,10 @@ def export_model(
         tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent if out.parent.exists() else None)
     )
     try:
-        graphs, fusions = _write_graphs(model, tmp, precision, opset, optimize)
+        graphs, fusions, quantization = _write_graphs(model, tmp, precision, opset, optimize, rec.name, calibration)
         full = None
         if full_graph:
-            export_full_model(model, tmp / FULL_GRAPH_FILE, precision, opset)
+            export_full_model(model, tmp / FULL_GRAPH_FILE, precision, opset, rec.name, calibration)
             full = GraphFile(FULL_GRAPH_FILE, sha256(tmp / FULL_GRAPH_FILE), _graph_inputs(tmp / FULL_GRAPH_FILE),
                              ["logits"])  # fmt: skip
         tok_files = []
@@ -204,10 +199,17 @@ def export_model(
             versions=_versions(),
             source={**(source or {}), "encoder": _encoder_label(model)},
             full_graph=full,
+            quantization=quantization,
         )
+        if single_row and not manifest.regression:  # (its exit rules are entropy and maxprob on class logits)
+            from romebert.deploy.single_row import SINGLE_ROW_FILE, build_single_row
+
+            build_single_row(tmp, manifest, tmp / SINGLE_ROW_FILE)
+            manifest.single_row_graph = GraphFile(SINGLE_ROW_FILE, sha256(tmp / SINGLE_ROW_FILE),
+                                                  _graph_inputs(tmp / SINGLE_ROW_FILE))  # fmt: skip
         _verify(model, tmp, manifest)
-        if choose is not None:
-            manifest.early_exit = choose(tmp, manifest)
+        if on_dev is not None:
+            on_dev(tmp, manifest)
         manifest.save(tmp)
         _publish(tmp, out)
     except BaseException:
@@ -228,8 +230,10 @@ def export_run(
     batch_size: int = 64,
 ) -> ExportManifest:
     """Export a finished run; the threshold is ``options.threshold`` as given, or chosen on the run's dev
-    split with the exported graphs (``target_speedup`` and/or ``max_metric_drop``; default: the largest
-    layer speed-up within 0.01 of the final exit's metric)."""
+    split with the exported graphs (``target_speedup`` and/or ``max_metric_drop``, the drop counted
+    against the fp32 model's final exit unless ``drop_against="exported"``; default: the largest layer
+    speed-up within 0.01 of it). int8 is calibrated on sentences of the run's training split."""
+    from romebert.deploy.export_dev import dev_step
     from romebert.model.loading import load_run
 
     opts = options or ExportOptions()
@@ -241,14 +245,16 @@ def export_run(
         from romebert.evaluation.calibration import CalibrationReport
 
         temperatures = list(CalibrationReport.load(folder.calibration).temperatures)
-    choose = None
     fixed = None
     if opts.threshold is not None:
         fixed = EarlyExitConfig(criterion=criterion, threshold=opts.threshold, temperatures=temperatures,
                                 chosen={"given": True}, **policy_kw)  # fmt: skip
-    else:
-        choose = _dev_chooser(data, tokenizer, criterion, opts.target_speedup, opts.max_metric_drop, temperatures,
-                              policy_kw, batch_size, opts.risk_confidence)  # fmt: skip
+    on_dev = dev_step(model, folder, data, tokenizer, opts, criterion, policy_kw, temperatures, batch_size)
+    calibration = None
+    rec = recipe(opts.int8_recipe)
+    if opts.precision == "int8" and rec.needs_calibration:
+        calibration = calibration_batches(data.examples("train"), tokenizer, data.max_seq_length,
+                                          rec.calibration_examples)  # fmt: skip
     source = {"run": folder.root.name, "backbone": backbone_label(model.config.backbone)}
     if folder.training_args.is_file():
         import json
@@ -262,10 +268,12 @@ def export_run(
         max_seq_length=data.max_seq_length,
         opset=opts.opset,
         early_exit=fixed,
-        choose=choose,
+        on_dev=on_dev,
         data=_portable(data),
         source=source,
         full_graph=opts.full_graph,
+        int8_recipe=rec.name,
+        calibration=calibration,
     )
 
 
@@ -276,28 +284,34 @@ def _use_eager_attention(model: MultiExitModel) -> None:
     model.backbone.config._attn_implementation = "eager"
 
 
-def _write_graphs(model: MultiExitModel, folder: Path, precision: str, opset: int, optimize: bool):
-    graphs, fusions = [], []
+def _write_graphs(model: MultiExitModel, folder: Path, precision: str, opset: int, optimize: bool, int8_recipe: str,
+                  calibration: Sequence[Batch] | None):  # fmt: skip
+    """The segment graphs (fp32, then int8 by the recipe) -> (GraphFiles, fusions per graph, the int8 record)."""
+    names, outs, fusions = [], [], []
     ids, mask, types = _probe_inputs(model)
     mean = model.config.pooling == "mean"
     weights = (torch.from_numpy(mean_pool_weights(mask.numpy())),) if mean else ()
     args: tuple = (ids, mask, types, *weights)
+    fp32 = (lambda n: folder / n) if precision == "fp32" else (lambda n: folder / f"fp32-{n}")
     with torch.no_grad():
         for i, module in enumerate(segment_modules(model)):
             inputs, outputs = segment_io(i, model.num_layers, mean)
-            name = f"segment_{i + 1:02d}.onnx"
-            fp32 = folder / (name if precision == "fp32" else f"fp32-{name}")
-            export_graph(module, args, inputs, outputs, fp32, opset)
-            fusions.append(optimize_graph(fp32, model) if optimize else {})
-            if precision == "int8":
-                quantize_graph(fp32, folder / name)
-                fp32.unlink()
-            # the graph's own inputs: the exporter drops one the graph does not use (token_type_ids of a
-            # family without token types), and the runtime feeds exactly what the manifest lists
-            graphs.append(GraphFile(name, sha256(folder / name), _graph_inputs(folder / name), outputs))
+            names.append(f"segment_{i + 1:02d}.onnx")
+            outs.append(outputs)
+            export_graph(module, args, inputs, outputs, fp32(names[-1]), opset)
+            fusions.append(optimize_graph(fp32(names[-1]), model) if optimize else {})
             if i < model.num_layers - 1:
                 args = (module(*args)[0], mask, *weights)
-    return graphs, fusions
+    quantization = None
+    if precision == "int8":
+        quantization = quantize_segments([fp32(n) for n in names], [folder / n for n in names], recipe(int8_recipe),
+                                         calibration, mean)  # fmt: skip
+        for n in names:
+            fp32(n).unlink()
+    # the graph's own inputs: the exporter drops one the graph does not use (token_type_ids of a family
+    # without token types), and the runtime feeds exactly what the manifest lists
+    graphs = [GraphFile(n, sha256(folder / n), _graph_inputs(folder / n), o) for n, o in zip(names, outs, strict=True)]
+    return graphs, fusions, quantization
 
 
 def _graph_inputs(path: Path) -> list[str]:
@@ -316,51 +330,31 @@ def _encoder_label(model: MultiExitModel) -> str:
 
 
 def _verify(model: MultiExitModel, folder: Path, manifest: ExportManifest) -> None:
-    """The exported graphs against the model on the probe batch: every exit's logits (fp32: 1e-3)."""
+    """The exported graphs against the model on the probe batch: every exit's logits (fp32: 1e-3); the
+    one graph against the final exit; the one-row graph, row by row, at exit 1 and at the last exit."""
+    from romebert.runtime.engine import EarlyExitEngine
     from romebert.runtime.onnx_runtime import OrtSegments
+    from romebert.runtime.policies import get_policy
 
     ids, mask, types = _probe_inputs(model)
     probe = [(ids.numpy(), mask.numpy(), types.numpy())]
-    got = all_exit_logits(OrtSegments(folder, manifest, intra_op_threads=1), probe)
+    segments = OrtSegments(folder, manifest, intra_op_threads=1)
+    got = all_exit_logits(segments, probe)
     with torch.no_grad():
         ref = model(ids, mask, types).numpy()
     err = float(np.abs(got - ref).max())
     if manifest.full_graph is not None:  # the one graph against the final exit
         full = all_exit_logits(OrtSegments(folder, manifest, intra_op_threads=1, one_graph=True), probe)
         err = max(err, float(np.abs(full[0] - ref[-1]).max()))
+    if manifest.single_row_graph is not None:  # threshold inf: every row leaves at exit 1; 0: none leaves early
+        for threshold, exit_index in ((float("inf"), 0), (0.0, -1)):
+            engine = EarlyExitEngine(segments, get_policy("entropy", threshold))
+            for r in range(ids.shape[0]):
+                out = engine.run(*(a[r : r + 1] for a in probe[0]))
+                err = max(err, float(np.abs(out.logits[0] - ref[exit_index, r]).max()))
     if manifest.precision == "fp32" and not err < 1e-3:
         raise RomebertError(f"export check failed: the graphs' logits differ from the model's by {err:.3g}")
     manifest.source["probe_max_abs_diff"] = err
-
-
-def _dev_chooser(data: DataSpec, tokenizer, criterion, target_speedup, max_metric_drop, temperatures, policy_kw,
-                 batch_size, confidence=None):  # fmt: skip
-    """Picks the threshold on the run's first dev split with the exported graphs' own logits."""
-    from romebert.evaluation.calibration import apply_temperatures
-    from romebert.evaluation.exits import choice_record, choose_threshold
-    from romebert.evaluation.logits import dataset_labels
-    from romebert.runtime.onnx_runtime import OrtSegments
-
-    split = data.eval_splits()[0] if data.eval_splits() else None
-    if split is None:
-        raise RomebertError("this run has no dev split to choose a threshold on: give --threshold")
-    task = data.task_spec()
-    dataset = encode(data.examples(split), tokenizer, task.labels, data.max_seq_length)
-    labels = dataset_labels(dataset)
-
-    def choose(folder: Path, manifest: ExportManifest) -> EarlyExitConfig:
-        seg = OrtSegments(folder, manifest)
-        logits = dataset_exit_logits(seg, dataset, Collator(tokenizer, return_tensors="np"), batch_size)
-        if temperatures is not None:
-            logits = apply_temperatures(logits, temperatures)
-        threshold, row = choose_threshold(logits, labels, task, criterion, target_speedup=target_speedup,
-                                          max_metric_drop=max_metric_drop, confidence=confidence,
-                                          **policy_kw)  # fmt: skip
-        chosen = choice_record(row, split, task, target_speedup, max_metric_drop)
-        return EarlyExitConfig(criterion=criterion, threshold=threshold, temperatures=temperatures, chosen=chosen,
-                               **policy_kw)  # fmt: skip
-
-    return choose
 
 
 def _portable(data: DataSpec) -> dict[str, Any]:
@@ -418,9 +412,11 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_full_model(model: MultiExitModel, path: Path, precision: str = "fp32", opset: int = DEFAULT_OPSET) -> dict:
-    """The whole model as ONE graph, final head only, optimized (and quantized): what a user would deploy
-    instead of early exit, the benchmark's baseline. Returns the fused operators."""
+def export_full_model(model: MultiExitModel, path: Path, precision: str = "fp32", opset: int = DEFAULT_OPSET,
+                      int8_recipe: str = DEFAULT_INT8, calibration: Sequence[Batch] | None = None) -> dict:  # fmt: skip
+    """The whole model as ONE graph, final head only, optimized (and quantized by ``int8_recipe``): what a
+    user would deploy instead of early exit (the benchmark's baseline: ``quantize.BASELINE_INT8``, the
+    recipe optimum applies). Returns the fused operators."""
     model = model.to("cpu").eval()
     _use_eager_attention(model)
     inputs, outputs = ["input_ids", "attention_mask", "token_type_ids"], ["logits"]
@@ -429,6 +425,6 @@ def export_full_model(model: MultiExitModel, path: Path, precision: str = "fp32"
         export_graph(FullModel(model), _probe_inputs(model), inputs, outputs, fp32, opset)
     fused = optimize_graph(fp32, model)
     if precision == "int8":
-        quantize_graph(fp32, path)
+        quantize_segments([fp32], [path], recipe(int8_recipe), calibration, model.config.pooling == "mean")
         fp32.unlink()
     return fused

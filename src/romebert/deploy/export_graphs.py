@@ -23,9 +23,12 @@ Two segment forms:
   does not apply to these forms.
 
 Graph inputs and outputs (b = batch, t = tokens; both dynamic):
-    segment 1:      input_ids, attention_mask, token_type_ids [b, t] int64 -> next_state [b, t, H], logits [b, C]
-    segment 2..L-1: state [b, t, H], attention_mask [b, t] int64           -> next_state, logits
-    segment L:      state, attention_mask                                    -> logits
+    segment 1:      input_ids, attention_mask, token_type_ids [b, t] int64 -> next_state [b, t, H], logits [b, C],
+                                                                             nsp [b]
+    segment 2..L-1: state [b, t, H], attention_mask [b, t] int64           -> next_state, logits, nsp
+    segment L:      state, attention_mask                                    -> logits, nsp
+nsp is CAP's null-space share of the exit's pooled feature (``modeling.null_space_share``), for the cap
+criterion; the engine asks for it only under that criterion.
 With mean pooling every segment also takes pool_weights [b, t] float32 (``data.mean_pool_weights``): the
 host computes them once per batch, where in-graph they cost seven small nodes per exit. An input a graph
 does not use (token_type_ids for DistilBERT or ModernBERT) is dropped by the exporter; the manifest
@@ -41,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from romebert.core.errors import RomebertError
-from romebert.model.modeling import MultiExitModel
+from romebert.model.modeling import MultiExitModel, null_space_share
 
 MASK_VALUE = -10000.0  # the additive mask of classic BERT exports (what the attention fusion expects)
 
@@ -95,19 +98,38 @@ def layer_sum(layer: nn.Module, x: Tensor, ext: Tensor) -> Tensor:
     return layer.output.dense(layer.intermediate(a)) + a
 
 
+class _Exit(nn.Module):
+    """Exit ``index``'s head as a segment ends: (logits [b, C], nsp [b]), CAP's projection kept as constants."""
+
+    def __init__(self, model: MultiExitModel, index: int) -> None:
+        super().__init__()
+        self.head = model.exits[index]
+        offset, basis = self.head.null_space_basis()
+        self.register_buffer("nsp_offset", offset)
+        self.register_buffer("nsp_basis", basis)
+
+    def forward(self, hidden: Tensor, mask: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+        x = self.head.feature(hidden, mask, weights)  # [b, H]
+        return self.head.classify(x), null_space_share(x, self.nsp_offset, self.nsp_basis)
+
+
+def _ends(is_last: bool, state: Tensor, exit_out: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
+    """A segment's outputs (``segment_io``): the exit's, after the state unless it is the last segment."""
+    return exit_out if is_last else (state, *exit_out)
+
+
 class FirstSegment(nn.Module):
     """Embeddings + layer 1 + exit 1 (the whole model when it has one layer), fused BERT form."""
 
     def __init__(self, model: MultiExitModel) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.exit = model, _Exit(model, 0)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor, pool_weights=None):
         m = self.model
         hidden = m.embed(input_ids, token_type_ids)
         s = layer_sum(m.layers[0], hidden, additive_mask(attention_mask, hidden.dtype))
-        logits = m.exits[0](m.layers[0].output.LayerNorm(s), attention_mask, pool_weights)
-        return logits if m.num_layers == 1 else (s, logits)
+        return _ends(m.num_layers == 1, s, self.exit(m.layers[0].output.LayerNorm(s), attention_mask, pool_weights))
 
 
 class NextSegment(nn.Module):
@@ -115,21 +137,19 @@ class NextSegment(nn.Module):
 
     def __init__(self, model: MultiExitModel, index: int) -> None:
         super().__init__()
-        self.model, self.index = model, index
+        self.model, self.index, self.exit = model, index, _Exit(model, index)
 
     def forward(self, state: Tensor, attention_mask: Tensor, pool_weights=None):
         m, i = self.model, self.index
         x = m.layers[i - 1].output.LayerNorm(state)
         s = layer_sum(m.layers[i], x, additive_mask(attention_mask, x.dtype))
-        logits = m.exits[i](m.layers[i].output.LayerNorm(s), attention_mask, pool_weights)
-        return logits if i == m.num_layers - 1 else (s, logits)
+        return _ends(i == m.num_layers - 1, s, self.exit(m.layers[i].output.LayerNorm(s), attention_mask, pool_weights))
 
 
-def _generic_layer(m: MultiExitModel, i: int, hidden: Tensor, mask: Tensor, pool_weights: Tensor | None):
-    """Layer i and exit i as the model itself runs them: (next state, logits), or logits after layer L."""
+def _generic_layer(m: MultiExitModel, exit: _Exit, i: int, hidden: Tensor, mask: Tensor, pool_weights: Tensor | None):
+    """Layer i and exit i as the model itself runs them: (next state, logits, nsp), without the state after layer L."""
     hidden = m.run_layer(i, hidden, m.layer_inputs(hidden, mask))
-    logits = m.exits[i](m.exit_input(hidden), mask, pool_weights)
-    return logits if i == m.num_layers - 1 else (hidden, logits)
+    return _ends(i == m.num_layers - 1, hidden, exit(m.exit_input(hidden), mask, pool_weights))
 
 
 class GenericFirstSegment(nn.Module):
@@ -137,11 +157,11 @@ class GenericFirstSegment(nn.Module):
 
     def __init__(self, model: MultiExitModel) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.exit = model, _Exit(model, 0)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor, pool_weights=None):
         hidden = self.model.embed(input_ids, token_type_ids, attention_mask)
-        return _generic_layer(self.model, 0, hidden, attention_mask, pool_weights)
+        return _generic_layer(self.model, self.exit, 0, hidden, attention_mask, pool_weights)
 
 
 class GenericNextSegment(nn.Module):
@@ -149,10 +169,10 @@ class GenericNextSegment(nn.Module):
 
     def __init__(self, model: MultiExitModel, index: int) -> None:
         super().__init__()
-        self.model, self.index = model, index
+        self.model, self.index, self.exit = model, index, _Exit(model, index)
 
     def forward(self, state: Tensor, attention_mask: Tensor, pool_weights=None):
-        return _generic_layer(self.model, self.index, state, attention_mask, pool_weights)
+        return _generic_layer(self.model, self.exit, self.index, state, attention_mask, pool_weights)
 
 
 class FullModel(nn.Module):
@@ -196,5 +216,5 @@ def segment_io(index: int, num_layers: int, mean_pooling: bool) -> tuple[list[st
     inputs = ["input_ids", "attention_mask", "token_type_ids"] if index == 0 else ["state", "attention_mask"]
     if mean_pooling:  # computed once per batch on the host (data.mean_pool_weights), not in every graph
         inputs.append("pool_weights")
-    outputs = ["logits"] if index == num_layers - 1 else ["next_state", "logits"]
+    outputs = ["logits", "nsp"] if index == num_layers - 1 else ["next_state", "logits", "nsp"]
     return inputs, outputs

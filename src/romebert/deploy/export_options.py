@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 from romebert.core.errors import RomebertError
 from romebert.core.options import check_choices, option
+from romebert.deploy.quantize import DEFAULT_INT8, RECIPES
 
 DEFAULT_OPSET = 17
-DEFAULT_MAX_METRIC_DROP = 0.01  # a threshold is chosen on dev within one point of the final exit by default
+DEFAULT_MAX_METRIC_DROP = 0.01  # a threshold is chosen on dev within one point of the fp32 final exit by default
 
 
 @dataclass
@@ -18,12 +19,21 @@ class ExportOptions:
     its options are the shared ones (``runtime.policies``)."""
 
     quantize: str = option("none", "int8: int8 encoder matrices (see docs/inference.md)", choices=("none", "int8"))
+    int8_recipe: str = option(
+        DEFAULT_INT8, "with --quantize int8: how (docs/inference.md compares them on dev)", choices=tuple(RECIPES)
+    )
     threshold: float | None = option(None, "use this threshold as it is (no choice on dev)")
     target_speedup: float | None = option(None, "choose on dev: the least aggressive threshold reaching it")
     max_metric_drop: float | None = option(
         None,
-        "choose on dev: the fastest threshold within this drop of the final exit's metric "
-        f"(default {DEFAULT_MAX_METRIC_DROP} when no other choice is given)",
+        "choose on dev: the fastest threshold within this drop of the final exit's metric (see --drop-against; "
+        f"default {DEFAULT_MAX_METRIC_DROP} when no other choice is given)",
+    )
+    drop_against: str = option(
+        "fp32",
+        "--max-metric-drop counts against the final exit of the fp32 model you trained, or of the exported "
+        "(e.g. int8) graphs",
+        choices=("fp32", "exported"),
     )
     risk_confidence: float | None = option(
         None,

@@ -157,11 +157,13 @@ def pick_from_sweep(
     final_metric: float,
     target_speedup: float | None = None,
     max_metric_drop: float | None = None,
+    reference: str = "the final exit's",
 ) -> dict[str, Any]:
     """The sweep row to use (rows need "metric" and "speedup").
 
     ``max_metric_drop`` (same units as the metric, e.g. 0.01 = one accuracy point) keeps rows with
-    ``final_metric - metric <= max_metric_drop``. Then ``target_speedup`` picks the least aggressive
+    ``final_metric - metric <= max_metric_drop``; ``final_metric`` is the reference the drop counts
+    against (``reference`` names it in errors). Then ``target_speedup`` picks the least aggressive
     row reaching it (smallest speed-up >= target, best metric on ties); without a target, the fastest
     row left (best metric on ties).
     """
@@ -175,7 +177,7 @@ def pick_from_sweep(
         if not ok:
             best = max(r["metric"] for r in rows)
             raise RomebertError(
-                f"no threshold keeps the metric within {max_metric_drop} of the final exit's {final_metric:.4f} "
+                f"no threshold keeps the metric within {max_metric_drop} of {reference} {final_metric:.4f} "
                 f"(best {best:.4f})"
             )
     if target_speedup is not None:
@@ -204,15 +206,19 @@ def choose_threshold(
     calibration_fraction: float = 0.5,
     seed: int = 0,
     features: dict[str, np.ndarray] | None = None,
+    reference_metric: float | None = None,
     **policy_kwargs: Any,
 ) -> tuple[Threshold, dict[str, Any]]:
-    """Pick a threshold of ``criterion`` on dev logits [L, N, C] -> (threshold, its sweep row).
+    """Pick a threshold of ``criterion`` on dev logits [L, N, C] -> (threshold, its sweep row, with
+    "final_metric" and "reference_metric").
 
     Candidates default to a fine data-driven grid (score quantiles; k = 1..L for patience). See
     :func:`pick_from_sweep` for the rule. With ``confidence`` (a number, 1 - delta) and
     ``max_metric_drop`` (epsilon), the threshold comes with a guarantee instead (:mod:`romebert.evaluation.risk`):
     it is chosen on a seeded random ``calibration_fraction`` of the rows and reported on the rest, and the
     row's ``guarantee`` says what holds. (A string ``confidence`` is patience-confidence's option.)
+    Without ``confidence``, ``max_metric_drop`` counts against ``reference_metric`` when given (an export's:
+    the fp32 model's final exit), else against these logits' own final exit.
     """
     logits = np.asarray(all_logits)
     if isinstance(confidence, str):
@@ -238,8 +244,10 @@ def choose_threshold(
         final = float(main_metric(task, per_exit[-1]))
     else:
         final = float(per_exit[-1][task.metric])
-    row = pick_from_sweep(rows, final, target_speedup, max_metric_drop)
-    return row["threshold"], {**row, "final_metric": final}
+    ref = final if reference_metric is None else float(reference_metric)
+    name = "the final exit's" if reference_metric is None else "the fp32 model's final exit's"
+    row = pick_from_sweep(rows, ref, target_speedup, max_metric_drop, reference=name)
+    return row["threshold"], {**row, "final_metric": final, "reference_metric": ref}
 
 
 def _final_metric(logits: np.ndarray, labels: np.ndarray, task: Any, metric_fn: MetricFn | None) -> float:
@@ -346,12 +354,21 @@ def choice_record(
     task: Any,
     target_speedup: float | None = None,
     max_metric_drop: float | None = None,
+    reference: str = "exported",
+    fp32_final_metric: float | None = None,
 ) -> dict[str, Any]:
     """How a threshold was chosen (``EarlyExitConfig.chosen``): on which split, by which rule, and what it
-    gave there against the final exit. The one place this record is built."""
+    gave there against the final exit. The one place this record is built.
+
+    ``reference``: what ``max_metric_drop`` counted against: "fp32" (the fp32 model's final exit, the
+    model the user trained) or "exported" (the final exit of the logits the threshold was chosen on);
+    ``fp32_final_metric``: the fp32 model's final exit, when known."""
     how = {k: v for k, v in (("target_speedup", target_speedup), ("max_metric_drop", max_metric_drop)) if v is not None}
     record = {"split": split, **how, "metric": row["metric"], "speedup": row["speedup"],
-              "final_metric": row["final_metric"], "metric_name": task.metric}  # fmt: skip
+              "final_metric": row["final_metric"], "metric_name": task.metric, "reference": reference,
+              "reference_metric": row.get("reference_metric", row["final_metric"])}  # fmt: skip
+    if fp32_final_metric is not None:
+        record["fp32_final_metric"] = float(fp32_final_metric)
     if "guarantee" in row:  # chosen with risk control: what is guaranteed, and on how many rows
         record["guarantee"] = row["guarantee"]
     return record

@@ -144,17 +144,32 @@ class ExitHead(nn.Module):
         """Logits [B, C] of pooled features [B, H] (in label units for regression)."""
         return _to_label_units(torch.addmm(self.classifier.bias, x, self.classifier.weight.t()), self.target)
 
-    def null_space_share(self, x: Tensor) -> Tensor:
-        """CAP's NSP score of pooled features x [B, H] -> [B]: the share (sine) of ``x + b W^+`` outside the
-        row space of the classifier's W [C, H], where ``b W^+`` (W^+ the pseudo-inverse of W^T) is the offset
-        that folds the bias in (``(x + b W^+) W^T`` is the logits)."""
-        w, b = self.classifier.weight.float(), self.classifier.bias.float()
+    def null_space_basis(self) -> tuple[Tensor, Tensor]:
+        """What CAP's NSP score needs of the classifier W [C, H], b [C]: (offset [H], basis [H, C]).
+
+        ``offset = b W^+`` (W^+ the pseudo-inverse of W^T) folds the bias in: ``(x + offset) W^T`` is the
+        logits. ``basis`` is orthonormal and spans W's rows. Both are constants of a trained head (an ONNX
+        export stores them in each segment graph)."""
+        w, b = self.classifier.weight.detach().float(), self.classifier.bias.detach().float()
         offset = b @ torch.linalg.pinv(w.t())  # [H]
-        basis, _ = torch.linalg.qr(w.t())  # [H, C] orthonormal, spans W's rows
-        shifted = x.float() + offset
-        inside = (shifted @ basis).pow(2).sum(-1)
-        total = shifted.pow(2).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
-        return (1.0 - inside / total).clamp_min(0.0).sqrt()
+        basis, _ = torch.linalg.qr(w.t())  # [H, C]
+        return offset, basis
+
+    def null_space_share(self, x: Tensor) -> Tensor:
+        """CAP's NSP score of pooled features x [B, H] -> [B] (see :func:`null_space_share`)."""
+        return null_space_share(x, *self.null_space_basis())
+
+
+def null_space_share(x: Tensor, offset: Tensor, basis: Tensor) -> Tensor:
+    """CAP's NSP score: the share (sine) of ``x + offset`` ([B, H]) outside the span of ``basis`` [H, C]
+    (``ExitHead.null_space_basis``) -> [B], in fp32.
+
+    The projection is a product and a sum, not a MatMul: an int8 export then leaves it in fp32 (the
+    quantizer rewrites MatMuls with a constant operand)."""
+    shifted = x.float() + offset  # [B, H]
+    inside = (shifted.unsqueeze(-1) * basis).sum(1).pow(2).sum(-1)  # [B, H, C] -> [B, C] -> [B]
+    total = shifted.pow(2).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+    return (1.0 - inside / total).clamp_min(0.0).sqrt()
 
 
 def _to_label_units(raw: Tensor, target: tuple[float, float] | None) -> Tensor:

@@ -25,7 +25,7 @@ from romebert.runtime.policies import CRITERIA, get_policy
 EARLY_EXIT_FILE = "early_exit.json"
 MANIFEST_FILE = "manifest.json"
 EXPORT_FORMAT = "romebert-onnx"
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2  # 2: quantization, dev_metrics and single_row_graph (version 1 folders still load)
 
 
 @dataclass
@@ -36,8 +36,9 @@ class EarlyExitConfig(PolicyOptions):
     criterion: str = "entropy"
     threshold: float | list[float] = EntropyPolicy.default_threshold
     temperatures: list[float] | None = None  # one per exit, fitted on dev (calibration.py)
-    # How the threshold was chosen on dev, with what it gave there: {"split", "target_speedup" or
-    # "max_metric_drop" or "given", "metric", "speedup", "final_metric"}.
+    # How the threshold was chosen on dev, with what it gave there (``evaluation.exits.choice_record``):
+    # {"split", "target_speedup" and/or "max_metric_drop", or "given", "metric", "speedup", "final_metric",
+    # "reference" (what the drop counts against: "fp32" or "exported"), "reference_metric", ...}.
     chosen: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -101,6 +102,13 @@ class ExportManifest:
     # The whole model as one graph, final head only (``export --full-graph``): what a service without
     # early exit runs (``serve --full-graph``), the honest baseline for the segments.
     full_graph: GraphFile | None = None
+    # int8 only: the recipe (deploy/quantize.py), its settings, its calibration and the nodes kept fp32
+    quantization: dict[str, Any] | None = None
+    # every exit's dev metrics, of the fp32 model the export came from and of the export itself:
+    # {"split", "metric", "fp32": [{metric: value} per exit], "exported": [...]}
+    dev_metrics: dict[str, Any] | None = None
+    # the whole early exit for one input in one graph (deploy/single_row.py; onnx_runtime runs it)
+    single_row_graph: GraphFile | None = None
     format: str = EXPORT_FORMAT
     format_version: int = EXPORT_FORMAT_VERSION
 
@@ -139,8 +147,9 @@ class ExportManifest:
             data["early_exit"] = EarlyExitConfig.from_dict(data.get("early_exit"), f"{path}: early_exit")
             data["graphs"] = [GraphFile(**g) for g in data["graphs"]]
             data["tokenizer_files"] = [GraphFile(**g) for g in data["tokenizer_files"]]
-            if data.get("full_graph") is not None:
-                data["full_graph"] = GraphFile(**data["full_graph"])
+            for key in ("full_graph", "single_row_graph"):
+                if data.get(key) is not None:
+                    data[key] = GraphFile(**data[key])
             manifest = cls(**data)
         except (KeyError, TypeError) as exc:
             raise RomebertError(f"{path}: malformed manifest ({exc})") from None
@@ -150,7 +159,8 @@ class ExportManifest:
         if temps is not None and len(temps) != manifest.num_layers:
             raise RomebertError(f"{path}: early_exit.temperatures needs one per exit ({manifest.num_layers})")
         if verify:
-            for f in [*manifest.graphs, *manifest.tokenizer_files, *filter(None, [manifest.full_graph])]:
+            extra = filter(None, [manifest.full_graph, manifest.single_row_graph])
+            for f in [*manifest.graphs, *manifest.tokenizer_files, *extra]:
                 target = folder / f.file
                 if not target.is_file():
                     raise RomebertError(f"{target}: missing (the export is incomplete; export it again)")

@@ -10,7 +10,10 @@ samples leave. The loop stops as soon as no row is left.
 Host bookkeeping (row map, row extents, policy state) is numpy; the runtime's own arrays (hidden
 states, masks) stay inside the segments' state objects. This module imports no torch.
 
-:meth:`EarlyExitEngine.run` serves one batch. :meth:`EarlyExitEngine.run_stream` serves many: the
+:meth:`EarlyExitEngine.run` serves one batch. A batch of one row goes through the segments' one-row runner
+when they have one for the policy (``OrtSegments.one_row``: the whole early exit in one ONNX graph, one
+call per input); the decisions are the same, since a row the runner cannot settle comes back to this
+loop. :meth:`EarlyExitEngine.run_stream` serves many: the
 survivors of a layer wait in a per-layer queue until a full batch of them can run the next layer
 together, so deep layers do not run on a handful of rows. Both make exactly the same per-sample
 decisions. :meth:`EarlyExitEngine.run_dataset` feeds an encoded dataset to ``run_stream`` in
@@ -125,6 +128,8 @@ class EarlyExitEngine:
                 f"criterion {policy.name!r} needs each exit's {missing[0]}, which these segments do not give "
                 "(an export made before the criterion existed: export the run again)"
             )
+        one_row = getattr(self.segments, "one_row", None)  # the fastest path for batches of one row, if any
+        self._one_row = one_row(policy, temperatures) if one_row is not None else None
 
     # ------------------------------------------------------------------------------------ one batch
     def run(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> EngineOutput:
@@ -136,7 +141,19 @@ class EarlyExitEngine:
         group = self.start_group(ids, mask, types, offset=0)
         shapes: list[tuple[int, int]] = []
         done: list[Done] = []
-        for i in range(self.num_layers):
+        start = 0
+        if n == 1 and self._one_row is not None:
+            logits, layer, state = self._one_row(group.state)
+            shapes += [(1, group.width)] * layer
+            i = self.exit_layers.index(layer)
+            if state is None:  # the runner's exit is final
+                return self._assemble(1, [(group.rows, logits, layer)], shapes)
+            # stopped within a hair of the threshold: the policy decides, and the row may go on from there
+            leave, group.policy = self.policy.step(i, logits, group.policy)
+            if leave[0]:
+                return self._assemble(1, [(group.rows, logits, layer)], shapes)
+            group.state, start = state, i + 1
+        for i in range(start, self.num_layers):
             group = self.run_layer(i, group, done, shapes)
             if group is None:
                 break
@@ -159,6 +176,8 @@ class EarlyExitEngine:
         bs = batch_size or max(sizes[0], 1)
         if bs < 1:
             raise RomebertError(f"batch_size must be >= 1, got {bs}")
+        if bs == 1 and self._one_row is not None:  # one row per call: each takes the one-row path
+            return self._one_by_one(host)
         queues = LayerQueues(self.num_layers, bs, self.merge_groups, self.select_rows)
         shapes: list[tuple[int, int]] = []
         done: list[Done] = []
@@ -177,6 +196,12 @@ class EarlyExitEngine:
             if survivors is not None:
                 queues.put(layer + 1, survivors)
         return self._assemble(n, done, shapes)
+
+    def _one_by_one(self, host: list[tuple[np.ndarray, np.ndarray, Any]]) -> EngineOutput:
+        outs = [self.run(ids[r : r + 1], mask[r : r + 1], None if types is None else types[r : r + 1])
+                for ids, mask, types in host for r in range(ids.shape[0])]  # fmt: skip
+        return EngineOutput(np.concatenate([o.logits for o in outs]), np.concatenate([o.exit_layer for o in outs]),
+                            sum(o.layer_work for o in outs), [s for o in outs for s in o.shapes])  # fmt: skip
 
     def run_dataset(self, dataset: Any, collator: Any, batch_size: int = 32) -> EngineOutput:
         """Early exit over an encoded dataset (``romebert.runtime.encoding.encode``), results in dataset order.

@@ -3,6 +3,10 @@
 Needs only onnxruntime, tokenizers and numpy (``pip install romebert[runtime]``). The engine loop, the
 policies and the batching are the ones the PyTorch path uses (``engine.py``, ``policies.py``); this
 module runs the graphs of ``romebert export`` between the engine's decisions.
+
+A batch of one row takes the export's one-graph early exit instead (``early_exit.onnx``, built by
+``deploy/single_row.py``) when the rule is one the graph holds (entropy or maxprob, classification):
+one session call instead of one per layer. Its decisions are the engine's (see :meth:`OrtSegments.one_row`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,16 @@ import numpy as np
 from romebert.core.errors import RomebertError
 from romebert.runtime.artefacts import ExportManifest
 from romebert.runtime.encoding import mean_pool_weights
+from romebert.runtime.exit_policy import ExitPolicy, threshold_vector
+from romebert.runtime.policies import POLICIES
+
+# The one-graph early exit stops a row at exit k when margin >= -GUARD and the host accepts it when
+# margin > GUARD (margin: the signed distance of the exit score from the threshold, in float32). Within
+# GUARD the host decides with the engine's own float64 numpy scores: the graph's float32 scores (and
+# thresholds) are within about 1e-7 of them, far below GUARD.
+SINGLE_ROW_GUARD = 1e-5
+SINGLE_ROW_INPUTS = ("temperatures", "exit_bias", "use_maxprob")
+SINGLE_ROW_CRITERIA = ("entropy", "maxprob")
 
 
 def _ort():
@@ -75,8 +89,11 @@ class OrtSegments:
     """The graphs of an export, run one segment per layer (``engine.Segments``).
 
     ``one_graph``: the export's whole-model graph instead (``export --full-graph``), as a single
-    "layer" whose exit is the final head: the plain model, run by the same code. ``memory_arena``: see
-    :func:`session_options` (off: memory does not grow with the rows scored).
+    "layer" whose exit is the final head: the plain model, run by the same code. ``single_row``: load the
+    export's one-graph early exit for batches of one row (a second copy of the weights in memory);
+    ``single_row_spinning``: its threads spin between calls (ORT's default for one graph called again and
+    again; off by default: on a machine with other work, spinning threads fight it for the cores).
+    ``memory_arena``: see :func:`session_options` (off: memory does not grow with the rows scored).
     """
 
     def __init__(
@@ -88,6 +105,8 @@ class OrtSegments:
         spinning: bool = False,
         one_graph: bool = False,
         memory_arena: bool = False,
+        single_row: bool = True,
+        single_row_spinning: bool = False,
     ) -> None:
         ort = _ort()
         self.folder = Path(folder)
@@ -104,17 +123,53 @@ class OrtSegments:
         so = session_options(intra_op_threads, inter_op_threads, spinning, memory_arena)
         self.sessions = []
         for g in graphs:
-            try:
-                sess = ort.InferenceSession(str(self.folder / g.file), so, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # ORT raises its own exception types for unreadable graphs
-                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise RomebertError(f"{self.folder / g.file}: ONNX Runtime cannot load it ({msg})") from None
+            sess = _load(ort, self.folder / g.file, so)
             got = [i.name for i in sess.get_inputs()]
             if got != g.inputs:
                 raise RomebertError(f"{self.folder / g.file}: inputs {got}, the manifest says {g.inputs}")
             self.sessions.append(sess)
         self._inputs = [g.inputs for g in graphs]
+        outputs = [[o.name for o in sess.get_outputs()] for sess in self.sessions]
+        # CAP's nsp where every graph gives it (exports made before it existed do not); asked for only when
+        # a criterion needs it
+        self.features = ("nsp",) if all("nsp" in o for o in outputs) else ()
+        self._plain = [[o for o in names if o != "nsp"] for names in outputs]
         self._mean = "pool_weights" in self._inputs[0]
+        self._single = None
+        g = self.manifest.single_row_graph
+        if single_row and not one_graph and g is not None and not self.regression:
+            so = session_options(intra_op_threads, inter_op_threads, single_row_spinning, memory_arena)
+            self._single = _load(ort, self.folder / g.file, so)
+            self._single_inputs = [i.name for i in self._single.get_inputs()]
+
+    def one_row(self, policy: ExitPolicy, temperatures: Sequence[float] | None):
+        """A runner for batches of one row under ``policy`` through the one-graph early exit, or None when
+        the export has none or the rule is not one it holds (then the engine runs the segments).
+
+        ``runner(state) -> (logits [1, C], exit layer, next state or None)``: None when the graph's exit is
+        final; otherwise the row stopped within ``SINGLE_ROW_GUARD`` of the threshold at that layer, and the
+        engine decides there with the policy itself (going on from the state it returns).
+        """
+        name = policy.name
+        if self._single is None or name not in SINGLE_ROW_CRITERIA or type(policy) is not POLICIES[name]:
+            return None
+        n = self.num_layers
+        bias = (threshold_vector(policy.threshold, n) * (-1.0 if name == "maxprob" else 1.0)).astype(np.float32)
+        bias[-1] = 0.0  # the final exit takes every row left: its threshold (maybe inf) is never read
+        temps = np.asarray(temperatures if temperatures is not None else np.ones(n), np.float32)
+        feed = {"exit_bias": bias, "use_maxprob": np.array([name == "maxprob"]), "temperatures": temps}
+        carried = ("attention_mask", "pool_weights")  # what the segments after the stop also read
+        sess, names = self._single, self._single_inputs
+
+        def run(state: OrtState) -> tuple[np.ndarray, int, OrtState | None]:
+            a = state.arrays
+            logits, layer, margin, nxt = sess.run(None, {k: feed[k] if k in feed else a[k] for k in names})
+            k = int(layer[0])
+            if k == n or margin[0] > SINGLE_ROW_GUARD:
+                return logits, k, None
+            return logits, k, OrtState({"state": nxt, **{x: a[x] for x in carried if x in a}})
+
+        return run
 
     def start(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None) -> OrtState:
         check_lengths(input_ids, self.manifest.max_seq_length)
@@ -124,15 +179,20 @@ class OrtSegments:
             arrays["pool_weights"] = mean_pool_weights(attention_mask)
         return OrtState(arrays)
 
-    def layer(self, index: int, state: OrtState) -> tuple[OrtState, np.ndarray]:
+    def layer(self, index: int, state: OrtState, features: bool = False):
+        """Segment ``index``: (state, logits [b, C]), and with ``features`` also {"nsp": [b]}."""
         a = state.arrays
-        outs = self.sessions[index].run(None, {name: a[name] for name in self._inputs[index]})
-        if len(outs) == 1:  # the last segment: logits only
-            return state, outs[0]
-        nxt = {"state": outs[0], "attention_mask": a["attention_mask"]}
-        if self._mean:
-            nxt["pool_weights"] = a["pool_weights"]
-        return OrtState(nxt), outs[1]
+        wanted = self._plain[index] + (["nsp"] if features else [])
+        outs = dict(zip(wanted, self.sessions[index].run(wanted, {n: a[n] for n in self._inputs[index]}), strict=True))
+        if "next_state" in outs:
+            nxt = {"state": outs["next_state"], "attention_mask": a["attention_mask"]}
+            if self._mean:
+                nxt["pool_weights"] = a["pool_weights"]
+            state = OrtState(nxt)
+        # (after the last segment the state is never read again)
+        if not features:
+            return state, outs["logits"]
+        return state, outs["logits"], {"nsp": outs["nsp"]}
 
     def select(self, state: OrtState, rows: np.ndarray, cols: int) -> OrtState:
         return OrtState({k: np.ascontiguousarray(v[rows, :cols]) for k, v in state.arrays.items()})
@@ -140,6 +200,14 @@ class OrtSegments:
     def merge(self, states: Sequence[OrtState], cols: int) -> OrtState:
         keys = states[0].arrays
         return OrtState({k: np.concatenate([_width(s.arrays[k], cols) for s in states]) for k in keys})
+
+
+def _load(ort, path: Path, so):
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for unreadable graphs
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RomebertError(f"{path}: ONNX Runtime cannot load it ({msg})") from None
 
 
 def _width(x: np.ndarray, cols: int) -> np.ndarray:

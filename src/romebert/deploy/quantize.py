@@ -1,0 +1,377 @@
+"""int8 for the export: the recipes ``romebert export --quantize int8`` can apply to the segment graphs, the
+one it uses (:data:`DEFAULT_INT8`), and the calibration they share.
+
+A recipe starts from the optimized fp32 graphs. ONNX Runtime's dynamic quantization (int8 weights,
+activations quantized per call, per tensor) is fast on CPU, and its error in these encoders comes from
+the activations: one token ([CLS]) carries a few input channels 5-15x larger than the rest, and one
+scale per tensor then spends most of its 256 levels on them. The default recipe therefore:
+
+* quantizes weights per output channel (``per_channel``);
+* takes those outlier channels out of the int8 product (``outliers``): found on calibration sentences
+  from the training split, each is multiplied in fp32 on the side (a [t, k] x [k, N] product, k <= 2)
+  and zeroed in the int8 input (LLM.int8's decomposition, on fixed channels);
+* scales the attention's input channels (``smooth``, SmoothQuant's alpha) since the fused attention
+  cannot be decomposed;
+* keeps the embeddings fp32 (a table lookup: int8 saves only file size);
+* can keep the ``fp32_groups`` matrix products whose quantization moves the exits' outputs most
+  (measured one at a time on the calibration sentences) in fp32.
+
+The other recipes (ORT's plain dynamic quantization, the recipe optimum applies; static QDQ/QOperator
+calibrated by MinMax, Entropy or Percentile) stay available for comparison (``benchmarks/int8_recipes.py``,
+results/int8_recipes.md has the per-exit dev figures behind the choice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from romebert.core.errors import RomebertError
+from romebert.runtime.encoding import mean_pool_weights
+from romebert.runtime.scores import log_softmax
+
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # input_ids, attention_mask, token_type_ids [b, t] int64
+Feeds = list[dict[str, np.ndarray]]  # one graph's inputs, one dict per calibration batch
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How the segment graphs become int8 (see the module docstring)."""
+
+    name: str
+    per_channel: bool = True  # one weight scale per output column (else one per matrix)
+    calibrate: str | None = None  # static quantization calibrated by "minmax" | "entropy" | "percentile"
+    quant_format: str = "qoperator"  # static only: "qdq" | "qoperator"
+    outliers: float | None = None  # decompose input channels whose max |x| exceeds this x the median channel's
+    max_outliers: int = 2  # per matrix product
+    smooth: float | None = None  # SmoothQuant's alpha for the attention's input channels
+    embeddings_fp32: bool = False
+    fp32_groups: int = 0  # the most sensitive matrix products (measured) kept fp32
+    calibration_examples: int = 256
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.calibrate or self.outliers or self.smooth or self.fp32_groups)
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "name"}
+
+
+RECIPES: dict[str, Int8Recipe] = {
+    r.name: r
+    for r in (
+        # ORT's quantize_dynamic with its defaults, what optimum's recipe gives (the benchmark's baseline)
+        Int8Recipe("dynamic", per_channel=False),
+        Int8Recipe("dynamic-per-channel"),
+        Int8Recipe("static-minmax-qdq", calibrate="minmax", quant_format="qdq"),
+        Int8Recipe("static-minmax-qoperator", calibrate="minmax"),
+        Int8Recipe("static-entropy-qdq", calibrate="entropy", quant_format="qdq"),
+        Int8Recipe("static-percentile-qdq", calibrate="percentile", quant_format="qdq"),
+        Int8Recipe("per-channel-fp32-4", fp32_groups=4),
+        Int8Recipe("per-channel-smooth", smooth=0.6, embeddings_fp32=True),
+        Int8Recipe("per-channel-outliers", outliers=4.0, smooth=0.6, embeddings_fp32=True),
+        Int8Recipe("per-channel-outliers-fp32-2", outliers=4.0, smooth=0.6, embeddings_fp32=True, fp32_groups=2),
+    )
+}
+DEFAULT_INT8 = "per-channel-outliers"
+BASELINE_INT8 = "dynamic"
+
+
+def recipe(name: str) -> Int8Recipe:
+    if name not in RECIPES:
+        raise RomebertError(f"unknown int8 recipe {name!r}; choose one of {list(RECIPES)}")
+    return RECIPES[name]
+
+
+# ------------------------------------------------------------------------------------- ORT's logging
+@contextlib.contextmanager
+def quiet_quantizer() -> Iterator[list[str]]:
+    """ONNX Runtime's quantizer logs on the root logger (one "Please consider to run pre-processing" per
+    graph: shape inference that dynamic quantization does not need) and prints calibration progress.
+    Both are kept from the user; anything else it logs is collected in the yielded list."""
+    notes: list[str] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        if "onnxruntime" not in record.pathname.replace("\\", "/"):
+            return True
+        if "pre-process" not in record.getMessage() and record.levelno >= logging.WARNING:
+            notes.append(record.getMessage().splitlines()[0])
+        return False
+
+    root = logging.getLogger()
+    guard = logging.NullHandler()  # a root logger without handlers would be given one by logging.warning()
+    root.addFilter(keep)
+    root.addHandler(guard)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield notes
+    finally:
+        root.removeFilter(keep)
+        root.removeHandler(guard)
+
+
+# ------------------------------------------------------------------------------------ running graphs
+def _session(model: Any):
+    import onnxruntime as ort
+
+    from romebert.runtime.onnx_runtime import session_options
+
+    src = str(model) if isinstance(model, str | Path) else model.SerializeToString()
+    return ort.InferenceSession(src, session_options(None, 1, False), providers=["CPUExecutionProvider"])
+
+
+def first_feeds(batches: Sequence[Batch], mean_pooling: bool) -> Feeds:
+    """Segment 1's inputs for each batch (an unused input is dropped by the session's names later)."""
+    feeds = []
+    for ids, mask, types in batches:
+        f = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        if mean_pooling:
+            f["pool_weights"] = mean_pool_weights(mask)
+        feeds.append(f)
+    return feeds
+
+
+def _run(sess, feeds: Feeds) -> tuple[Feeds, list[np.ndarray]]:
+    """One segment over every batch -> (the next segment's feeds, this exit's logits per batch)."""
+    names = [i.name for i in sess.get_inputs()]
+    wanted = [o.name for o in sess.get_outputs() if o.name in ("next_state", "logits")]  # (not nsp)
+    nxt, logits = [], []
+    for f in feeds:
+        outs = dict(zip(wanted, sess.run(wanted, {k: f[k] for k in names}), strict=True))
+        logits.append(outs["logits"])
+        if "next_state" in outs:
+            nxt.append({"state": outs["next_state"], **{k: f[k] for k in ("attention_mask", "pool_weights") if k in f}})
+    return nxt, logits
+
+
+def chain(paths: Sequence[Any], feeds: Feeds, start: int = 0) -> tuple[list[Feeds], list[np.ndarray]]:
+    """Segments ``start``.. over ``feeds`` (segment ``start``'s inputs) -> (each segment's input feeds,
+    each exit's logits [n, C])."""
+    inputs, logits = [], []
+    for p in paths[start:]:
+        sess = p if hasattr(p, "run") else _session(p)
+        inputs.append(feeds)
+        feeds, out = _run(sess, feeds)
+        logits.append(np.concatenate(out))
+    return inputs, logits
+
+
+def _kl(ref: np.ndarray, got: np.ndarray) -> float:
+    """Mean KL(ref || got) of the softmax over rows of [n, C] logits (regression: mean squared change)."""
+    if ref.shape[-1] == 1:
+        return float(np.mean((ref - got) ** 2))
+    a, b = log_softmax(ref), log_softmax(got)
+    return float(np.mean((np.exp(a) * (a - b)).sum(-1)))
+
+
+# ------------------------------------------------------------------------------------ graph rewrites
+def _encoder_products(graph) -> list:
+    """The encoder's matrix products with a weight: MatMul and fused Attention nodes outside the exits."""
+    weights = {t.name for t in graph.initializer}
+    return [n for n in graph.node if n.op_type in ("MatMul", "Attention") and "exits." not in n.name
+            and len(n.input) > 1 and n.input[1] in weights]  # fmt: skip
+
+
+def channel_max(path: Path, feeds: Feeds) -> dict[str, np.ndarray]:
+    """max |x| per input channel of every encoder product's input, over the real tokens of ``feeds``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    names = sorted({n.input[0] for n in _encoder_products(model.graph)})
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                              for n in names if n not in have)  # fmt: skip
+    sess = _session(model)
+    inputs = [i.name for i in sess.get_inputs()]
+    out: dict[str, np.ndarray] = {}
+    for f in feeds:
+        real = f["attention_mask"].astype(bool)
+        for name, x in zip(names, sess.run(names, {k: f[k] for k in inputs}), strict=True):
+            m = np.abs(x[real]).max(0)
+            out[name] = np.maximum(out[name], m) if name in out else m
+    return out
+
+
+def rewrite(src: Path, dst: Path, rec: Int8Recipe, ranges: dict[str, np.ndarray] | None) -> dict[str, Any]:
+    """The fp32 graph with the recipe's outlier decomposition and smoothing applied (the same function up
+    to rounding); returns {"fp32": names of nodes to keep fp32, "outliers": {node: channels}}."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    keep_fp32, outliers = [], {}
+    nodes = []
+    products = {n.name for n in _encoder_products(g)} if ranges is not None else set()
+    for n in g.node:
+        x = n.input[0]
+        a = ranges.get(x) if ranges is not None and n.name in products else None
+        if a is None:
+            nodes.append(n)
+            continue
+        w_t = inits[n.input[1]]
+        w = numpy_helper.to_array(w_t)  # [K, N] (Attention: [K, 3H])
+        p = f"{n.name}/int8"
+        if n.op_type == "Attention" and rec.smooth:
+            s = np.maximum(a, 1e-5) ** rec.smooth / np.maximum(np.abs(w).max(1), 1e-5) ** (1 - rec.smooth)
+            s = (s / np.exp(np.log(s).mean())).astype(np.float32)  # geometric mean 1: magnitudes kept
+            w_t.CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), w_t.name))
+            g.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), f"{p}/inv_scale"))
+            nodes.append(helper.make_node("Mul", [x, f"{p}/inv_scale"], [f"{p}/x"], name=f"{p}/Smooth"))
+            n.input[0] = f"{p}/x"
+            nodes.append(n)
+            continue
+        top = np.argsort(a)[::-1][: rec.max_outliers]
+        top = top[a[top] > (rec.outliers or np.inf) * np.median(a)] if n.op_type == "MatMul" else top[:0]
+        if top.size == 0:
+            nodes.append(n)
+            continue
+        outliers[n.name] = [int(c) for c in top]
+        mask = np.ones(w.shape[0], np.float32)
+        mask[top] = 0.0
+        g.initializer.extend([numpy_helper.from_array(mask, f"{p}/keep"),
+                              numpy_helper.from_array(top.astype(np.int64), f"{p}/channels"),
+                              numpy_helper.from_array(w[top].astype(np.float32), f"{p}/outlier_weight")])  # fmt: skip
+        y = n.output[0]
+        nodes.append(helper.make_node("Mul", [x, f"{p}/keep"], [f"{p}/x"], name=f"{p}/Keep"))
+        nodes.append(helper.make_node("Gather", [x, f"{p}/channels"], [f"{p}/xo"], name=f"{p}/Outliers", axis=-1))
+        n.input[0], n.output[0] = f"{p}/x", f"{p}/y"
+        nodes.append(n)
+        nodes.append(helper.make_node("MatMul", [f"{p}/xo", f"{p}/outlier_weight"], [f"{p}/yo"], name=f"{p}/Fp32"))
+        nodes.append(helper.make_node("Add", [f"{p}/y", f"{p}/yo"], [y], name=f"{p}/Sum"))
+        keep_fp32.append(f"{p}/Fp32")
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.save(model, str(dst))
+    return {"fp32": keep_fp32, "outliers": outliers}
+
+
+def quantize(src: Path, dst: Path, rec: Int8Recipe, exclude: Sequence[str] = (), only: Sequence[str] | None = None,
+             feeds: Feeds | None = None) -> None:  # fmt: skip
+    """One graph to int8 by ``rec``; ``exclude``: nodes kept fp32 (the exit heads always are: on a [b, H]
+    input, quantizing the activations costs more than the int8 product saves); ``only``: quantize just
+    these nodes (sensitivity); ``feeds``: calibration inputs (static recipes)."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    graph = onnx.load(str(src), load_external_data=False).graph
+    heads = [n.name for n in graph.node if "exits." in n.name]
+    ops = ["MatMul", "Attention"] + ([] if rec.embeddings_fp32 else ["EmbedLayerNormalization", "Gather"])
+    common = dict(per_channel=rec.per_channel, weight_type=QuantType.QInt8, nodes_to_exclude=[*heads, *exclude],
+                  nodes_to_quantize=list(only) if only is not None else None)  # fmt: skip
+    if rec.calibrate is None:
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=ops if rec.embeddings_fp32 else None,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **common)  # fmt: skip
+        return
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, quant_pre_process
+
+    if not feeds:
+        raise RomebertError(f"int8 recipe {rec.name}: static quantization needs calibration sentences")
+    width = max(f["attention_mask"].shape[1] for f in feeds)  # histograms need one shape for every batch
+    names = [i.name for i in graph.input]
+    padded = [{k: _pad(v, width) for k, v in f.items() if k in names} for f in feeds]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(padded)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    pre = dst.with_name(f"pre-{dst.name}")
+    quant_pre_process(str(src), str(pre), skip_optimization=True)  # shape inference, as the quantizer asks
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[rec.calibrate]  # fmt: skip
+    fmt = QuantFormat.QDQ if rec.quant_format == "qdq" else QuantFormat.QOperator
+    try:
+        quantize_static(str(pre), str(dst), Reader(), quant_format=fmt, op_types_to_quantize=["MatMul"],
+                        activation_type=QuantType.QUInt8, calibrate_method=method, **common)  # fmt: skip
+    finally:
+        pre.unlink(missing_ok=True)
+
+
+def _pad(x: np.ndarray, width: int) -> np.ndarray:
+    return np.pad(x, [(0, 0), (0, width - x.shape[1])] + [(0, 0)] * (x.ndim - 2)) if x.ndim >= 2 else x
+
+
+# ----------------------------------------------------------------------------------- the whole model
+def quantize_segments(fp32: Sequence[Path], out: Sequence[Path], rec: Int8Recipe,
+                      calibration: Sequence[Batch] | None, mean_pooling: bool) -> dict[str, Any]:  # fmt: skip
+    """Every segment graph ``fp32[i]`` to int8 at ``out[i]`` by ``rec``; returns what the manifest records
+    (the recipe, its settings, the calibration size, the outliers and the fp32 nodes per graph)."""
+    if rec.needs_calibration and not calibration:
+        raise RomebertError(f"int8 recipe {rec.name} needs calibration sentences from the training split")
+    record: dict[str, Any] = {"recipe": rec.name, "settings": rec.settings(), "calibration_rows": 0,
+                              "outliers": {}, "fp32_nodes": {}}  # fmt: skip
+    feeds: list[Feeds] = [[] for _ in fp32]
+    prepared = list(fp32)
+    with quiet_quantizer() as notes:
+        if rec.needs_calibration:
+            record["calibration_rows"] = int(sum(b[0].shape[0] for b in calibration or ()))
+            prepared = [p.with_name(f"prep-{p.name}") for p in fp32]
+            feeds[0] = first_feeds(calibration or (), mean_pooling)
+            for i, p in enumerate(fp32):  # each graph rewritten on the inputs the rewritten graphs before it give
+                done = rewrite(p, prepared[i], rec, channel_max(p, feeds[i]) if rec.outliers or rec.smooth else None)
+                record["outliers"][out[i].name] = done["outliers"]
+                record["fp32_nodes"][out[i].name] = done["fp32"]
+                if i + 1 < len(fp32):
+                    feeds[i + 1] = _run(_session(prepared[i]), feeds[i])[0]
+        kept = _most_sensitive(prepared, feeds, rec, out) if rec.fp32_groups else {}
+        for i, p in enumerate(prepared):
+            exclude = record["fp32_nodes"].get(out[i].name, []) + kept.get(i, [])
+            quantize(p, out[i], rec, exclude=exclude, feeds=feeds[i])
+            record["fp32_nodes"][out[i].name] = exclude
+    for p in prepared:
+        if p not in fp32:
+            p.unlink(missing_ok=True)
+    if notes:
+        record["quantizer_notes"] = notes[:3]
+    return record
+
+
+def _most_sensitive(paths: Sequence[Path], feeds: list[Feeds], rec: Int8Recipe, out: Sequence[Path]):
+    """{segment: [node]} of the ``rec.fp32_groups`` encoder products whose quantization alone moves the
+    exits' outputs most on the calibration sentences (summed KL over the exits after it)."""
+    import onnx
+
+    sessions = [_session(p) for p in paths]
+    ref = chain(sessions, feeds[0])[1]
+    scores = []
+    for i, p in enumerate(paths):
+        for node in _encoder_products(onnx.load(str(p), load_external_data=False).graph):
+            one = p.with_name(f"one-{p.name}")
+            quantize(p, one, rec, only=[node.name], feeds=feeds[i])
+            got = chain([one, *sessions[i + 1 :]], feeds[i])[1]
+            one.unlink()
+            scores.append((sum(_kl(r, q) for r, q in zip(ref[i:], got, strict=True)), i, node.name))
+    kept: dict[int, list[str]] = {}
+    for _, i, name in sorted(scores, reverse=True)[: rec.fp32_groups]:
+        kept.setdefault(i, []).append(name)
+    return kept
+
+
+def calibration_batches(examples: Sequence[Any], tokenizer: Any, max_seq_length: int, rows: int,
+                        seed: int = 0, batch_size: int = 32) -> list[Batch]:  # fmt: skip
+    """``rows`` examples drawn at random (seeded) from ``examples`` (the training split), tokenized and
+    padded in length-sorted batches: the calibration sentences of a recipe."""
+    from romebert.runtime.encoding import Collator, encode
+
+    if not examples:
+        return []
+    pick = np.sort(np.random.default_rng(seed).choice(len(examples), min(rows, len(examples)), replace=False))
+    dataset = encode([examples[int(i)] for i in pick], tokenizer, None, max_seq_length)
+    order = np.argsort(np.asarray(dataset.lengths), kind="stable")
+    collate = Collator(tokenizer, return_tensors="np")
+    out = []
+    for s in range(0, len(order), batch_size):
+        b = collate([dataset[int(i)] for i in order[s : s + batch_size]])
+        out.append((b["input_ids"], b["attention_mask"], b.get("token_type_ids", np.zeros_like(b["input_ids"]))))
+    return out

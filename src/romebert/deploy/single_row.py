@@ -1,0 +1,213 @@
+"""The whole early exit for ONE input in one ONNX graph (``early_exit.onnx``), built from the finished
+segment graphs.
+
+With one row, the exit decision after layer k belongs to that row alone, so it can be taken inside the
+graph: segment k's nodes, then its exit score, then an ``If`` whose then-branch returns exit k's logits
+and whose else-branch holds segment k+1 and the next ``If``. One session call runs the input to its exit,
+with no per-layer call, no state copied out and back, and one thread pool that stays warm. The segments'
+own nodes are copied unchanged (renamed), so the graph computes the segments' logits bit for bit.
+
+Inputs: segment 1's (input_ids, attention_mask, [token_type_ids], [pool_weights]) and
+    temperatures [L] float32   exit k's logits are divided by temperatures[k-1] (ones: no calibration)
+    exit_bias [L] float32      per exit: t for entropy, -t for maxprob (the host fills it from the policy)
+    use_maxprob [1] bool
+Outputs:
+    logits [1, C] float32      the (scaled) logits of the exit the graph stopped at
+    exit_layer [1] int64       that exit, 1-based
+    margin [1] float32         entropy: t - H; maxprob: p_max - t (the rule exits when it is > 0)
+    state [1, t, H] float32    the next segment's input there (empty after the last layer)
+
+The graph stops at exit k when ``margin >= -GUARD``. The host (``runtime/onnx_runtime.py``) accepts the
+exit when ``margin > GUARD``; within ``GUARD`` of the threshold it decides with the engine's own numpy
+scores (float64) and, if the row goes on, continues with the segment graphs from ``state``. The graph's
+float32 scores are within about 1e-7 of the engine's, far inside ``GUARD``, so every decision is the
+engine's, ties included. (float32 and a few kernels per exit: at batch size 1 each kernel call counts.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from romebert.core.errors import RomebertError
+from romebert.runtime.artefacts import ExportManifest
+from romebert.runtime.onnx_runtime import SINGLE_ROW_GUARD, SINGLE_ROW_INPUTS
+
+SINGLE_ROW_FILE = "early_exit.onnx"
+_TOP = ("input_ids", "attention_mask", "token_type_ids", "pool_weights", *SINGLE_ROW_INPUTS)
+
+
+def build_single_row(folder: Path, manifest: ExportManifest, out: Path) -> None:
+    """Write the one-graph early exit of the export in ``folder`` (its segment graphs) to ``out``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    if manifest.regression:
+        raise RomebertError("the one-graph early exit is for classification (entropy and maxprob)")
+    segs = [onnx.load(str(folder / g.file)) for g in manifest.graphs]
+    n = len(segs)
+    first = segs[0].graph
+    inputs = [i for i in first.input if i.name in manifest.graphs[0].inputs]
+    inputs += [helper.make_tensor_value_info("temperatures", TensorProto.FLOAT, [n]),
+               helper.make_tensor_value_info("exit_bias", TensorProto.FLOAT, [n]),
+               helper.make_tensor_value_info("use_maxprob", TensorProto.BOOL, [1])]  # fmt: skip
+    top = [helper.make_node("Split", ["temperatures"], [f"temperature/{k}" for k in range(1, n + 1)], axis=0),
+           helper.make_node("Split", ["exit_bias"], [f"bias/{k}" for k in range(1, n + 1)], axis=0),
+           _const("guard", TensorProto.FLOAT, [], [-SINGLE_ROW_GUARD])]  # fmt: skip
+    if manifest.opset >= 18:  # Split takes its output count as an attribute from opset 18
+        for node in top[:2]:
+            node.attribute.append(helper.make_attribute("num_outputs", n))
+    outputs = ["logits", "exit_layer", "margin", "state"]
+    nodes, inits, infos = _level(1, segs, outputs, manifest.opset, {})
+    types = (TensorProto.FLOAT, TensorProto.INT64, TensorProto.FLOAT, TensorProto.FLOAT)
+    graph = helper.make_graph(top + nodes, "early_exit", inputs,
+                              [helper.make_tensor_value_info(o, t, None) for o, t in zip(outputs, types, strict=True)],
+                              initializer=inits, value_info=infos)  # fmt: skip
+    opsets: dict[str, int] = {}
+    for s in segs:
+        for o in s.opset_import:
+            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
+                              producer_name="romebert")  # fmt: skip
+    model.ir_version = max(s.ir_version for s in segs)
+    onnx.save(model, str(out))
+
+
+def _renamed(k: int, seg, shared: dict) -> tuple[list, list, list]:
+    """Segment k's nodes, initializers and value infos with every name of its own prefixed ``s{k}/``; its
+    inputs are the top graph's (mask, pool weights, ...) or, for ``state``, segment k-1's output.
+
+    A node that only reads the top graph's inputs and constants, and equals one of an earlier segment
+    (the attention's mask index, the pool weights' reshape), is dropped and its outputs read from that
+    one, visible here since later segments are nested inside earlier ones: each costs a kernel call per
+    layer at batch size 1. ``shared`` maps such a node's key to its outputs (and renames) across segments.
+    """
+    import hashlib
+
+    import onnx
+
+    g = seg.graph
+    alias: dict[str, str] = shared.setdefault("alias", {})
+    produced: set[str] = shared.setdefault("outputs", set())
+    consts = {t.name: t for t in g.initializer}
+
+    def name(x: str) -> str:
+        if not x:
+            return x
+        if x == "state":
+            return f"s{k - 1}/next_state"
+        x = x if x in _TOP else f"s{k}/{x}"
+        return alias.get(x, x)
+
+    def key_of(node) -> tuple | None:
+        parts = []
+        for x in node.input:
+            if x in _TOP or name(x) in produced:
+                parts.append(name(x))
+            elif x in consts:  # a constant: by value, whatever its name
+                t = onnx.TensorProto()
+                t.CopyFrom(consts[x])
+                t.name = ""
+                parts.append(hashlib.sha256(t.SerializeToString()).hexdigest())
+            else:
+                return None  # reads this segment's own computation
+        attrs = tuple(sorted(a.SerializeToString() for a in node.attribute))
+        return (node.domain, node.op_type, attrs, tuple(map(str, parts)))
+
+    nodes = []
+    for node in _needed(g, ("next_state", "logits")):  # (not CAP's nsp: the one-graph rules do not read it)
+        key = key_of(node)
+        if key is not None and key in shared:
+            for mine, theirs in zip(node.output, shared[key], strict=True):
+                alias[f"s{k}/{mine}"] = theirs
+            continue
+        node.input[:] = [name(x) for x in node.input]
+        node.output[:] = [name(x) for x in node.output]
+        if node.name:
+            node.name = f"s{k}/{node.name}"
+        if key is not None:
+            shared[key] = list(node.output)
+            produced.update(node.output)
+        nodes.append(node)
+    used = {x for n in nodes for x in n.input}
+    inits = [t for t in g.initializer if name(t.name) in used]
+    for t in inits:
+        t.name = name(t.name)
+    made = {x for n in nodes for x in n.output}
+    infos = [v for v in g.value_info if name(v.name) in made]
+    for v in infos:
+        v.name = name(v.name)
+    return nodes, inits, infos
+
+
+def _needed(g, outputs: tuple[str, ...]) -> list:
+    """The nodes of graph ``g`` that ``outputs`` depend on, in graph order."""
+    producer = {o: n for n in g.node for o in n.output}
+    todo, keep = [o for o in outputs if o in producer], set()
+    while todo:
+        n = producer.get(todo.pop())
+        if n is not None and id(n) not in keep:
+            keep.add(id(n))
+            todo += list(n.input)
+            for a in n.attribute:  # subgraphs (If, Loop) read outer names too
+                if a.g is not None:
+                    todo += [x for sub in a.g.node for x in sub.input]
+    return [n for n in g.node if id(n) in keep]
+
+
+def _level(k: int, segs: list, outs: list[str], opset: int, shared: dict) -> tuple[list, list, list]:
+    """Nodes, initializers, value infos of the graph running segment k and, unless exit k stops the row,
+    segments k+1.. (nested); its outputs are named ``outs``."""
+    from onnx import TensorProto, helper
+
+    n = len(segs)
+    nodes, inits, infos = _renamed(k, segs[k - 1], shared)
+    p = f"s{k}"
+    nodes.append(helper.make_node("Div", [f"{p}/logits", f"temperature/{k}"], [f"{p}/scaled"]))
+    if k == n:  # the final head takes the row: no decision
+        nodes += [helper.make_node("Identity", [f"{p}/scaled"], [outs[0]]),
+                  _const(outs[1], TensorProto.INT64, [1], [k]),
+                  _const(outs[2], TensorProto.FLOAT, [1], [np.inf]),
+                  _const(outs[3], TensorProto.FLOAT, [1, 0, 1], [])]  # fmt: skip
+        return nodes, inits, infos
+    nodes += [
+        helper.make_node("Softmax", [f"{p}/scaled"], [f"{p}/p"], axis=-1),
+        helper.make_node("LogSoftmax", [f"{p}/scaled"], [f"{p}/logp"], axis=-1),
+        helper.make_node("Mul", [f"{p}/p", f"{p}/logp"], [f"{p}/plogp"]),
+        helper.make_node("ReduceSum", [f"{p}/plogp", "axis/last"], [f"{p}/neg_entropy"], keepdims=0),
+        helper.make_node("ReduceMax", [f"{p}/p", "axis/last"], [f"{p}/maxprob"], keepdims=0)
+        if opset >= 18
+        else helper.make_node("ReduceMax", [f"{p}/p"], [f"{p}/maxprob"], axes=[-1], keepdims=0),
+        helper.make_node("Where", ["use_maxprob", f"{p}/maxprob", f"{p}/neg_entropy"], [f"{p}/score"]),
+        helper.make_node("Add", [f"{p}/score", f"bias/{k}"], [f"{p}/margin"]),
+        helper.make_node("GreaterOrEqual", [f"{p}/margin", "guard"], [f"{p}/stop"]),
+    ]
+    if k == 1:
+        nodes.insert(0, _const("axis/last", TensorProto.INT64, [1], [-1]))
+    t = f"then{k}"
+    then = helper.make_graph(
+        [helper.make_node("Identity", [f"{p}/scaled"], [f"{t}/logits"]),
+         _const(f"{t}/exit_layer", TensorProto.INT64, [1], [k]),
+         helper.make_node("Identity", [f"{p}/margin"], [f"{t}/margin"]),
+         helper.make_node("Identity", [f"{p}/next_state"], [f"{t}/state"])],
+        t, [], _infos([f"{t}/logits", f"{t}/exit_layer", f"{t}/margin", f"{t}/state"]))  # fmt: skip
+    e = f"else{k}"
+    sub_outs = [f"{e}/logits", f"{e}/exit_layer", f"{e}/margin", f"{e}/state"]
+    sub_nodes, sub_inits, sub_infos = _level(k + 1, segs, sub_outs, opset, shared)
+    other = helper.make_graph(sub_nodes, e, [], _infos(sub_outs), initializer=sub_inits, value_info=sub_infos)
+    nodes.append(helper.make_node("If", [f"{p}/stop"], outs, then_branch=then, else_branch=other))
+    return nodes, inits, infos
+
+
+def _infos(names: list[str]) -> list:
+    from onnx import TensorProto, helper
+
+    types = (TensorProto.FLOAT, TensorProto.INT64, TensorProto.FLOAT, TensorProto.FLOAT)
+    return [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types, strict=True)]
+
+
+def _const(name: str, dtype: int, dims: list[int], values: list):
+    from onnx import helper
+
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(f"{name}/value", dtype, dims, values))

@@ -1,0 +1,157 @@
+"""int8 recipes (deploy/quantize.py) on tiny random models: the outlier decomposition leaves the fp32
+function unchanged and finds a planted outlier channel, the default recipe tracks fp32 closer than ORT's
+plain dynamic quantization, static and measured-fp32 recipes run, the manifest records the recipe, and
+the quantizer stays quiet."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from romebert.core.errors import RomebertError
+from romebert.deploy.export import export_model
+from romebert.deploy.quantize import (
+    DEFAULT_INT8,
+    RECIPES,
+    chain,
+    channel_max,
+    first_feeds,
+    quantize,
+    recipe,
+    rewrite,
+)
+from romebert.runtime.artefacts import ExportManifest
+from romebert.runtime.engine import all_exit_logits
+from romebert.runtime.onnx_runtime import OrtSegments
+
+from export_fixtures import LAYERS, _batches, _dataset, _model
+from tiny import make_tiny_tokenizer
+
+OUTLIER = 5  # the input channel of layer 1's first feed-forward product that the planted model blows up
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    make_tiny_tokenizer(path)
+    return path
+
+
+def _outlier_model():
+    """A tiny model whose attention-output LayerNorm of layer 1 scales one channel 40x: the [t, H] input
+    of that layer's first feed-forward product has one channel far above the rest, as real encoders do."""
+    model = _model("bert", "mean", seed=1)
+    with torch.no_grad():
+        model.layers[0].attention.output.LayerNorm.weight[OUTLIER] *= 40.0
+    return model
+
+
+CALIBRATION = _batches(_dataset(n=64, seed=9), 16)
+DEV = _batches(_dataset(n=80, seed=10), 16)
+
+
+@pytest.fixture(scope="module")
+def fp32_export(tmp_path_factory, tok):
+    model = _outlier_model()
+    folder = tmp_path_factory.mktemp("q") / "fp32"
+    export_model(model, tok, folder, max_seq_length=40, single_row=False)
+    return model, folder
+
+
+def test_outlier_decomposition_is_the_same_function_and_finds_the_planted_channel(fp32_export, tmp_path):
+    _, folder = fp32_export
+    src = folder / "segment_01.onnx"
+    feeds = first_feeds(CALIBRATION, mean_pooling=True)
+    ranges = channel_max(src, feeds)
+    done = rewrite(src, tmp_path / "rewritten.onnx", recipe(DEFAULT_INT8), ranges)
+    assert OUTLIER in done["outliers"]["/intermediate/dense/MatMul"]
+    assert done["fp32"] and all(name.endswith("/Fp32") for name in done["fp32"])
+    before = chain([src], feeds)[1][0]
+    after = chain([tmp_path / "rewritten.onnx"], feeds)[1][0]
+    assert np.abs(before - after).max() < 1e-4  # only the summation order changed
+
+
+def test_taking_the_outlier_channel_out_shrinks_that_products_int8_error(fp32_export, tmp_path):
+    """Layer 1's first feed-forward product alone in int8 (dynamic, per-channel weights): with the planted
+    channel multiplied in fp32 on the side, the layer's output moves much less than without."""
+    _, folder = fp32_export
+    src, node = folder / "segment_01.onnx", "/intermediate/dense/MatMul"
+    feeds = first_feeds(CALIBRATION, mean_pooling=True)
+    rec = recipe(DEFAULT_INT8)
+    rewrite(src, tmp_path / "rewritten.onnx", rec, channel_max(src, feeds))
+    quantize(tmp_path / "rewritten.onnx", tmp_path / "split.onnx", rec, only=[node])
+    quantize(src, tmp_path / "plain.onnx", rec, only=[node])
+    ref = _states(src, feeds)
+    err = {k: max(float(np.abs(g - r).max()) for g, r in zip(_states(tmp_path / f"{k}.onnx", feeds), ref, strict=True))
+           for k in ("split", "plain")}  # fmt: skip
+    assert err["split"] < 0.25 * err["plain"], err
+
+
+def _states(path, feeds):
+    """The layer's output state (segment 1's next_state) for each batch."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    return [sess.run(["next_state"], {k: f[k] for k in names})[0] for f in feeds]
+
+
+def test_the_manifest_records_the_recipe_and_the_default_keeps_fp32_predictions(fp32_export, tmp_path, tok):
+    model, folder = fp32_export
+    ref = all_exit_logits(OrtSegments(folder), DEV)
+    m = export_model(model, tok, tmp_path / "q", precision="int8", max_seq_length=40, calibration=CALIBRATION,
+                     single_row=False)  # fmt: skip
+    q = m.quantization
+    assert q["recipe"] == DEFAULT_INT8 and q["settings"] == recipe(DEFAULT_INT8).settings()
+    assert q["calibration_rows"] == 64 and OUTLIER in q["outliers"]["segment_01.onnx"]["/intermediate/dense/MatMul"]
+    assert ExportManifest.load(tmp_path / "q").quantization == q  # round-trips through JSON
+    got = all_exit_logits(OrtSegments(tmp_path / "q"), DEV)
+    agree = (got.argmax(-1) == ref.argmax(-1)).mean(axis=1)
+    assert agree.shape == (LAYERS,) and (agree >= 0.95).all(), agree
+
+
+@pytest.mark.parametrize("name", ["static-minmax-qdq", "per-channel-fp32-4"])
+def test_static_and_measured_fp32_recipes(fp32_export, tmp_path, tok, name):
+    model, folder = fp32_export
+    m = export_model(model, tok, tmp_path / name, precision="int8", max_seq_length=40, int8_recipe=name,
+                     calibration=CALIBRATION, single_row=False)  # fmt: skip
+    kept = [n for names in m.quantization["fp32_nodes"].values() for n in names]
+    assert len(kept) == recipe(name).fp32_groups
+    for file, names in m.quantization["fp32_nodes"].items():  # the nodes said to stay fp32 did
+        ops = {n.name: n.op_type for n in onnx.load(str(tmp_path / name / file)).graph.node}
+        assert all(ops[n] in ("MatMul", "Attention") for n in names)
+    ops = {n.op_type for g in m.graphs for n in onnx.load(str(tmp_path / name / g.file)).graph.node}
+    assert ("QuantizeLinear" in ops) if name.startswith("static") else ("MatMulInteger" in ops or "QAttention" in ops)
+    ref = all_exit_logits(OrtSegments(folder), DEV)
+    assert (all_exit_logits(OrtSegments(tmp_path / name), DEV).argmax(-1) == ref.argmax(-1)).mean() > 0.8
+
+
+def test_int8_export_is_quiet_and_leaves_logging_as_it_was(fp32_export, tmp_path, tok, capfd):
+    model, _ = fp32_export
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    export_model(
+        model,
+        tok,
+        tmp_path / "q",
+        precision="int8",
+        max_seq_length=40,
+        calibration=CALIBRATION,
+        int8_recipe="static-entropy-qdq",
+    )  # fmt: skip  (the noisiest: histogram progress on stdout)
+    out = capfd.readouterr()
+    assert "pre-processing" not in out.err + out.out and "histogram" not in out.out
+    assert root.handlers == handlers and not root.filters
+
+
+def test_recipes_that_need_calibration_refuse_to_run_without_it(fp32_export, tmp_path, tok):
+    model, _ = fp32_export
+    with pytest.raises(RomebertError, match="needs calibration sentences"):
+        export_model(model, tok, tmp_path / "q", precision="int8", max_seq_length=40)
+    with pytest.raises(RomebertError, match="unknown int8 recipe 'best'"):
+        recipe("best")
+    assert not recipe("dynamic-per-channel").needs_calibration and set(RECIPES) >= {DEFAULT_INT8, "dynamic"}

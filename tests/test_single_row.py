@@ -1,0 +1,132 @@
+"""The one-graph early exit for batches of one row (``early_exit.onnx``): the engine takes it for a batch
+of one row when the rule is entropy or maxprob, and it decides exactly as the segment engine does, at
+the same exits with the same logits, thresholds on a score's exact value included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from romebert.deploy.classifier import EarlyExitClassifier
+from romebert.deploy.export import export_model
+from romebert.runtime.artefacts import ExportManifest
+from romebert.runtime.engine import EarlyExitEngine, all_exit_logits
+from romebert.runtime.onnx_runtime import SINGLE_ROW_CRITERIA, OrtSegments
+from romebert.runtime.policies import CRITERIA, criterion_class, get_policy
+from romebert.runtime.scores import entropy, maxprob
+
+from export_fixtures import _batches, _dataset, _model
+from glue_fixtures import sentence
+from tiny import make_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """(model, export) for BERT with mean pooling (pool weights fed) and RoBERTa with [CLS] pooling."""
+    tok = tmp_path_factory.mktemp("tok")
+    make_tiny_tokenizer(tok)
+    out = {}
+    for family, pooling in (("bert", "mean"), ("roberta", "cls")):
+        folder = tmp_path_factory.mktemp(f"single-{family}") / "export"
+        model = _model(family, pooling, seed=4)
+        export_model(model, tok, folder, max_seq_length=40)
+        out[family] = folder
+    return out
+
+
+def _rows(n: int = 30, seed: int = 5):
+    return _batches(_dataset(n=n, seed=seed), 1)
+
+
+def _engines(folder, policy, temperatures=None):
+    one = EarlyExitEngine(OrtSegments(folder, intra_op_threads=1), policy, temperatures)
+    segments = EarlyExitEngine(OrtSegments(folder, intra_op_threads=1, single_row=False), policy, temperatures)
+    return one, segments
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_one_row_decides_as_the_segment_engine(exports, family, criterion):
+    folder = exports[family]
+    assert ExportManifest.load(folder).single_row_graph.file == "early_exit.onnx"
+    rows = _rows()
+    temperatures = [0.7, 1.3, 1.0]
+    logits = all_exit_logits(OrtSegments(folder, single_row=False), rows)
+    early = logits[:-1] / np.float32(temperatures)[:-1, None, None]  # what the policy sees
+    threshold = {"entropy": float(np.quantile(entropy(early), 0.4)), "maxprob": float(np.quantile(maxprob(early), 0.6)),
+                 "patience-confidence": float(np.quantile(entropy(early), 0.5))}.get(criterion)  # fmt: skip
+    if threshold is None:  # the criteria the one graph does not hold: their own default
+        threshold = criterion_class(criterion).default_threshold
+    one, segments = _engines(folder, get_policy(criterion, threshold, patience=2), temperatures)
+    assert (one._one_row is not None) == (criterion in SINGLE_ROW_CRITERIA)  # the others run the segments
+    a = [one.run(*r) for r in rows]
+    b = [segments.run(*r) for r in rows]
+    layers = np.array([o.exit_layer[0] for o in a])
+    assert np.array_equal(layers, [o.exit_layer[0] for o in b])
+    # the graph copies the segments' nodes: the same logits to the bit, scaled by the exit's temperature
+    assert all(np.array_equal(x.logits, y.logits) for x, y in zip(a, b, strict=True))
+    assert [o.layer_work for o in a] == layers.tolist() and [o.shapes for o in a] == [o.shapes for o in b]
+    if criterion in SINGLE_ROW_CRITERIA:
+        assert len(np.unique(layers)) >= 2  # a real mix of exits through the graph
+
+
+@pytest.mark.parametrize("criterion", SINGLE_ROW_CRITERIA)
+def test_a_threshold_on_a_scores_exact_value_is_decided_by_the_engines_rule(exports, criterion):
+    """The graph stops within 1e-5 of the threshold and hands the row back; the engine's numpy rule
+    decides (entropy: < t, maxprob: >= t) and the row goes on through the segments when it stays."""
+    folder = exports["bert"]
+    rows = _rows(n=12, seed=6)
+    seg = OrtSegments(folder, intra_op_threads=1)
+    logits = all_exit_logits(OrtSegments(folder, single_row=False), rows)
+    rule = entropy if criterion == "entropy" else maxprob
+    score = [rule(logits[0][r : r + 1])[0] for r in range(len(rows))]  # exit 1's scores, as the engine sees them
+    for r in (0, 3, 7):
+        for threshold in (score[r], np.nextafter(score[r], np.inf), np.nextafter(score[r], -np.inf)):
+            policy = get_policy(criterion, [float(threshold), 10.0 if criterion == "entropy" else 0.0])
+            runner = seg.one_row(policy, None)
+            _, layer, handed_back = runner(seg.start(*rows[r]))
+            assert layer == 1 and handed_back is not None  # within the guard: the host decides
+            one, segments = _engines(folder, policy)
+            a, b = one.run(*rows[r]), segments.run(*rows[r])
+            assert a.exit_layer[0] == b.exit_layer[0] and np.array_equal(a.logits, b.logits)
+            leaves = score[r] < threshold if criterion == "entropy" else score[r] >= threshold
+            assert a.exit_layer[0] == (1 if leaves else 2)  # exit 2's threshold takes every row that stays
+
+
+def test_batch_size_one_streams_through_the_one_graph_and_a_classifier_predicts_alike(exports, tmp_path):
+    folder = exports["bert"]
+    rows = _rows(n=16, seed=8)
+    policy = get_policy("entropy", float(np.quantile(entropy(all_exit_logits(OrtSegments(folder), rows)[:-1]), 0.5)))
+    one, segments = _engines(folder, policy)
+    calls = []
+    runner = one._one_row
+    one._one_row = lambda state: calls.append(1) or runner(state)
+    a = one.run_stream(rows, 1)
+    b = segments.run_stream(rows, 1)
+    assert len(calls) == len(rows)  # one graph call per input
+    assert np.array_equal(a.exit_layer, b.exit_layer) and np.array_equal(a.logits, b.logits)
+    assert a.layer_work == b.layer_work and a.token_work == b.token_work
+    texts = [sentence(i, 2 + (i * 3) % 9) for i in range(10)]
+    with_graph = EarlyExitClassifier.from_pretrained(folder, intra_op_threads=1)
+    without = EarlyExitClassifier.from_pretrained(folder, intra_op_threads=1, single_row=False)
+    x = with_graph.predict_with_exits(texts, threshold=policy.threshold, batch_size=1)
+    y = without.predict_with_exits(texts, threshold=policy.threshold, batch_size=32)
+    assert x.labels == y.labels and np.array_equal(x.exit_layers, y.exit_layers)
+    assert np.abs(x.logits - y.logits).max() < 1e-5
+
+
+def test_a_regression_export_has_no_one_graph(tmp_path):
+    import torch
+
+    from romebert.model.modeling import MultiExitConfig, MultiExitModel
+
+    from export_fixtures import _backbone_config
+
+    tok = tmp_path / "tok"
+    make_tiny_tokenizer(tok)
+    torch.manual_seed(0)
+    model = MultiExitModel.from_config(_backbone_config("bert"), MultiExitConfig(num_labels=1, exit_dropout=0.0))
+    manifest = export_model(model.eval(), tok, tmp_path / "export", max_seq_length=40)
+    assert manifest.single_row_graph is None and not (tmp_path / "export" / "early_exit.onnx").exists()
+    seg = OrtSegments(tmp_path / "export")
+    assert seg.one_row(get_policy("entropy", 0.1), None) is None
