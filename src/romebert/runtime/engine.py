@@ -69,6 +69,8 @@ class EngineOutput:
     exit_layer: np.ndarray  # [N] int64, 1-based
     layer_work: int  # rows x layers actually run through an encoder layer
     shapes: list[tuple[int, int]] = field(default_factory=list)  # (rows, columns) of each layer call
+    # run_dataset(watch=...): each watched row's logits at every exit it passed, [its exit layer, C]
+    watched: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def token_work(self) -> int:
@@ -136,13 +138,14 @@ class EarlyExitEngine:
         return self._assemble(n, done, shapes)
 
     # ----------------------------------------------------------------------------------- many batches
-    def run_stream(self, batches: Iterable[Batch], batch_size: int | None = None) -> EngineOutput:
+    def run_stream(self, batches: Iterable[Batch], batch_size: int | None = None, seen: list | None = None
+                   ) -> EngineOutput:  # fmt: skip
         """Early exit over several padded batches, results in their concatenated order.
 
         Every layer call runs ``batch_size`` rows (default: the first batch's size) gathered from any
         input batch (the shortest waiting rows first, so little padding), except at most one smaller
         call per layer once the input is used up. Decisions equal :meth:`run`'s on each batch. Memory:
-        under ``2 * batch_size`` waiting rows per layer.
+        under ``2 * batch_size`` waiting rows per layer. ``seen``: see :meth:`run_layer`.
         """
         host = [_host_batch(*b) for b in batches]
         sizes = [ids.shape[0] for ids, _, _ in host]
@@ -166,21 +169,35 @@ class EarlyExitEngine:
                 offset += sizes[next_batch]
                 next_batch += 1
                 continue
-            survivors = self.run_layer(layer, queues.take(layer), done, shapes)
+            survivors = self.run_layer(layer, queues.take(layer), done, shapes, seen)
             if survivors is not None:
                 queues.put(layer + 1, survivors)
         return self._assemble(n, done, shapes)
 
-    def run_dataset(self, dataset: Any, collator: Any, batch_size: int = 32) -> EngineOutput:
+    def run_dataset(self, dataset: Any, collator: Any, batch_size: int = 32, watch: Sequence[int] | None = None
+                    ) -> EngineOutput:  # fmt: skip
         """Early exit over an encoded dataset (``romebert.runtime.encoding.encode``), results in dataset order.
 
         Inputs go in length-sorted batches (little padding) through :meth:`run_stream`, and the results
-        are scattered back to the dataset's order.
+        are scattered back to the dataset's order. ``watch``: dataset rows whose logits at every exit
+        they pass are kept (``EngineOutput.watched``; the accuracy guard replays thresholds on them).
         """
-        out, order = in_length_order(dataset, collator, batch_size, lambda b: self.run_stream(b, batch_size))
+        seen: list | None = [] if watch is not None else None
+        out, order = in_length_order(dataset, collator, batch_size, lambda b: self.run_stream(b, batch_size, seen))
         logits, exit_layer = np.empty_like(out.logits), np.empty_like(out.exit_layer)
         logits[order], exit_layer[order] = out.logits, out.exit_layer
-        return EngineOutput(logits, exit_layer, out.layer_work, out.shapes)
+        watched: dict[int, np.ndarray] = {}
+        if watch is not None and len(watch):
+            position = np.empty_like(order)
+            position[order] = np.arange(order.size)  # dataset row -> its row in run_stream
+            wanted = {int(position[i]): int(i) for i in watch}
+            passed: dict[int, list[np.ndarray]] = {int(i): [] for i in watch}
+            for rows, layer_logits in seen:  # in layer order for every row
+                for j, r in enumerate(rows.tolist()):
+                    if r in wanted:
+                        passed[wanted[r]].append(layer_logits[j])
+            watched = {i: np.stack(v) for i, v in passed.items()}
+        return EngineOutput(logits, exit_layer, out.layer_work, out.shapes, watched)
 
     # --------------------------------------------------------------------------------- the loop's steps
     # (public for schedulers other than run_stream's: the service's continuous batching)
@@ -201,12 +218,16 @@ class EarlyExitEngine:
         policy = self.policy.init_state(n, self.num_layers, self.segments.regression, row_thresholds)
         return Group(state, rows, extent, policy, cols)
 
-    def run_layer(self, i: int, g: Group, done: list[Done], shapes: list[tuple[int, int]]) -> Group | None:
-        """Run layer ``i`` and exit ``i`` on ``g``; record the leavers in ``done``; return the rest."""
+    def run_layer(self, i: int, g: Group, done: list[Done], shapes: list[tuple[int, int]], seen: list | None = None
+                  ) -> Group | None:  # fmt: skip
+        """Run layer ``i`` and exit ``i`` on ``g``; record the leavers in ``done``; return the rest.
+        ``seen``: gets (output rows, logits [g, C]) of every row, leaving or not (the accuracy guard's)."""
         state, logits = self.segments.layer(i, g.state)
         shapes.append((len(g), g.width))
         if self.temperatures is not None:
             logits = logits / np.float32(self.temperatures[i])
+        if seen is not None:
+            seen.append((g.rows, logits))
         exit_layer = self.exit_layers[i]
         if i == self.num_layers - 1:  # the final head takes everyone left; no decision needed
             done.append((g.rows, logits, exit_layer))

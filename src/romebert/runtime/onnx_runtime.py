@@ -36,16 +36,21 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def session_options(intra_op_threads: int | None = None, inter_op_threads: int = 1, spinning: bool = True):
+def session_options(intra_op_threads: int | None = None, inter_op_threads: int = 1, spinning: bool = True,
+                    memory_arena: bool = True):  # fmt: skip
     """ONNX Runtime session options.
 
     ``spinning``: worker threads spin briefly after a call, waiting for the next one. Good for a single
     graph called again and again (ONNX Runtime's default); bad for an engine, which calls one session
     per layer in turn: each session's threads spin on after its call and steal the cores from the next
     session (docs/inference.md has the figures). ``OrtSegments`` turns it off.
+    ``memory_arena``: ONNX Runtime's CPU arena (its default). It keeps the memory of the largest batch
+    each session has seen, and it grows as batch shapes vary; a service turns it off so its memory goes
+    back to the system between bursts (docs/serving.md).
     """
     ort = _ort()
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = memory_arena
     so.intra_op_num_threads = intra_op_threads or default_threads()
     so.inter_op_num_threads = inter_op_threads
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
@@ -77,6 +82,7 @@ class OrtSegments:
         inter_op_threads: int = 1,
         spinning: bool = False,
         one_graph: bool = False,
+        memory_arena: bool = True,
     ) -> None:
         ort = _ort()
         self.folder = Path(folder)
@@ -90,7 +96,7 @@ class OrtSegments:
         self.exit_layers = [self.manifest.num_layers] if one_graph else list(range(1, self.num_layers + 1))
         self.num_labels = self.manifest.num_labels
         self.regression = self.manifest.regression
-        so = session_options(intra_op_threads, inter_op_threads, spinning)
+        so = session_options(intra_op_threads, inter_op_threads, spinning, memory_arena)
         self.sessions = []
         for g in graphs:
             try:
