@@ -307,3 +307,27 @@ def test_a_lone_surrogate_or_a_nan_is_refused_in_one_line(small):
     assert res.status_code == 422 and "not a Unicode text" in res.json()["error"]
     res = client.post("/predict", content=b'{"text": "a", "threshold": NaN}')
     assert res.status_code == 400 and "NaN is not JSON" in res.json()["error"]
+
+
+def test_the_batcher_and_parse_threads_yield_to_the_event_loop(export_dir):
+    """--worker-nice: the threads that run the model and parse bodies are nicer than the loop (Linux, where
+    a thread has a nice value of its own; CI runs there)."""
+    import os
+    import sys
+
+    service = Service(ServeConfig(str(export_dir), intra_op_threads=1, worker_nice=7, inline_bytes=0))
+    threads: list[int] = []
+    prepare = service.prepare
+    service.prepare = lambda body: (threads.append(threading.get_native_id()), prepare(body))[1]
+    srv = Server(service)
+    try:
+        import httpx
+
+        assert httpx.post(srv.url + "/predict", json={"text": sentence(1)}, timeout=30).status_code == 200
+        if sys.platform.startswith("linux"):
+            base = os.getpriority(os.PRIO_PROCESS, 0)
+            assert os.getpriority(os.PRIO_PROCESS, service.batcher._thread.native_id) == min(19, base + 7)
+            assert os.getpriority(os.PRIO_PROCESS, threads[0]) == min(19, base + 7)
+            assert threads[0] != threading.get_native_id()  # parsed off this (the client's) thread
+    finally:
+        srv.stop()
