@@ -147,3 +147,55 @@ def test_the_predict_memory_benchmark_measures_each_run_in_its_own_torch_free_pr
     report = predict_memory.main([*args[:4], "--rows", "40", "--arena-rows", "", "--batch-rows", "", "--merge",
                                   "--out", str(out)])  # fmt: skip
     assert [r["rows"] for r in report["runs"]] == [30, 30, 40, 60] and len(report["commands"]) == 2
+
+
+def test_the_burst_benchmark_checks_every_answer_and_reads_rss(tiny_run, tmp_path):
+    import serve_burst
+
+    from romebert.cli import main
+
+    export = tmp_path / "export"
+    assert main(["export", str(tiny_run), "-o", str(export), "--threshold", "0.5"]) == 0
+    out = tmp_path / "burst"
+    report = serve_burst.main(["--export", str(export), "--requests", "40", "--sizes", "1,8,64", "--bursts", "2",
+                               "--pause", "1.2", "--serve-args", "--max-queue 64 --max-inputs 64",
+                               "--out", str(out)])  # fmt: skip
+    assert report["max_queue"] == 64 and [r["burst"] for r in report["rows"]] == [1, 2]
+    for row in report["rows"]:
+        assert sum(row["statuses"].values()) == 40 and set(row["statuses"]) <= {"200", "503"}
+        assert row["wrong_answers"] == 0 and row["rss_bytes"] > 20 * 2**20
+        assert row["statuses"].get("200", 0) == 0 or row["same_as_offline"] == 1.0  # an fp32 export: exact
+    v = report["verdict"]
+    assert v["answers_ok"] and v["accepted_allowed_s"] >= 2.0
+    assert v["rss_growth_after_first"] == report["rows"][1]["rss_bytes"] / report["rows"][0]["rss_bytes"] - 1
+    assert json.loads(out.with_suffix(".json").read_text())["rows"] == report["rows"]
+    md = out.with_suffix(".md").read_text()
+    assert "| 2 |" in md and "Against the targets" in md and "site-packages" not in md
+
+
+def test_the_guard_benchmark_measures_each_setting_on_a_shifted_stream(tiny_run, tmp_path):
+    import serve_guard
+
+    from romebert.cli import main
+
+    assert serve_guard.flip_negation("the film is not good") == "the film is good"
+    assert serve_guard.flip_negation("it is n't funny") == "it is funny"
+    assert serve_guard.flip_negation("the cat was big") == "the cat was not big"
+    export = tmp_path / "export"  # every input leaves at exit 1: the guard has work
+    assert main(["export", str(tiny_run), "-o", str(export), "--threshold", "0.6931472"]) == 0  # over ln 2
+    out = tmp_path / "guard"
+    report = serve_guard.main(["--export", str(export), "--shift-from", "dev", "--rates", "0.5",
+                               "--max-disagreement", "0.2", "--window", "8", "--request-size", "4",
+                               "--out", str(out)])  # fmt: skip
+    assert report["shift_inputs"] > 0 and list(report["settings"]) == ["fixed", "guard_0.5"]
+    fixed, guard = report["settings"]["fixed"], report["settings"]["guard_0.5"]
+    assert 0 <= fixed["disagreement"] <= 1 and "extra_work" not in fixed
+    assert guard["scrapes"][-1]["guard_watched_total"] > 0 and guard["extra_work"] > 0
+    assert len(guard["final_thresholds"]) == report["export"]["layers"] - 1
+    md = out.with_suffix(".md").read_text()
+    assert "| guard R = 50 % |" in md and "Windows of the shifted part" in md
+    fast = serve_guard.main(["--export", str(export), "--shift-from", "dev", "--throughput", "--duration", "0.5",
+                             "--clients", "2", "--request-size", "4", "--out", str(tmp_path / "speed")])  # fmt: skip
+    assert set(fast["throughput"]) == {"fixed", "guard_cost", "guard"}
+    assert fast["throughput"]["fixed"]["against_fixed"] == 1.0
+    assert "| guard R = 2 %, never moving (D = 0.99) |" in (tmp_path / "speed.md").read_text()

@@ -63,6 +63,10 @@ def test_exporting_with_nothing_to_choose_a_threshold_on(train_only_run, tmp_pat
         (["--max-wait-ms", "-1"], "--max-wait-ms must not be negative, got -1.0"),
         (["--intra-op-threads", "0"], "--intra-op-threads must be at least 1, got 0"),
         (["--workers", "0"], "--workers must be at least 1, got 0"),
+        (["--max-pending-bytes", "0"], "--max-pending-bytes must be at least 1, got 0"),
+        (["--worker-nice", "20"], "--worker-nice must lie in 0..19, got 20"),
+        (["--guard-rate", "2"], "--guard-rate must lie in [0, 1], got 2.0"),
+        (["--guard-rate", "0.1", "--full-depth"], "a --full-depth or --full-graph service has none"),
     ],
 )
 def test_a_bad_serve_configuration(tiny_sst2_run, capsys, flags, message):

@@ -4,16 +4,13 @@ limit, overload, continuous batching with each request's own results, metrics, a
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-import socket
 import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from romebert.cli import main
 from romebert.core.errors import RomebertError
@@ -21,6 +18,7 @@ from romebert.deploy.classifier import EarlyExitClassifier
 from romebert.deploy.service import ServeConfig, Service
 
 from glue_fixtures import sentence
+from serve_fixtures import Server, expected, free_port, metric, post
 
 
 @pytest.fixture(scope="module")
@@ -28,34 +26,6 @@ def export_dir(tiny_sst2_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("serve") / "export"
     assert main(["export", str(tiny_sst2_run), "-o", str(out), "--threshold", "0.5", "--full-graph"]) == 0
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self, service: Service) -> None:
-        self.port = _free_port()
-        self.service = service
-        config = uvicorn.Config(service.app(), host="127.0.0.1", port=self.port, log_level="error",
-                                timeout_graceful_shutdown=10)  # fmt: skip
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                break
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
 
 
 @pytest.fixture(scope="module")
@@ -71,36 +41,25 @@ def reference(export_dir):
     return EarlyExitClassifier.from_pretrained(export_dir, intra_op_threads=1)
 
 
-def _post(server, payload, **kw):
-    body = payload if isinstance(payload, bytes | str) else json.dumps(payload)
-    return httpx.post(server.url + "/predict", content=body, headers={"content-type": "application/json"},
-                      timeout=30, **kw)  # fmt: skip
-
-
-def _expected(reference, texts, **options):
-    out = reference.predict_with_exits(texts, **options)
-    return [(label, int(k)) for label, k in zip(out.labels, out.exit_layers)]
-
-
 def test_every_request_shape(server, reference):
-    one = _post(server, {"text": "the cat sat ."})
+    one = post(server, {"text": "the cat sat ."})
     assert one.status_code == 200
     r = one.json()["results"]
     assert len(r) == 1 and set(r[0]) == {"label", "probabilities", "exit_layer"}
     assert abs(sum(r[0]["probabilities"].values()) - 1.0) < 1e-6
-    assert (r[0]["label"], r[0]["exit_layer"]) == _expected(reference, ["the cat sat ."])[0]
-    pair = _post(server, {"text": "a dog ran", "text_pair": "a man saw a bird"}).json()["results"]
-    assert (pair[0]["label"], pair[0]["exit_layer"]) == _expected(reference, [("a dog ran", "a man saw a bird")])[0]
+    assert (r[0]["label"], r[0]["exit_layer"]) == expected(reference, ["the cat sat ."])[0]
+    pair = post(server, {"text": "a dog ran", "text_pair": "a man saw a bird"}).json()["results"]
+    assert (pair[0]["label"], pair[0]["exit_layer"]) == expected(reference, [("a dog ran", "a man saw a bird")])[0]
     texts = [sentence(i, 2 + i) for i in range(6)]
     mixed = [texts[0], [texts[1], texts[2]], {"text": texts[3]}, {"text": texts[4], "text_pair": texts[5]}]
-    got = _post(server, {"inputs": mixed}).json()["results"]
-    want = _expected(reference, [texts[0], (texts[1], texts[2]), texts[3], (texts[4], texts[5])])
+    got = post(server, {"inputs": mixed}).json()["results"]
+    want = expected(reference, [texts[0], (texts[1], texts[2]), texts[3], (texts[4], texts[5])])
     assert [(g["label"], g["exit_layer"]) for g in got] == want
     # a threshold of the request's own (within bounds), and another criterion
-    deep = _post(server, {"inputs": texts, "threshold": 0.0}).json()
+    deep = post(server, {"inputs": texts, "threshold": 0.0}).json()
     assert deep["threshold"] == 0.0 and all(g["exit_layer"] == reference.num_layers for g in deep["results"])
-    mp = _post(server, {"inputs": texts, "criterion": "maxprob", "threshold": 0.6}).json()
-    want = _expected(reference, texts, criterion="maxprob", threshold=0.6)
+    mp = post(server, {"inputs": texts, "criterion": "maxprob", "threshold": 0.6}).json()
+    want = expected(reference, texts, criterion="maxprob", threshold=0.6)
     assert [(g["label"], g["exit_layer"]) for g in mp["results"]] == want
 
 
@@ -122,7 +81,7 @@ def test_every_request_shape(server, reference):
 def test_limits_and_bad_requests(server, payload, status, message):
     import re
 
-    res = _post(server, payload)
+    res = post(server, payload)
     assert res.status_code == status
     assert re.search(message, res.json()["error"]), res.json()
 
@@ -156,7 +115,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_results(export_dir,
         answers = asyncio.run(clients())
         for t, a in zip(texts, answers):
             assert a.status_code == 200
-            assert [(g["label"], g["exit_layer"]) for g in a.json()["results"]] == _expected(reference, t)
+            assert [(g["label"], g["exit_layer"]) for g in a.json()["results"]] == expected(reference, t)
         metrics = httpx.get(srv.url + "/metrics").text
         rows = _histogram(metrics, "romebert_batch_rows")
         assert rows["count"] > 0 and rows["sum"] / rows["count"] > 1.5  # inputs of several requests per call
@@ -179,25 +138,16 @@ def test_health_ready_openapi_and_counting_metrics(server):
     assert ready["status"] == "ready" and ready["criterion"] == "entropy" and ready["threshold"] == 0.5
     spec = httpx.get(server.url + "/openapi.json").json()
     assert spec["openapi"].startswith("3.") and "/predict" in spec["paths"]
-    before = _counter(
-        httpx.get(server.url + "/metrics").text, 'romebert_requests_total{endpoint="predict",status="200"}'
-    )
+    before = metric(httpx.get(server.url + "/metrics").text, 'romebert_requests_total{endpoint="predict",status="200"}')
     for _ in range(3):
-        assert _post(server, {"text": "good movie"}).status_code == 200
-    _post(server, b"{")
+        assert post(server, {"text": "good movie"}).status_code == 200
+    post(server, b"{")
     text = httpx.get(server.url + "/metrics").text
-    assert _counter(text, 'romebert_requests_total{endpoint="predict",status="200"}') == before + 3
-    assert _counter(text, 'romebert_errors_total{status="400"}') >= 1
+    assert metric(text, 'romebert_requests_total{endpoint="predict",status="200"}') == before + 3
+    assert metric(text, 'romebert_errors_total{status="400"}') >= 1
     assert _histogram(text, "romebert_request_latency_seconds")["count"] >= 3
     assert _histogram(text, "romebert_exit_layer")["count"] >= 3
     assert "romebert_queue_depth" in text
-
-
-def _counter(text: str, key: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(key + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def test_shutdown_answers_the_requests_in_flight(export_dir):
@@ -233,9 +183,9 @@ def test_a_client_that_disconnects_does_not_break_its_batch(export_dir, referenc
 
         answer = asyncio.run(clients())
         assert answer.status_code == 200
-        assert [(g["label"], g["exit_layer"]) for g in answer.json()["results"]] == _expected(reference, texts[::-1])
+        assert [(g["label"], g["exit_layer"]) for g in answer.json()["results"]] == expected(reference, texts[::-1])
         time.sleep(0.3)
-        assert srv.service.batcher.in_flight == 0 and _post(srv, {"text": "still fine"}).status_code == 200
+        assert srv.service.batcher.in_flight == 0 and post(srv, {"text": "still fine"}).status_code == 200
     finally:
         srv.stop()
 
@@ -249,11 +199,11 @@ def test_full_depth_and_full_graph_services_give_the_final_exits_answers(export_
         service = Service(ServeConfig(str(export_dir), intra_op_threads=1, **flags))
         srv = Server(service)
         try:
-            got = _post(srv, {"inputs": texts}).json()["results"]
+            got = post(srv, {"inputs": texts}).json()["results"]
             assert {g["exit_layer"] for g in got} == {service.num_layers} and service.num_layers > 1
             probs = np.array([[g["probabilities"][n] for n in reference.label_names] for g in got])
             assert np.abs(probs - final).max() < 1e-4, flags
-            assert _post(srv, {"text": "a", "threshold": 0.3}).status_code == 422
+            assert post(srv, {"text": "a", "threshold": 0.3}).status_code == 422
             metrics = httpx.get(srv.url + "/metrics").text
             exits = _histogram(metrics, "romebert_exit_layer")
             assert exits["count"] == len(texts) and exits["sum"] == len(texts) * service.num_layers
@@ -273,7 +223,7 @@ def test_full_graph_needs_an_export_that_has_one(export_dir, tiny_sst2_run, tmp_
 def test_a_run_folder_is_served_with_pytorch(tiny_sst2_run):
     srv = Server(Service(ServeConfig(str(tiny_sst2_run), intra_op_threads=1)))
     try:
-        got = _post(srv, {"inputs": ["the movie was good .", "bad"]}).json()["results"]
+        got = post(srv, {"inputs": ["the movie was good .", "bad"]}).json()["results"]
         ref = EarlyExitClassifier.from_run(tiny_sst2_run, device="cpu").predict_with_exits(
             ["the movie was good .", "bad"])  # fmt: skip
         assert [(g["label"], g["exit_layer"]) for g in got] == list(zip(ref.labels, ref.exit_layers.tolist()))
@@ -312,10 +262,10 @@ def test_per_request_criterion_and_threshold(server, reference):
     texts = [sentence(i, 2 + i % 7) for i in range(12)]
     for options in ({"threshold": 0.05}, {"criterion": "patience", "threshold": 2},
                     {"criterion": "patience-confidence", "threshold": 0.3}):  # fmt: skip
-        res = _post(server, {"inputs": texts, **options}).json()
+        res = post(server, {"inputs": texts, **options}).json()
         assert res["threshold"] == options["threshold"]
-        assert [(g["label"], g["exit_layer"]) for g in res["results"]] == _expected(reference, texts, **options)
-    layers = [g["exit_layer"] for g in _post(server, {"inputs": texts, "threshold": math.log(2)}).json()["results"]]
+        assert [(g["label"], g["exit_layer"]) for g in res["results"]] == expected(reference, texts, **options)
+    layers = [g["exit_layer"] for g in post(server, {"inputs": texts, "threshold": math.log(2)}).json()["results"]]
     assert layers == [1] * len(texts)  # the entropy of two classes is below ln 2 (the bound): all leave at exit 1
 
 
@@ -351,7 +301,7 @@ def test_several_worker_processes_share_one_port(export_dir, reference):
 
     import psutil
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "romebert", "serve", str(export_dir), "--port", str(port),
                              "--workers", "2"], stderr=subprocess.PIPE, env={**os.environ})  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -370,7 +320,7 @@ def test_several_worker_processes_share_one_port(export_dir, reference):
             r = httpx.post(url + "/predict", json={"text": text}, timeout=30)
             assert r.status_code == 200
             got = r.json()["results"][0]
-            assert (got["label"], got["exit_layer"]) == _expected(reference, [text])[0]
+            assert (got["label"], got["exit_layer"]) == expected(reference, [text])[0]
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -163,9 +163,12 @@ def predict_input(ns: argparse.Namespace):
 
 
 def serve(ns: argparse.Namespace) -> None:
+    from romebert.deploy.guard import GuardOptions
     from romebert.deploy.service import ServeConfig, serve
 
-    cfg = ServeConfig(ns.source, **options.values(ns, ServeConfig))
+    cfg = ServeConfig(
+        ns.source, guard=GuardOptions(**options.values(ns, GuardOptions)), **options.values(ns, ServeConfig)
+    )
     print(f"serving {ns.source} on http://{ns.host}:{ns.port} ({ns.workers} worker(s)); Ctrl-C stops", flush=True)
     serve(cfg, ns.host, ns.port, ns.workers)
 

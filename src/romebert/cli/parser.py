@@ -80,6 +80,7 @@ def defaults_text() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from romebert.deploy.export_options import ExportOptions
+    from romebert.deploy.guard import GuardOptions
     from romebert.deploy.predict_file import FileOptions
     from romebert.deploy.service import ServeConfig
     from romebert.jobs.compare.config import COMPARE_VARIES, CompareConfig
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="worker processes (each loads the model)")
     options.add_arguments(p.add_argument_group("service"), ServeConfig)
+    options.add_arguments(p.add_argument_group("accuracy guard (docs/serving.md)"), GuardOptions)
 
     p = sub.add_parser("export", help="ONNX export: one graph per layer with its exit, for the torch-free runtime")
     p.add_argument("run", help="a finished run folder")

@@ -10,6 +10,8 @@ Example::
     clf.predict_proba("a gripping film")                           # -> array([0.03, 0.97])
     out = clf.predict_with_exits(texts); out.exit_layers           # labels, probabilities, exit layers
     clf.predict_file("reviews.csv", text_column="review")          # -> reviews.predictions.csv, streamed
+    guard = clf.accuracy_guard(guard_rate=0.02, max_disagreement=0.02)
+    clf.predict_with_exits(texts, guard=guard)                     # thresholds follow the traffic (guard.py)
     clf.save_pretrained("deploy/sst2")                             # model + tokenizer + early_exit.json
 
 A classifier is its segments (``engine.Segments``: a PyTorch model or an ONNX export), its tokenizer
@@ -32,14 +34,17 @@ from romebert.data.examples import Example
 from romebert.data.spec import DataSpec
 from romebert.data.tasks import get_task
 from romebert.deploy.file_scoring import DEFAULT_CHUNK_ROWS, FileScorer, PredictionChunk
+from romebert.deploy.guard import AccuracyGuard, GuardOptions
 from romebert.deploy.predict_file import FileSummary, predict_file
 from romebert.evaluation.exits import choice_record, choose_threshold, layer_stats
 from romebert.runtime.artefacts import EARLY_EXIT_FILE, MANIFEST_FILE, EarlyExitConfig
-from romebert.runtime.encoding import Collator, FastTokenizer, encode
-from romebert.runtime.engine import EarlyExitEngine, dataset_exit_outputs
+from romebert.runtime.encoding import Collator, EncodedDataset, FastTokenizer, encode
+from romebert.runtime.engine import EarlyExitEngine, dataset_exit_logits, dataset_exit_outputs
 from romebert.runtime.exit_policy import OPTION_NAMES, ExitPolicy, Threshold
-from romebert.runtime.policies import criterion_class
+from romebert.runtime.policies import POLICIES, criterion_class
 from romebert.runtime.scores import softmax
+
+GUARD_CHUNK_BATCHES = 8  # batch prediction with a guard: thresholds may move every 8 batches of inputs
 
 TextInput = str | tuple[str, str]
 
@@ -210,13 +215,20 @@ class EarlyExitClassifier:
 
     def predict_with_exits(self, texts: TextInput | Sequence[TextInput], criterion: str | ExitPolicy | None = None,
                            threshold: Threshold | None = None, batch_size: int = 32, calibrated: bool | None = None,
-                           **overrides: Any) -> Predictions:  # fmt: skip
+                           guard: AccuracyGuard | None = None, **overrides: Any) -> Predictions:  # fmt: skip
         """Labels, probabilities and exit layers of ``texts`` (strings or (text, text) pairs), in order.
 
         Inputs are batched by length (less padding), run with :meth:`EarlyExitEngine.run_stream` (every
         layer call gets ``batch_size`` rows while enough remain) and scattered back to input order.
+        ``guard`` (:meth:`accuracy_guard`): the inputs run in chunks under the guard's thresholds, which
+        it moves between chunks; a share of them is watched (see ``deploy/guard.py``).
         """
         texts = [texts] if isinstance(texts, str) or _is_pair(texts) else list(texts)
+        if guard is not None:
+            if criterion is not None or threshold is not None or overrides:
+                raise RomebertError("a guard moves the classifier's own thresholds; give no criterion or threshold")
+            dataset = encode(_examples(texts), self.tokenizer, None, self.max_seq_length)
+            return self._guarded(dataset, guard, batch_size, calibrated)
         engine = self.engine(criterion, threshold, calibrated, **overrides)
         return self.predict_examples(_examples(texts), engine, batch_size)
 
@@ -226,6 +238,53 @@ class EarlyExitClassifier:
         dataset = encode(examples, self.tokenizer, None, self.max_seq_length)
         out = engine.run_dataset(dataset, self.collator, batch_size)
         return self._predictions(out.logits, out.exit_layer, out.layer_work)
+
+    def accuracy_guard(self, options: GuardOptions | None = None, seed: int = 0, **settings: Any) -> AccuracyGuard:
+        """A guard for this classifier's exit rule (:class:`~romebert.deploy.guard.GuardOptions` fields as
+        ``settings``, e.g. ``guard_rate=0.02, max_disagreement=0.02``); give it to :meth:`predict_with_exits`."""
+        policy = self.policy()
+        opts = options or GuardOptions(**settings)
+        return AccuracyGuard(policy, self.num_layers, self.threshold_bounds()[policy.name], opts, self.regression, seed)
+
+    def threshold_bounds(self) -> dict[str, tuple[float, float]]:
+        """Per criterion, the thresholds where its decisions can change on this model (with the exit
+        config's options): what a service request may ask for, and where a guard may move."""
+        options = {k: getattr(self.exit_config, k) for k in OPTION_NAMES}
+        c = self.segments.num_labels
+        return {name: cls.bounds(c, self.num_layers, **options) for name, cls in POLICIES.items()}
+
+    def _guarded(self, dataset: EncodedDataset, guard: AccuracyGuard, batch_size: int, calibrated: bool | None
+                 ) -> Predictions:  # fmt: skip
+        """Chunks under the guard's thresholds; watched inputs that left early run again to the last exit."""
+        use = calibrated if calibrated is not None else self.exit_config.temperatures is not None
+        temps = self.temperatures() if use else None
+        n, step = len(dataset), batch_size * GUARD_CHUNK_BATCHES
+        logits, layers, work = [], [], 0
+        for start in range(0, n, step):
+            part = EncodedDataset(dataset.features[start : start + step])
+            engine = EarlyExitEngine(self.segments, guard.policy(), temps)
+            watch = np.flatnonzero(guard.watch(len(part)))
+            out = engine.run_dataset(part, self.collator, batch_size, watch=watch)
+            logits.append(out.logits)
+            layers.append(out.exit_layer)
+            work += out.layer_work
+            if not watch.size:
+                continue
+            early = [int(i) for i in watch if out.exit_layer[i] < self.num_layers]
+            sample = {int(i): out.watched[int(i)] for i in watch if out.exit_layer[i] == self.num_layers}
+            if early:  # every exit's logits, as the engine scales them
+                again = dataset_exit_logits(self.segments, EncodedDataset([part[i] for i in early]), self.collator,
+                                            batch_size)  # fmt: skip
+                if temps is not None:
+                    again = again / np.asarray(temps, dtype=np.float32)[:, None, None]
+                sample.update({i: again[:, j] for j, i in enumerate(early)})
+                guard.note_rerun(len(early), len(early) * self.num_layers)
+            rows = sorted(sample)
+            if guard.add(np.stack([sample[i] for i in rows], axis=1), out.exit_layer[rows]):
+                guard.update()
+        if not logits:
+            return self._predictions(np.zeros((0, self.segments.num_labels), np.float32), np.zeros(0, np.int64), 0)
+        return self._predictions(np.concatenate(logits), np.concatenate(layers), work)
 
     def _predictions(self, logits: np.ndarray, layers: np.ndarray, work: int) -> Predictions:
         if self.label_names is None:

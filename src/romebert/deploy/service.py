@@ -4,22 +4,22 @@
                          (+ optional "threshold", "criterion"); answers per input its label, its
                          probabilities and the layer it exited at, in input order
     GET  /health         liveness            GET /ready    readiness (model loaded, not draining)
-    GET  /metrics        Prometheus text     GET /openapi.json
+    GET  /metrics        Prometheus text     GET /openapi.json  the contract (``openapi.py``)
 
 Requests from every client share the continuous batcher (``serving.py``). The service keeps no state
 between requests, so several workers (processes) or replicas behind any load balancer scale it out.
-Limits, each answered with one JSON line: a body over ``max_body_bytes`` -> 413; malformed JSON -> 400;
-too many inputs or too long a text, or a bad field -> 422; too many inputs in flight -> 503 with
-Retry-After. Torch-free for an export; a run folder is served with PyTorch.
+A request is admitted or refused from its headers alone (``admission.py``); an admitted body is parsed
+and tokenized, and its answer written, off the event loop (``parse_threads``) unless it is small. Limits,
+each answered with one JSON line: a body over ``max_body_bytes`` -> 413; malformed JSON -> 400; too many
+inputs or too long a text, or a bad field -> 422; too much work admitted -> 503 with Retry-After. The
+routes are in ``app.py``, the metrics in ``metrics.py``, the accuracy guard in ``guard.py``. Torch-free
+for an export; a run folder is served with PyTorch.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import time
-from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +28,16 @@ import numpy as np
 
 from romebert.core.errors import RomebertError
 from romebert.core.options import option
+from romebert.deploy.app import HTTPError, build_app
 from romebert.deploy.classifier import EarlyExitClassifier, _examples
-from romebert.deploy.serving import ContinuousBatcher, Job, Overloaded
+from romebert.deploy.guard import GuardOptions
+from romebert.deploy.memory import one_arena
+from romebert.deploy.metrics import Metrics
+from romebert.deploy.serving import ContinuousBatcher, Job
 from romebert.runtime.artefacts import MANIFEST_FILE
 from romebert.runtime.encoding import encode
-from romebert.runtime.exit_policy import OPTION_NAMES, ExitPolicy
-from romebert.runtime.policies import CRITERIA, POLICIES, get_policy
+from romebert.runtime.exit_policy import ExitPolicy
+from romebert.runtime.policies import CRITERIA, get_policy
 from romebert.runtime.scores import softmax
 
 
@@ -48,70 +52,71 @@ class ServeConfig:
     # 0 by default: inputs that arrive while the worker is busy still share a batch anyway, and waiting
     # for company adds its wait to every request (docs/serving.md has the load tests)
     max_wait_ms: float = option(0.0, "longest a fresh input waits for company when the worker is idle")
-    max_queue: int = option(1024, "inputs in flight before requests get 503")
+    max_queue: int = option(1024, "inputs in flight (queued, running, or expected from admitted requests) "
+                            "before new requests get 503")  # fmt: skip
     max_body_bytes: int = option(1 << 20, "largest request body (413 beyond)")
     max_inputs: int = option(256, "inputs per request (422 beyond)")
     max_text_chars: int = option(10_000, "characters per text (422 beyond)")
+    max_pending_requests: int | None = option(None, "requests admitted and not yet answered before new ones "
+                                              "get 503 at once (default: --max-queue)")  # fmt: skip
+    max_pending_bytes: int | None = option(None, "bytes of admitted bodies not yet tokenized before new requests "
+                                           "get 503 at once (default: 2 x --max-body-bytes)")  # fmt: skip
+    parse_threads: int = option(1, "threads that parse and tokenize bodies and write answers, off the event loop")
+    worker_nice: int = option(10, "Linux: the batcher's and parse threads run this much nicer than the event "
+                              "loop, which admits and refuses requests, so a busy core serves it first")  # fmt: skip
+    inline_bytes: int = option(2048, "bodies up to this size are parsed on the event loop (a thread hand-off "
+                               "costs more than they do)")  # fmt: skip
     intra_op_threads: int | None = option(None, "ONNX Runtime threads per graph call (default: usable cores / workers)")
+    memory_arena: bool = option(False, "ONNX Runtime's CPU memory arena: it keeps the largest batch's memory "
+                                "and grows as shapes vary (off: memory goes back to the system when idle)")  # fmt: skip
     device: str = option("cpu", "run and classifier folders only: cpu, cuda, ...")
     full_depth: bool = option(False, "run every input to the last layer (the same service without early exit)")
     full_graph: bool = option(False, "exports made with --full-graph: run the whole model as one graph, final "
                               "head only (the plain model, the baseline without exits)")  # fmt: skip
+    guard: GuardOptions = option(help="the accuracy guard (its own flags: --guard-rate, --max-disagreement, ...)",
+                                 default_factory=GuardOptions, cli=False)  # fmt: skip
 
     def __post_init__(self) -> None:
         """Settings no service can run with fail here, in one line naming the flag."""
-        positive = ("max_batch", "max_queue", "max_body_bytes", "max_inputs", "max_text_chars")
+        if isinstance(self.guard, dict):  # a worker process rebuilds it from JSON
+            self.guard = GuardOptions(**self.guard)
+        if self.max_pending_requests is None:
+            self.max_pending_requests = self.max_queue
+        if self.max_pending_bytes is None:
+            self.max_pending_bytes = 2 * self.max_body_bytes
+        positive = ("max_batch", "max_queue", "max_body_bytes", "max_inputs", "max_text_chars", "max_pending_requests",
+                    "max_pending_bytes", "parse_threads")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise RomebertError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0:
-            raise RomebertError(f"--max-wait-ms must not be negative, got {self.max_wait_ms}")
+        if not 0 <= self.worker_nice <= 19:
+            raise RomebertError(f"--worker-nice must lie in 0..19, got {self.worker_nice}")
+        for name in ("max_wait_ms", "inline_bytes"):
+            if getattr(self, name) < 0:
+                raise RomebertError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.intra_op_threads is not None and self.intra_op_threads < 1:
             raise RomebertError(f"--intra-op-threads must be at least 1, got {self.intra_op_threads}")
+        if self.guard.enabled and (self.full_depth or self.full_graph):
+            raise RomebertError("--guard-rate watches early exits; a --full-depth or --full-graph service has none")
 
 
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
+@dataclass
+class Prepared:
+    """A parsed, tokenized request: its features and the exit rule it asked for (None: the service's)."""
 
-
-class Metrics:
-    """Prometheus metrics of one app (a registry of its own, so several apps can live in one process)."""
-
-    def __init__(self, num_layers: int, max_batch: int) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter("romebert_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
-                                registry=self.registry)  # fmt: skip
-        self.errors = Counter("romebert_errors", "requests answered with an error, by status", ["status"],
-                              registry=self.registry)  # fmt: skip
-        self.latency = Histogram("romebert_request_latency_seconds", "time from request to answer (POST /predict)",
-                                 buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5),
-                                 registry=self.registry)  # fmt: skip
-        self.exit_layer = Histogram("romebert_exit_layer", "the layer each input exited at",
-                                    buckets=tuple(range(1, num_layers + 1)), registry=self.registry)  # fmt: skip
-        sizes = sorted({1, 2, 4, 8, 16, 32, 64, 128, max_batch})
-        self.batch = Histogram("romebert_batch_rows", "rows of each layer call", buckets=tuple(s for s in sizes
-                               if s <= max_batch), registry=self.registry)  # fmt: skip
-        self.depth = Gauge("romebert_queue_depth", "inputs in flight (queued or running)", registry=self.registry)
-
-    def observe(self, event: str, value: float) -> None:
-        if event == "exit":
-            self.exit_layer.observe(value)
-        elif event == "batch":
-            self.batch.observe(value)
-        elif event == "depth":
-            self.depth.set(value)
+    features: list[dict[str, Any]]
+    policy: ExitPolicy | None
 
 
 class Service:
-    """The classifier, its batcher, the limits and the request handling (``app()`` wires the routes)."""
+    """The classifier, its batcher, the limits and the request handling (``app.py`` wires the routes)."""
 
     def __init__(self, cfg: ServeConfig, clf: EarlyExitClassifier | None = None) -> None:
         self.cfg = cfg
-        runtime = {"intra_op_threads": cfg.intra_op_threads} if cfg.intra_op_threads else {}
+        one_arena()  # before the batcher and parse threads start (deploy/memory.py)
+        runtime: dict[str, Any] = {"memory_arena": cfg.memory_arena}  # exports only
+        if cfg.intra_op_threads:
+            runtime["intra_op_threads"] = cfg.intra_op_threads
         if cfg.full_graph:
             if clf is None and not (Path(cfg.source) / MANIFEST_FILE).is_file():
                 raise RomebertError(f"{cfg.source}: --full-graph needs an ONNX export made with --full-graph")
@@ -120,19 +125,31 @@ class Service:
         # full depth: entropy < 0 never holds, so every input runs to the last layer, whatever the criterion
         self.full_depth = cfg.full_depth or cfg.full_graph
         self.policy = get_policy("entropy", 0.0) if self.full_depth else self.clf.policy()
-        temps = self.clf.exit_config.temperatures
         self.num_layers = self.clf.num_layers
         self.metrics = Metrics(self.num_layers, cfg.max_batch)
-        self.batcher = ContinuousBatcher(self.clf.segments, self.policy, self.clf.collator, temps, cfg.max_batch,
-                                         cfg.max_wait_ms, cfg.max_queue, self.metrics.observe)  # fmt: skip
+        self.guard = self.clf.accuracy_guard(cfg.guard) if cfg.guard.enabled else None
+        if self.guard is not None:
+            self.metrics.watch_guard(self.guard.snapshot)
+        self.batcher = ContinuousBatcher(self.clf.segments, self.policy, self.clf.collator,
+                                         self.clf.exit_config.temperatures, cfg.max_batch, cfg.max_wait_ms,
+                                         cfg.max_queue, self.metrics.observe, self.guard, cfg.worker_nice)  # fmt: skip
         self.draining = False
 
     # ------------------------------------------------------------------------------------ requests
-    def parse(self, body: bytes) -> tuple[list[Any], ExitPolicy | None, list[Any] | None]:
-        """(inputs, a policy other than the default or None, per-input thresholds or None)."""
+    def prepare(self, body: bytes) -> Prepared:
+        """Parse and tokenize a body (on a parse thread, or on the event loop when it is small)."""
+        inputs, policy = self.parse(body)
         try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            features = encode(_examples(inputs), self.clf.tokenizer, None, self.clf.max_seq_length).features
+        except RomebertError as exc:
+            raise HTTPError(422, str(exc)) from None
+        return Prepared(features, policy)
+
+    def parse(self, body: bytes) -> tuple[list[Any], ExitPolicy | None]:
+        """(inputs, a policy other than the default or None); exactly what the OpenAPI document allows."""
+        try:
+            data = json.loads(body, parse_constant=_not_json)
+        except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
             raise HTTPError(400, f"malformed JSON: {exc}") from None
         if not isinstance(data, dict):
             raise HTTPError(422, "the body must be a JSON object")
@@ -152,8 +169,7 @@ class Service:
         if len(raw) > self.cfg.max_inputs:
             raise HTTPError(422, f"'inputs' has {len(raw)} items; at most {self.cfg.max_inputs} per request")
         inputs = [self._input(i, x) for i, x in enumerate(raw)]
-        policy, thresholds = self._policy(data)
-        return inputs, policy, thresholds
+        return inputs, self._policy(data)
 
     def _input(self, i: int, x: Any) -> Any:
         if isinstance(x, dict):
@@ -162,59 +178,48 @@ class Service:
                 raise HTTPError(422, f"inputs[{i}]: an object needs 'text' (and optionally 'text_pair') only")
             x = x["text"] if "text_pair" not in x else [x["text"], x["text_pair"]]
         texts = [x] if isinstance(x, str) else x
-        if not (isinstance(texts, list) and len(texts) in (1, 2) and all(isinstance(t, str) for t in texts)):
-            raise HTTPError(422, f"inputs[{i}]: expected a text or a pair of texts")
+        if not (isinstance(texts, list) and len(texts) in (1, 2) and all(isinstance(t, str) for t in texts)) or (
+            len(texts) == 1 and not isinstance(x, str)
+        ):
+            raise HTTPError(422, f"inputs[{i}]: expected a text, a pair of texts or an object with 'text'")
         for t in texts:
             if len(t) > self.cfg.max_text_chars:
                 raise HTTPError(422, f"inputs[{i}]: a text of {len(t)} characters; at most {self.cfg.max_text_chars}")
+            if not t.isascii():
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise HTTPError(422, f"inputs[{i}]: not a Unicode text (a lone surrogate)") from None
         return texts[0] if len(texts) == 1 else (texts[0], texts[1])
 
-    def _policy(self, data: dict) -> tuple[ExitPolicy | None, list[Any] | None]:
+    def _policy(self, data: dict) -> ExitPolicy | None:
         criterion, threshold = data.get("criterion"), data.get("threshold")
-        if criterion is None and threshold is None:
-            return None, None
+        if "criterion" not in data and "threshold" not in data:
+            return None
         if self.full_depth:
             raise HTTPError(422, "this service runs every input to the last layer; it takes no threshold")
-        if criterion is not None and criterion not in CRITERIA:
+        if "criterion" in data and criterion not in CRITERIA:
             raise HTTPError(422, f"'criterion' must be one of {list(CRITERIA)}")
         criterion = criterion or self.policy.name
-        if threshold is None:
+        if "threshold" not in data:
             if criterion != self.policy.name:
                 raise HTTPError(422, "a 'criterion' other than the service's needs a 'threshold'")
-            return None, None
+            return None
         lo, hi = self.bounds()[criterion]
         if not isinstance(threshold, int | float) or isinstance(threshold, bool) or not lo <= threshold <= hi:
             raise HTTPError(422, f"'threshold' for {criterion} must be a number in [{lo:.4g}, {hi:.4g}]")
         try:
-            policy = self.clf.policy(criterion, float(threshold))
+            return self.clf.policy(criterion, float(threshold))
         except RomebertError as exc:
             raise HTTPError(422, str(exc)) from None
-        return policy, None
 
-    async def predict(self, body: bytes) -> dict[str, Any]:
-        inputs, policy, thresholds = self.parse(body)
-        examples = _examples(inputs)
-        try:
-            features = encode(examples, self.clf.tokenizer, None, self.clf.max_seq_length).features
-        except RomebertError as exc:
-            raise HTTPError(422, str(exc)) from None
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Job] = loop.create_future()
-
-        def done(job: Job) -> None:  # on the batcher's thread
-            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(job))
-
-        if self.draining:
-            raise HTTPError(503, "the service is shutting down", {"Retry-After": "1"})
-        try:
-            self.batcher.submit(features, done, policy, thresholds)
-        except Overloaded as exc:
-            raise HTTPError(503, str(exc), {"Retry-After": "1"}) from None
-        job = await future  # a client that disconnects cancels only this wait; its inputs still finish
+    def render(self, job: Job, policy: ExitPolicy | None) -> bytes:
+        """The 200 answer's body (on a parse thread, or on the event loop when it is small)."""
         if job.error is not None:
             raise HTTPError(500, f"inference failed: {job.error}")
         used = policy or self.policy
-        return {"results": self._results(job), "criterion": used.name, "threshold": used.threshold}
+        out = {"results": self._results(job), "criterion": used.name, "threshold": job.threshold}
+        return json.dumps(out).encode()
 
     def _results(self, job: Job) -> list[dict[str, Any]]:
         logits = np.stack(job.logits) if job.logits else np.zeros((0, self.clf.segments.num_labels))
@@ -230,128 +235,15 @@ class Service:
 
     def bounds(self) -> dict[str, tuple[float, float]]:
         """The thresholds a request may ask for, per criterion: where its decisions can change."""
-        options = {k: getattr(self.clf.exit_config, k) for k in OPTION_NAMES}
-        c = self.clf.segments.num_labels
-        return {name: cls.bounds(c, self.num_layers, **options) for name, cls in POLICIES.items()}
+        return self.clf.threshold_bounds()
 
-    # ------------------------------------------------------------------------------------ the app
     def app(self):
-        from starlette.applications import Starlette
-        from starlette.requests import ClientDisconnect, Request
-        from starlette.responses import JSONResponse, PlainTextResponse, Response
-        from starlette.routing import Route
-
-        service = self
-
-        async def predict(request: Request) -> Response:
-            t0 = time.perf_counter()
-            try:
-                length = request.headers.get("content-length")
-                if length is not None and length.isdigit() and int(length) > service.cfg.max_body_bytes:
-                    raise HTTPError(413, f"the body has {length} bytes; at most {service.cfg.max_body_bytes}")
-                body = bytearray()
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > service.cfg.max_body_bytes:
-                        raise HTTPError(413, f"the body is over {service.cfg.max_body_bytes} bytes")
-                out = await service.predict(bytes(body))
-                status, response = 200, JSONResponse(out)
-            except HTTPError as exc:
-                status = exc.status
-                response = JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
-            except ClientDisconnect:
-                status, response = 499, Response(status_code=499)
-            service.metrics.requests.labels("predict", str(status)).inc()
-            if status >= 400:
-                service.metrics.errors.labels(str(status)).inc()
-            else:
-                service.metrics.latency.observe(time.perf_counter() - t0)
-            return response
-
-        async def health(request: Request) -> Response:
-            return JSONResponse({"status": "ok"})
-
-        async def ready(request: Request) -> Response:
-            if service.draining:
-                return JSONResponse({"status": "draining"}, status_code=503)
-            return JSONResponse({"status": "ready", "layers": service.num_layers, **service.policy.params()})
-
-        async def metrics(request: Request) -> Response:
-            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-            return PlainTextResponse(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-        async def openapi(request: Request) -> Response:
-            return JSONResponse(openapi_spec(service))
-
-        @asynccontextmanager
-        async def lifespan(app):
-            yield
-            # uvicorn has stopped taking connections and answered the requests in flight by now;
-            # finish whatever is still queued, then stop the worker.
-            service.draining = True
-            await asyncio.get_running_loop().run_in_executor(None, service.batcher.close)
-
-        routes = [Route("/predict", predict, methods=["POST"]), Route("/health", health), Route("/ready", ready),
-                  Route("/metrics", metrics), Route("/openapi.json", openapi)]  # fmt: skip
-        return Starlette(routes=routes, lifespan=lifespan)
+        """The ASGI app (admission in front of the Starlette routes)."""
+        return build_app(self)
 
 
-def openapi_spec(service: Service) -> dict[str, Any]:
-    """The OpenAPI 3 description of the service (limits included)."""
-    cfg = service.cfg
-    bounds = "; ".join(f"{name} [{lo:.4g}, {hi:.4g}]" for name, (lo, hi) in service.bounds().items())
-    text = {"type": "string", "maxLength": cfg.max_text_chars}
-    item = {"oneOf": [text, {"type": "array", "items": text, "minItems": 2, "maxItems": 2},
-                      {"type": "object", "required": ["text"],
-                       "properties": {"text": text, "text_pair": text}}]}  # fmt: skip
-    request = {"type": "object", "properties": {
-        "text": text, "text_pair": text, "inputs": {"type": "array", "items": item, "maxItems": cfg.max_inputs},
-        "criterion": {"type": "string", "enum": list(CRITERIA),
-                      "description": "; ".join(f"{name}: {cls.rule}" for name, cls in POLICIES.items())},
-        "threshold": {"type": "number", "description": f"bounded per criterion: {bounds}"}}}  # fmt: skip
-    result = {"type": "object", "properties": {"label": {"type": "string"}, "value": {"type": "number"},
-              "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
-              "exit_layer": {"type": "integer", "minimum": 1, "maximum": service.num_layers}}}  # fmt: skip
-    error = {"type": "object", "properties": {"error": {"type": "string"}}}
-
-    def answer(description: str, schema: dict | None = None) -> dict:
-        out: dict[str, Any] = {"description": description}
-        if schema is not None:
-            out["content"] = {"application/json": {"schema": schema}}
-        return out
-
-    return {
-        "openapi": "3.0.3",
-        "info": {"title": "romebert early-exit classifier", "version": "1"},
-        "paths": {
-            "/predict": {
-                "post": {
-                    "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
-                    "responses": {
-                        "200": answer(
-                            "per input, in order",
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "results": {"type": "array", "items": result},
-                                    "criterion": {"type": "string"},
-                                    "threshold": {},
-                                },
-                            },
-                        ),
-                        "400": answer("malformed JSON", error),
-                        "413": answer(f"body over {cfg.max_body_bytes} bytes", error),
-                        "422": answer("a field is missing, wrong or over a limit", error),
-                        "503": answer("overloaded or shutting down (see Retry-After)", error),
-                    },
-                }
-            },  # fmt: skip
-            "/health": {"get": {"responses": {"200": answer("alive")}}},
-            "/ready": {"get": {"responses": {"200": answer("ready"), "503": answer("draining")}}},
-            "/metrics": {"get": {"responses": {"200": answer("Prometheus text format")}}},
-        },
-    }
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def create_app(cfg: ServeConfig | None = None):

@@ -56,6 +56,10 @@ class MaxProbPolicy(ExitPolicy):
     def bounds(cls, num_labels: int, num_layers: int, **options: Any) -> tuple[float, float]:
         return 1.0 / max(num_labels, 1), 1.0
 
+    @classmethod
+    def stricter(cls, **options: Any) -> int:
+        return 1
+
     def _step(self, layer: int, logits: np.ndarray, state: PolicyState) -> np.ndarray:
         return state.score("maxprob", layer, lambda: maxprob(logits)) >= state.threshold(layer)
 
@@ -75,6 +79,10 @@ class PatiencePolicy(ExitPolicy):
     @classmethod
     def bounds(cls, num_labels: int, num_layers: int, **options: Any) -> tuple[float, float]:
         return 1.0, float(num_layers)
+
+    @classmethod
+    def stricter(cls, **options: Any) -> int:
+        return 1
 
     def __init__(self, threshold: Threshold = 2, tolerance: float = 0.1) -> None:
         super().__init__(threshold)
@@ -110,6 +118,10 @@ class PatienceConfidencePolicy(ExitPolicy):
         if options.get("confidence") == "maxprob" and num_labels > 1:
             return MaxProbPolicy.bounds(num_labels, num_layers)
         return super().bounds(num_labels, num_layers)
+
+    @classmethod
+    def stricter(cls, **options: Any) -> int:
+        return 1 if options.get("confidence") == "maxprob" else -1
 
     def __init__(self, threshold: Threshold, patience: int = 2, confidence: str = "entropy") -> None:
         super().__init__(threshold)
@@ -180,6 +192,10 @@ class AgreementPolicy(ExitPolicy):
     @classmethod
     def bounds(cls, num_labels: int, num_layers: int, **options: Any) -> tuple[float, float]:
         return 0.0, (num_layers + 1) / 2
+
+    @classmethod
+    def stricter(cls, **options: Any) -> int:
+        return 1
 
     def _step(self, layer: int, logits: np.ndarray, state: PolicyState) -> np.ndarray:
         total = agreement_step(layer, logits, state)

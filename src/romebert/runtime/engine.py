@@ -72,6 +72,8 @@ class EngineOutput:
     exit_layer: np.ndarray  # [N] int64, 1-based
     layer_work: int  # rows x layers actually run through an encoder layer
     shapes: list[tuple[int, int]] = field(default_factory=list)  # (rows, columns) of each layer call
+    # run_dataset(watch=...): each watched row's logits at every exit it passed, [its exit layer, C]
+    watched: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def token_work(self) -> int:
@@ -160,13 +162,14 @@ class EarlyExitEngine:
         return self._assemble(n, done, shapes)
 
     # ----------------------------------------------------------------------------------- many batches
-    def run_stream(self, batches: Iterable[Batch], batch_size: int | None = None) -> EngineOutput:
+    def run_stream(self, batches: Iterable[Batch], batch_size: int | None = None, seen: list | None = None
+                   ) -> EngineOutput:  # fmt: skip
         """Early exit over several padded batches, results in their concatenated order.
 
         Every layer call runs ``batch_size`` rows (default: the first batch's size) gathered from any
         input batch (the shortest waiting rows first, so little padding), except at most one smaller
         call per layer once the input is used up. Decisions equal :meth:`run`'s on each batch. Memory:
-        under ``2 * batch_size`` waiting rows per layer.
+        under ``2 * batch_size`` waiting rows per layer. ``seen``: see :meth:`run_layer`.
         """
         host = [_host_batch(*b) for b in batches]
         sizes = [ids.shape[0] for ids, _, _ in host]
@@ -176,7 +179,7 @@ class EarlyExitEngine:
         bs = batch_size or max(sizes[0], 1)
         if bs < 1:
             raise RomebertError(f"batch_size must be >= 1, got {bs}")
-        if bs == 1 and self._one_row is not None:  # one row per call: each takes the one-row path
+        if bs == 1 and self._one_row is not None and seen is None:  # one row per call: the one-row path
             return self._one_by_one(host)
         queues = LayerQueues(self.num_layers, bs, self.merge_groups, self.select_rows)
         shapes: list[tuple[int, int]] = []
@@ -192,7 +195,7 @@ class EarlyExitEngine:
                 offset += sizes[next_batch]
                 next_batch += 1
                 continue
-            survivors = self.run_layer(layer, queues.take(layer), done, shapes)
+            survivors = self.run_layer(layer, queues.take(layer), done, shapes, seen)
             if survivors is not None:
                 queues.put(layer + 1, survivors)
         return self._assemble(n, done, shapes)
@@ -203,16 +206,30 @@ class EarlyExitEngine:
         return EngineOutput(np.concatenate([o.logits for o in outs]), np.concatenate([o.exit_layer for o in outs]),
                             sum(o.layer_work for o in outs), [s for o in outs for s in o.shapes])  # fmt: skip
 
-    def run_dataset(self, dataset: Any, collator: Any, batch_size: int = 32) -> EngineOutput:
+    def run_dataset(self, dataset: Any, collator: Any, batch_size: int = 32, watch: Sequence[int] | None = None
+                    ) -> EngineOutput:  # fmt: skip
         """Early exit over an encoded dataset (``romebert.runtime.encoding.encode``), results in dataset order.
 
         Inputs go in length-sorted batches (little padding) through :meth:`run_stream`, and the results
-        are scattered back to the dataset's order.
+        are scattered back to the dataset's order. ``watch``: dataset rows whose logits at every exit
+        they pass are kept (``EngineOutput.watched``; the accuracy guard replays thresholds on them).
         """
-        out, order = in_length_order(dataset, collator, batch_size, lambda b: self.run_stream(b, batch_size))
+        seen: list | None = [] if watch is not None else None
+        out, order = in_length_order(dataset, collator, batch_size, lambda b: self.run_stream(b, batch_size, seen))
         logits, exit_layer = np.empty_like(out.logits), np.empty_like(out.exit_layer)
         logits[order], exit_layer[order] = out.logits, out.exit_layer
-        return EngineOutput(logits, exit_layer, out.layer_work, out.shapes)
+        watched: dict[int, np.ndarray] = {}
+        if watch is not None and len(watch):
+            position = np.empty_like(order)
+            position[order] = np.arange(order.size)  # dataset row -> its row in run_stream
+            wanted = {int(position[i]): int(i) for i in watch}
+            passed: dict[int, list[np.ndarray]] = {int(i): [] for i in watch}
+            for rows, layer_logits in seen:  # in layer order for every row
+                for j, r in enumerate(rows.tolist()):
+                    if r in wanted:
+                        passed[wanted[r]].append(layer_logits[j])
+            watched = {i: np.stack(v) for i, v in passed.items()}
+        return EngineOutput(logits, exit_layer, out.layer_work, out.shapes, watched)
 
     # --------------------------------------------------------------------------------- the loop's steps
     # (public for schedulers other than run_stream's: the service's continuous batching)
@@ -233,8 +250,10 @@ class EarlyExitEngine:
         policy = self.policy.init_state(n, self.num_layers, self.segments.regression, row_thresholds)
         return Group(state, rows, extent, policy, cols)
 
-    def run_layer(self, i: int, g: Group, done: list[Done], shapes: list[tuple[int, int]]) -> Group | None:
-        """Run layer ``i`` and exit ``i`` on ``g``; record the leavers in ``done``; return the rest."""
+    def run_layer(self, i: int, g: Group, done: list[Done], shapes: list[tuple[int, int]], seen: list | None = None
+                  ) -> Group | None:  # fmt: skip
+        """Run layer ``i`` and exit ``i`` on ``g``; record the leavers in ``done``; return the rest.
+        ``seen``: gets (output rows, logits [g, C]) of every row, leaving or not (the accuracy guard's)."""
         if self.features:
             state, logits, extra = self.segments.layer(i, g.state, features=True)
             g.policy.rows.update({k: extra[k] for k in self.features})  # this layer's, for these rows
@@ -243,6 +262,8 @@ class EarlyExitEngine:
         shapes.append((len(g), g.width))
         if self.temperatures is not None:
             logits = logits / np.float32(self.temperatures[i])
+        if seen is not None:
+            seen.append((g.rows, logits))
         exit_layer = self.exit_layers[i]
         if i == self.num_layers - 1:  # the final head takes everyone left; no decision needed
             done.append((g.rows, logits, exit_layer))

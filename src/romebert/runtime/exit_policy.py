@@ -150,6 +150,12 @@ class ExitPolicy:
             return 0.0, 1e6
         return 0.0, math.log(num_labels) + 1e-9
 
+    @classmethod
+    def stricter(cls, **options: Any) -> int:
+        """The sign of a threshold change that lets fewer inputs exit: -1 for "score < t" rules (a smaller
+        t is stricter), +1 for "score >= t" rules and counts (a larger t is)."""
+        return -1
+
     def __init__(self, threshold: Threshold) -> None:
         if isinstance(threshold, str):
             raise RomebertError(f"{self.name}: threshold must be a number or a sequence of numbers, got {threshold!r}")

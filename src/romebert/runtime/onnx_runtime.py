@@ -50,9 +50,8 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def session_options(
-    intra_op_threads: int | None = None, inter_op_threads: int = 1, spinning: bool = True, memory_arena: bool = True
-):
+def session_options(intra_op_threads: int | None = None, inter_op_threads: int = 1, spinning: bool = True,
+                    memory_arena: bool = True):  # fmt: skip
     """ONNX Runtime session options.
 
     ``spinning``: worker threads spin briefly after a call, waiting for the next one. Good for a single
@@ -67,6 +66,7 @@ def session_options(
     """
     ort = _ort()
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = memory_arena
     so.intra_op_num_threads = intra_op_threads or default_threads()
     so.inter_op_num_threads = inter_op_threads
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")

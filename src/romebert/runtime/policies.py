@@ -146,14 +146,15 @@ def exit_scores(
     if regression:
         x = logits.astype(np.float64)
         return (change(x[1:], x[:-1])[:-1] if logits.shape[0] > 2 else change(x[1:], x[:-1])), False
+    above = cls.stricter(confidence=confidence) > 0  # the class says which side of t exits
     if cls is MaxProbPolicy or (cls is PatienceConfidencePolicy and confidence == "maxprob"):
-        return maxprob(early), True
+        return maxprob(early), above
     if cls is EnergyPolicy:
-        return energy(early), False
+        return energy(early), above
     if cls is CapPolicy:
         nsp = np.asarray(features["nsp"])
-        return cap(early, nsp[:-1] if nsp.shape[0] > 1 else nsp), False
+        return cap(early, nsp[:-1] if nsp.shape[0] > 1 else nsp), above
     if cls is AgreementPolicy:
         state = PolicyState(logits.shape[0], False, [0.0] * logits.shape[0])
-        return np.stack([agreement_step(i, x, state) for i, x in enumerate(early)]), True
-    return entropy(early), False
+        return np.stack([agreement_step(i, x, state) for i, x in enumerate(early)]), above
+    return entropy(early), above

@@ -1,0 +1,45 @@
+"""A service's memory between bursts: C-heap settings and trimming (glibc; elsewhere no-ops).
+
+A burst allocates much more than a service holds at rest (bodies, features, ONNX Runtime's tensors,
+1,500 connections). glibc gives each busy thread an allocation arena of its own, and memory freed in
+one arena only goes back to the system when that arena is trimmed; with the event loop, the batcher
+and the parse threads each in their own arena, what stays after a burst depends on which thread last
+touched which pages. :func:`one_arena` makes every thread share the main arena (a service's threads
+take turns on its cores anyway), and :func:`release_memory`, called once the service is idle, returns
+its free pages. docs/serving.md has the RSS across repeated bursts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import gc
+from typing import Any
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def one_arena() -> None:
+    """Every thread allocates from the main arena from now on (threads that already have one keep it)."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_ARENA_MAX, 1)
+
+
+def release_memory() -> None:
+    """Free unreachable cycles, then return the C heap's free pages to the system (glibc's malloc_trim;
+    elsewhere only the first)."""
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc has both)
+        return libc
+    except (OSError, AttributeError):
+        return None
