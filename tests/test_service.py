@@ -261,7 +261,8 @@ def test_batcher_results_match_the_engine(export_dir, reference):
 def test_per_request_criterion_and_threshold(server, reference):
     texts = [sentence(i, 2 + i % 7) for i in range(12)]
     for options in ({"threshold": 0.05}, {"criterion": "patience", "threshold": 2},
-                    {"criterion": "patience-confidence", "threshold": 0.3}):  # fmt: skip
+                    {"criterion": "patience-confidence", "threshold": 0.3}, {"criterion": "energy", "threshold": 0.3},
+                    {"criterion": "agreement", "threshold": 0.6}, {"criterion": "cap", "threshold": 0.3}):  # fmt: skip
         res = post(server, {"inputs": texts, **options}).json()
         assert res["threshold"] == options["threshold"]
         assert [(g["label"], g["exit_layer"]) for g in res["results"]] == expected(reference, texts, **options)
