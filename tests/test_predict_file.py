@@ -199,15 +199,17 @@ def test_a_regression_model_writes_the_value(tiny_backbone_dir, tmp_path):
         (["--text-column", "review", "--chunk-rows", "0"], "chunk_rows must be >= 1"),
     ],
 )
-def test_bad_columns_and_flags_are_one_line_errors(models, tmp_path, capsys, args, message):
+def test_bad_columns_and_flags_are_one_line_errors(models, tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)  # where the default output would go
     src = _write_input(tmp_path / "in.csv", _texts())
     assert main(["predict", str(models["export", "glue"]), "--input", str(src), "--quiet", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
-    assert not list(tmp_path.glob("in.predictions*"))
+    assert not list(tmp_path.glob("in.predictions*")) and not list(tmp_path.glob(".in.predictions*"))
 
 
-def test_the_old_flags_point_to_input_and_bad_rows_name_their_line(models, tmp_path, capsys):
+def test_the_old_flags_point_to_input_and_bad_rows_name_their_line(models, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default output goes
     src = _write_input(tmp_path / "reviews.csv", _texts())
     glue = str(models["export", "glue"])
     # the command: a GLUE model ignored --test-file and failed on its task's missing test file

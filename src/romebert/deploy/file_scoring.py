@@ -130,6 +130,12 @@ class RowScorer:
         return out
 
 
+def check_chunk_rows(chunk_rows: int) -> None:
+    """A one-line error for a chunk size below one row."""
+    if chunk_rows < 1:
+        raise RomebertError(f"chunk_rows must be >= 1, got {chunk_rows}")
+
+
 class FileScorer(RowScorer):
     """A :class:`RowScorer` on the user's file ``path`` (CSV, TSV or JSON Lines, by extension), read a
     chunk at a time: nothing but the current chunk's rows is held."""
@@ -146,8 +152,7 @@ class FileScorer(RowScorer):
     def chunks(self, chunk_rows: int = DEFAULT_CHUNK_ROWS, start: int = 0, stop: int | None = None
                ) -> Iterator[PredictionChunk]:  # fmt: skip
         """Data rows ``start`` to ``stop`` (0-based, ``stop`` excluded) in chunks of ``chunk_rows``, scored."""
-        if chunk_rows < 1:
-            raise RomebertError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        check_chunk_rows(chunk_rows)
         rows: list[tuple[int, dict[str, Any]]] = []
         first = start
         index = -1

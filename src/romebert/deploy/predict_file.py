@@ -25,7 +25,7 @@ from romebert.core.files import read_json, to_jsonable, write_atomic, write_json
 from romebert.core.options import option
 from romebert.core.progress import Progress
 from romebert.data.custom import JSONL, file_format, open_records, render_rows
-from romebert.deploy.file_scoring import DEFAULT_CHUNK_ROWS, FileScorer
+from romebert.deploy.file_scoring import DEFAULT_CHUNK_ROWS, FileScorer, check_chunk_rows
 
 STATE_VERSION = 1
 
@@ -101,6 +101,7 @@ def predict_file(clf: Any, engine: Any, path: str | Path, output: str | Path | N
     settings (else it starts again). The columns are checked before any row is scored.
     """
     path = Path(path)
+    check_chunk_rows(chunk_rows)  # before anything is read or written
     scorer = FileScorer(clf, path, engine, text_column, text_pair_column, id_column, keep_columns, batch_size)
     out = Path(output) if output is not None else default_output(path, shard)
     if out.resolve() == path.resolve():
