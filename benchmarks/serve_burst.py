@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shlex
 import sys
 import time
@@ -192,12 +191,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per worker")
     p.add_argument("--serve-args", default="", help="more `romebert serve` flags, e.g. '--max-queue 512'")
-    p.add_argument("--service-cpus", help="pin the service to these cores, e.g. 0")
-    p.add_argument("--client-cpus", help="pin the client to these cores, e.g. 1")
+    serve_load.add_pinning(p, "the client")
     p.add_argument("--out", default="results/serve_burst")
     args = p.parse_args(argv)
-    if args.client_cpus:
-        os.sched_setaffinity(0, serve_load._cpus(args.client_cpus))
+    serve_load.pin_client(args)
     sys.path.insert(0, str(ROOT / "src"))
     from romebert.core.environment import environment, now
     from romebert.core.files import write_atomic

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import shlex
 import sys
@@ -165,12 +164,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--throughput", action="store_true", help="measure throughput instead (timing: a quiet machine)")
     p.add_argument("--duration", type=float, default=20.0, help="--throughput: seconds per service")
     p.add_argument("--clients", type=int, default=16, help="--throughput: closed-loop clients")
-    p.add_argument("--service-cpus", help="pin the service to these cores, e.g. 0")
-    p.add_argument("--client-cpus", help="pin the clients to these cores, e.g. 1")
+    serve_load.add_pinning(p, "the clients")
     p.add_argument("--out", default=None, help="default: results/serve_guard (or results/serve_guard_throughput)")
     args = p.parse_args(argv)
-    if args.client_cpus:
-        os.sched_setaffinity(0, serve_load._cpus(args.client_cpus))
+    serve_load.pin_client(args)
     sys.path.insert(0, str(ROOT / "src"))
     from romebert.core.environment import environment, now
     from romebert.core.files import write_atomic

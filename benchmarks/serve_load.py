@@ -186,6 +186,18 @@ def _cpus(spec: str | None) -> set[int] | None:
     return {int(c) for c in spec.split(",")} if spec else None
 
 
+def add_pinning(p: argparse.ArgumentParser, client: str = "the load generator") -> None:
+    """--service-cpus / --client-cpus, the same in every serving benchmark."""
+    p.add_argument("--service-cpus", help="pin the service to these cores, e.g. 0")
+    p.add_argument("--client-cpus", help=f"pin {client} to these cores, e.g. 1")
+
+
+def pin_client(args: argparse.Namespace) -> None:
+    """Pin this process (the client) to ``--client-cpus``, if given."""
+    if args.client_cpus:
+        os.sched_setaffinity(0, _cpus(args.client_cpus))
+
+
 def below_saturation(row: dict) -> bool:
     """The service kept up: no errors and (nearly) every offered request answered within the run."""
     return row["p95"] is not None and not _errors(row) and row["throughput"] >= 0.95 * row["offered"]
@@ -217,12 +229,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--timeout", type=float, default=10.0, help="client timeout per request, seconds")
     p.add_argument("--serve-args", default="", help="more `romebert serve` flags, e.g. '--max-batch 16'")
     p.add_argument("--examples", type=int, default=872, help="dev sentences to cycle through")
-    p.add_argument("--service-cpus", help="pin the service to these cores, e.g. 0")
-    p.add_argument("--client-cpus", help="pin the load generator to these cores, e.g. 1")
+    add_pinning(p)
     p.add_argument("--out", default="results/serve_load")
     args = p.parse_args(argv)
-    if args.client_cpus:
-        os.sched_setaffinity(0, _cpus(args.client_cpus))
+    pin_client(args)
     sys.path.insert(0, str(ROOT / "src"))
     from romebert.core.environment import environment, now
     from romebert.core.files import write_atomic
