@@ -59,7 +59,9 @@ def test_one_row_decides_as_the_segment_engine(exports, family, criterion):
         threshold = criterion_class(criterion).default_threshold
     one, segments = _engines(folder, get_policy(criterion, threshold, patience=2), temperatures)
     assert (one._one_row is not None) == (criterion in SINGLE_ROW_CRITERIA)  # the others run the segments
+    assert one.segments._single is None  # the one-row graph (a second copy of the weights) waits for a row
     a = [one.run(*r) for r in rows]
+    assert (one.segments._single is not None) == (criterion in SINGLE_ROW_CRITERIA)
     b = [segments.run(*r) for r in rows]
     layers = np.array([o.exit_layer[0] for o in a])
     assert np.array_equal(layers, [o.exit_layer[0] for o in b])

@@ -15,6 +15,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -135,12 +136,21 @@ class OrtSegments:
         self.features = ("nsp",) if all("nsp" in o for o in outputs) else ()
         self._plain = [[o for o in names if o != "nsp"] for names in outputs]
         self._mean = "pool_weights" in self._inputs[0]
-        self._single = None
+        # the one-row graph, loaded when a batch of one row first comes: a second copy of the weights that
+        # a service or a file scored in batches never needs
+        self._single: tuple[Any, list[str]] | None = None
+        self._single_file, self._single_options = None, None
         g = self.manifest.single_row_graph
         if single_row and not one_graph and g is not None and not self.regression:
-            so = session_options(intra_op_threads, inter_op_threads, single_row_spinning, memory_arena)
-            self._single = _load(ort, self.folder / g.file, so)
-            self._single_inputs = [i.name for i in self._single.get_inputs()]
+            self._single_file = self.folder / g.file
+            self._single_options = (intra_op_threads, inter_op_threads, single_row_spinning, memory_arena)
+
+    def _single_session(self) -> tuple[Any, list[str]]:
+        """(the one-row graph's session, its input names), loaded on first use."""
+        if self._single is None:
+            sess = _load(_ort(), self._single_file, session_options(*self._single_options))
+            self._single = sess, [i.name for i in sess.get_inputs()]
+        return self._single
 
     def one_row(self, policy: ExitPolicy, temperatures: Sequence[float] | None):
         """A runner for batches of one row under ``policy`` through the one-graph early exit, or None when
@@ -151,7 +161,7 @@ class OrtSegments:
         engine decides there with the policy itself (going on from the state it returns).
         """
         name = policy.name
-        if self._single is None or name not in SINGLE_ROW_CRITERIA or type(policy) is not POLICIES[name]:
+        if self._single_file is None or name not in SINGLE_ROW_CRITERIA or type(policy) is not POLICIES[name]:
             return None
         n = self.num_layers
         bias = (threshold_vector(policy.threshold, n) * (-1.0 if name == "maxprob" else 1.0)).astype(np.float32)
@@ -159,10 +169,10 @@ class OrtSegments:
         temps = np.asarray(temperatures if temperatures is not None else np.ones(n), np.float32)
         feed = {"exit_bias": bias, "use_maxprob": np.array([name == "maxprob"]), "temperatures": temps}
         carried = ("attention_mask", "pool_weights")  # what the segments after the stop also read
-        sess, names = self._single, self._single_inputs
 
         def run(state: OrtState) -> tuple[np.ndarray, int, OrtState | None]:
             a = state.arrays
+            sess, names = self._single_session()
             logits, layer, margin, nxt = sess.run(None, {k: feed[k] if k in feed else a[k] for k in names})
             k = int(layer[0])
             if k == n or margin[0] > SINGLE_ROW_GUARD:
