@@ -6,11 +6,21 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import uvicorn
 
+from romebert.cli import main
 from romebert.deploy.service import Service
+
+
+def export_for_serving(run: Path, folder: Path) -> Path:
+    """The tiny SST-2 run exported to ``folder``/export at entropy threshold 0.5 (about half the test
+    sentences leave at exit 1)."""
+    out = folder / "export"
+    assert main(["export", str(run), "-o", str(out), "--threshold", "0.5"]) == 0
+    return out
 
 
 def free_port() -> int:

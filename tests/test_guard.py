@@ -13,7 +13,6 @@ import httpx
 import numpy as np
 import pytest
 
-from romebert.cli import main
 from romebert.core.errors import RomebertError
 from romebert.deploy.classifier import EarlyExitClassifier
 from romebert.deploy.guard import AccuracyGuard, GuardOptions, wilson
@@ -22,7 +21,7 @@ from romebert.runtime.policies import get_policy
 from romebert.runtime.scores import entropy
 
 from glue_fixtures import sentence
-from serve_fixtures import Server, metric, post
+from serve_fixtures import Server, export_for_serving, metric, post
 
 LN2 = math.log(2) + 1e-9
 
@@ -141,9 +140,7 @@ def test_guard_settings_and_inputs_are_checked():
 # ------------------------------------------------------------------------------------------ runtimes
 @pytest.fixture(scope="module")
 def export_dir(tiny_sst2_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("guard") / "export"
-    assert main(["export", str(tiny_sst2_run), "-o", str(out), "--threshold", "0.5"]) == 0
-    return out
+    return export_for_serving(tiny_sst2_run, tmp_path_factory.mktemp("guard"))
 
 
 @pytest.fixture(scope="module")

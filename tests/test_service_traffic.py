@@ -13,21 +13,18 @@ import time
 import aiohttp
 import pytest
 
-from romebert.cli import main
 from romebert.deploy.admission import Admission
 from romebert.deploy.classifier import EarlyExitClassifier
 from romebert.deploy.guard import GuardOptions
 from romebert.deploy.service import ServeConfig, Service
 
 from glue_fixtures import sentence
-from serve_fixtures import Server, expected, metric
+from serve_fixtures import Server, expected, export_for_serving, metric
 
 
 @pytest.fixture(scope="module")
 def export_dir(tiny_sst2_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("traffic") / "export"
-    assert main(["export", str(tiny_sst2_run), "-o", str(out), "--threshold", "0.5"]) == 0
-    return out
+    return export_for_serving(tiny_sst2_run, tmp_path_factory.mktemp("traffic"))
 
 
 @pytest.fixture(scope="module")
