@@ -390,3 +390,29 @@ def test_an_export_is_served_without_torch_transformers_or_scipy(trained_run, tm
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] in ("0 0", "0 1")
     assert len((tmp_path / "p" / "SST-2.tsv").read_text().splitlines()) == 1 + 16
+
+
+def test_cap_on_an_export_made_before_cap_is_a_one_line_error(exported, tmp_path):
+    """An export whose segment graphs give no nsp (made before CAP) runs every other criterion; cap gets a
+    one-line error before any input runs."""
+    import onnx
+
+    from romebert.core.files import sha256
+
+    model, folder = exported["bert", "mean"]
+    old = _copy(folder, tmp_path)
+    manifest = json.loads((old / MANIFEST_FILE).read_text())
+    for g in manifest["graphs"]:
+        graph = onnx.load(str(old / g["file"]))
+        kept = [o for o in graph.graph.output if o.name != "nsp"]
+        del graph.graph.output[:]
+        graph.graph.output.extend(kept)
+        onnx.save(graph, str(old / g["file"]))
+        g["sha256"], g["outputs"] = sha256(old / g["file"]), [o.name for o in kept]
+    (old / MANIFEST_FILE).write_text(json.dumps(manifest))
+    segments = OrtSegments(old)
+    assert segments.features == () and OrtSegments(folder).features == ("nsp",)
+    batches = _batches(_dataset(n=8, seed=4), 8)
+    assert np.abs(all_exit_logits(segments, batches) - all_exit_logits(OrtSegments(folder), batches)).max() < 1e-6
+    with pytest.raises(RomebertError, match=r"criterion 'cap' needs each exit's nsp.*export the run again"):
+        EarlyExitEngine(segments, get_policy("cap", 0.3))
