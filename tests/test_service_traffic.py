@@ -328,3 +328,17 @@ def test_the_batcher_and_parse_threads_yield_to_the_event_loop(export_dir):
             assert threads[0] != threading.get_native_id()  # parsed off this (the client's) thread
     finally:
         srv.stop()
+
+
+def test_the_objects_alive_at_startup_leave_the_collectors_generations(export_dir):
+    """gc.freeze at startup (deploy/memory.py): a burst's collections then walk only the burst's objects
+    (results/serve_burst.md has what that did to refusal latency and RSS)."""
+    import gc
+
+    gc.unfreeze()
+    srv = Server(Service(ServeConfig(str(export_dir), intra_op_threads=1)))
+    try:
+        assert gc.get_freeze_count() > 10_000  # the modules, the sessions' Python side, the app
+    finally:
+        srv.stop()
+        gc.unfreeze()

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from romebert.deploy.admission import RETRY_AFTER_S, Admission, AdmissionMiddleware
-from romebert.deploy.memory import release_memory
+from romebert.deploy.memory import freeze_startup_objects, release_memory
 from romebert.deploy.openapi import openapi_spec
 from romebert.deploy.serving import Job, Overloaded, lower_priority
 
@@ -133,6 +133,7 @@ def build_app(service: Any):
 
     @asynccontextmanager
     async def lifespan(app):
+        freeze_startup_objects()  # (deploy/memory.py) once everything is loaded, before the first request
         yield
         # uvicorn has stopped taking connections and answered the requests in flight by now;
         # finish whatever is still queued, then stop the worker.
