@@ -155,9 +155,10 @@ class ExitHead(nn.Module):
         basis, _ = torch.linalg.qr(w.t())  # [H, C]
         return offset, basis
 
-    def null_space_share(self, x: Tensor) -> Tensor:
-        """CAP's NSP score of pooled features x [B, H] -> [B] (see :func:`null_space_share`)."""
-        return null_space_share(x, *self.null_space_basis())
+    def null_space_share(self, x: Tensor, basis: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """CAP's NSP score of pooled features x [B, H] -> [B] (see :func:`null_space_share`); ``basis``: this
+        head's :meth:`null_space_basis`, when the caller keeps it."""
+        return null_space_share(x, *(basis if basis is not None else self.null_space_basis()))
 
 
 def null_space_share(x: Tensor, offset: Tensor, basis: Tensor) -> Tensor:

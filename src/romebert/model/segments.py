@@ -49,6 +49,9 @@ class TorchSegments:
         self._mean = model.config.pooling == "mean"
         self._exit_transform = model.adapter.exit_transform  # None for most families: no call at all
         self.features = ("nsp",)  # per-exit outputs besides the logits it can hand out (CAP's null-space share)
+        # each head's (offset, basis) for nsp, computed on first use (a pinv and a QR); segments are made per
+        # use of a model (model.segments()), so weights trained later get bases of their own
+        self._nsp_bases: dict[int, tuple[Tensor, Tensor]] = {}
 
     @torch.inference_mode()
     def start(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None) -> TorchState:
@@ -86,7 +89,10 @@ class TorchSegments:
             logits = head.classify(x)  # [b, C]
         if not features:
             return state, logits.float().cpu().numpy()
-        return state, logits.float().cpu().numpy(), {"nsp": head.null_space_share(x).cpu().numpy()}
+        if index not in self._nsp_bases:
+            self._nsp_bases[index] = head.null_space_basis()
+        nsp = head.null_space_share(x, self._nsp_bases[index])
+        return state, logits.float().cpu().numpy(), {"nsp": nsp.cpu().numpy()}
 
     @torch.inference_mode()
     def select(self, state: TorchState, rows: np.ndarray, cols: int) -> TorchState:

@@ -124,12 +124,7 @@ class EarlyExitEngine:
         # Fail early: the policy rejects regression for criteria it cannot apply, or bad thresholds.
         policy.init_state(0, self.num_layers, self.segments.regression)
         self.features = tuple(policy.needs)  # what the criterion reads besides the logits, asked of every layer
-        missing = [k for k in self.features if k not in getattr(self.segments, "features", ())]
-        if missing:
-            raise RomebertError(
-                f"criterion {policy.name!r} needs each exit's {missing[0]}, which these segments do not give "
-                "(an export made before the criterion existed: export the run again)"
-            )
+        check_features(self.segments, self.features, f"criterion {policy.name!r}")
         one_row = getattr(self.segments, "one_row", None)  # the fastest path for batches of one row, if any
         self._one_row = one_row(policy, temperatures) if one_row is not None else None
 
@@ -351,6 +346,16 @@ class LayerQueues:
         return group
 
 
+def check_features(segments: Any, features: Sequence[str], who: str) -> None:
+    """A one-line error when ``segments`` do not give every per-exit feature asked for."""
+    missing = [k for k in features if k not in getattr(segments, "features", ())]
+    if missing:
+        raise RomebertError(
+            f"{who} needs each exit's {missing[0]}, which these segments do not give "
+            "(an export made before it existed: export the run again)"
+        )
+
+
 def all_exit_logits(segments: Any, batches: Iterable[Batch]) -> np.ndarray:
     """Every exit's logits [L, N, C] (float32) of every row, in the batches' concatenated order: each
     batch runs to the last layer (evaluation, sweeps and threshold choice read these)."""
@@ -364,9 +369,7 @@ def all_exit_outputs(
     e.g. "nsp"), in the batches' order. Segments that run every exit in one call (``all_logits``, PyTorch's:
     one forward, one copy to the host) do so when no features are asked."""
     seg: Segments = segments.segments() if hasattr(segments, "segments") else segments
-    missing = [k for k in features if k not in getattr(seg, "features", ())]
-    if missing:
-        raise RomebertError(f"these segments give no {missing[0]} (an export made before it existed: export again)")
+    check_features(seg, features, "these outputs")
     whole = getattr(seg, "all_logits", None) if not features else None
     parts, extra = [], {k: [] for k in features}
     for batch in batches:

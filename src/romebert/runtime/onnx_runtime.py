@@ -134,7 +134,8 @@ class OrtSegments:
         # CAP's nsp where every graph gives it (exports made before it existed do not); asked for only when
         # a criterion needs it
         self.features = ("nsp",) if all("nsp" in o for o in outputs) else ()
-        self._plain = [[o for o in names if o != "nsp"] for names in outputs]
+        plain = [[o for o in names if o != "nsp"] for names in outputs]
+        self._outputs = {False: plain, True: [o + ["nsp"] for o in plain]}  # what layer() asks, by `features`
         self._mean = "pool_weights" in self._inputs[0]
         # the one-row graph, loaded when a batch of one row first comes: a second copy of the weights that
         # a service or a file scored in batches never needs
@@ -192,7 +193,7 @@ class OrtSegments:
     def layer(self, index: int, state: OrtState, features: bool = False):
         """Segment ``index``: (state, logits [b, C]), and with ``features`` also {"nsp": [b]}."""
         a = state.arrays
-        wanted = self._plain[index] + (["nsp"] if features else [])
+        wanted = self._outputs[features][index]
         outs = dict(zip(wanted, self.sessions[index].run(wanted, {n: a[n] for n in self._inputs[index]}), strict=True))
         if "next_state" in outs:
             nxt = {"state": outs["next_state"], "attention_mask": a["attention_mask"]}
