@@ -12,7 +12,7 @@ import httpx
 import uvicorn
 
 from romebert.cli import main
-from romebert.deploy.service import Service
+from romebert.deploy.service import Service, uvicorn_settings
 
 
 def export_for_serving(run: Path, folder: Path) -> Path:
@@ -32,11 +32,11 @@ def free_port() -> int:
 class Server:
     """uvicorn in a thread, on a free loopback port."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Service, **settings) -> None:
         self.port = free_port()
         self.service = service
-        config = uvicorn.Config(service.app(), host="127.0.0.1", port=self.port, log_level="error",
-                                timeout_graceful_shutdown=10)  # fmt: skip
+        opts = uvicorn_settings(host="127.0.0.1", port=self.port, log_level="error", timeout_graceful_shutdown=10)
+        config = uvicorn.Config(service.app(), **{**opts, **settings})
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

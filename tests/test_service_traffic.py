@@ -131,6 +131,75 @@ def test_refusals_never_wait_for_the_parsing_of_others(export_dir, reference):
             assert [(r["label"], r["exit_layer"]) for r in body["results"]] == expected(reference, t)
 
 
+def _head_then_body(port: int, body: bytes, keep_alive: bool, read_rest: bool) -> tuple[bytes, bytes | None]:
+    """Send a POST /predict's head alone, read the answer that comes before its body is sent, then send
+    the body and read on until the server closes: (the answer, what came after it, or None where the
+    server had closed before the body came and reset the connection)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        close = b"" if keep_alive else b"Connection: close\r\n"
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + close
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode())  # fmt: skip
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            answer += sock.recv(65536)
+        sock.sendall(body)
+        rest = b""
+        if not read_rest:
+            return answer, None
+        try:
+            while chunk := sock.recv(65536):  # b"" once the server has closed the connection
+                rest += chunk
+        except ConnectionResetError:
+            return answer, None
+        return answer, rest
+
+
+@pytest.mark.parametrize("http", ["protocol", "h11"])
+def test_a_refusal_is_answered_from_the_head_alone(export_dir, monkeypatch, http):
+    """While one admitted request holds the service, another is refused with 503 and Retry-After before
+    its body is sent. Under the default protocol (shed_protocol.py) the refused request never reaches the
+    ASGI app, and the connection closes once the body has arrived (with or without keep-alive); with h11
+    the admission middleware refuses it the same way, one step later (and uvicorn may close before the
+    body comes). Both count it in the metrics."""
+    from romebert.deploy.admission import AdmissionMiddleware
+
+    reached = []
+    call = AdmissionMiddleware.__call__
+
+    async def spied(self, scope, receive, send):
+        if scope.get("path") == "/predict":
+            reached.append(scope.get("method"))
+        await call(self, scope, receive, send)
+
+    monkeypatch.setattr(AdmissionMiddleware, "__call__", spied)
+    service = Service(ServeConfig(str(export_dir), intra_op_threads=1, max_pending_requests=1, inline_bytes=0))
+    gate = threading.Event()
+    _count_prepares(service, gate)
+    srv = Server(service, **({"http": "h11"} if http == "h11" else {}))
+    body = json.dumps({"inputs": [sentence(1), sentence(2)]}).encode()
+    try:
+        runner, answers = _start(srv.url, [body])
+        _until(lambda: service.admission.pending == 1)
+        for keep_alive in (False, True):
+            # (h11 keeps a keep-alive connection open after a refusal: nothing to wait for there)
+            answer, rest = _head_then_body(srv.port, body, keep_alive, read_rest=http == "protocol")
+            head, _, payload = answer.partition(b"\r\n\r\n")
+            lines = head.lower().split(b"\r\n")
+            assert lines[0].startswith(b"http/1.1 503") and b"retry-after: 1" in lines
+            assert "1 requests pending; the service takes 1 at once" in json.loads(payload)["error"]
+            assert rest == b"" if http == "protocol" else rest in (b"", None)  # closed, nothing more said
+        assert _refused(srv, "admission") == 2
+        gate.set()
+        runner.join(30)
+    finally:
+        gate.set()
+        srv.stop()
+    assert [status for status, _, _ in answers] == [200]
+    assert len(reached) == (1 if http == "protocol" else 3)
+
+
 def _metrics(srv: Server) -> str:
     import httpx
 
@@ -306,13 +375,15 @@ def test_a_lone_surrogate_or_a_nan_is_refused_in_one_line(small):
     assert res.status_code == 400 and "NaN is not JSON" in res.json()["error"]
 
 
-def test_the_batcher_and_parse_threads_yield_to_the_event_loop(export_dir):
-    """--worker-nice: the threads that run the model and parse bodies are nicer than the loop (Linux, where
-    a thread has a nice value of its own; CI runs there)."""
+@pytest.mark.parametrize("idle", [True, False])
+def test_the_batcher_and_parse_threads_yield_to_the_event_loop(export_dir, idle):
+    """--worker-idle (the default): the threads that run the model and parse bodies are in the SCHED_IDLE
+    class; --no-worker-idle: --worker-nice nicer than the loop (Linux, where a thread has its own
+    scheduling; CI runs there)."""
     import os
     import sys
 
-    service = Service(ServeConfig(str(export_dir), intra_op_threads=1, worker_nice=7, inline_bytes=0))
+    service = Service(ServeConfig(str(export_dir), intra_op_threads=1, worker_nice=7, worker_idle=idle, inline_bytes=0))
     threads: list[int] = []
     prepare = service.prepare
     service.prepare = lambda body: (threads.append(threading.get_native_id()), prepare(body))[1]
@@ -321,11 +392,16 @@ def test_the_batcher_and_parse_threads_yield_to_the_event_loop(export_dir):
         import httpx
 
         assert httpx.post(srv.url + "/predict", json={"text": sentence(1)}, timeout=30).status_code == 200
+        assert threads[0] != threading.get_native_id()  # parsed off this (the client's) thread
         if sys.platform.startswith("linux"):
             base = os.getpriority(os.PRIO_PROCESS, 0)
-            assert os.getpriority(os.PRIO_PROCESS, service.batcher._thread.native_id) == min(19, base + 7)
-            assert os.getpriority(os.PRIO_PROCESS, threads[0]) == min(19, base + 7)
-            assert threads[0] != threading.get_native_id()  # parsed off this (the client's) thread
+            for tid in (service.batcher._thread.native_id, threads[0]):
+                if idle:
+                    assert os.sched_getscheduler(tid) == os.SCHED_IDLE
+                else:
+                    assert os.sched_getscheduler(tid) == os.SCHED_OTHER
+                    assert os.getpriority(os.PRIO_PROCESS, tid) == min(19, base + 7)
+            assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the event loop's thread keeps its class
     finally:
         srv.stop()
 
@@ -342,3 +418,22 @@ def test_the_objects_alive_at_startup_leave_the_collectors_generations(export_di
     finally:
         srv.stop()
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("warm_up", [True, False])
+def test_the_service_warms_up_before_its_first_request(export_dir, monkeypatch, warm_up):
+    """--warm-up (the default): a full batch of the longest inputs runs through every layer while the
+    service starts; --no-warm-up leaves the first calls to the first requests."""
+    from romebert.runtime.onnx_runtime import OrtSegments
+
+    shapes: list[tuple[int, tuple]] = []
+    layer = OrtSegments.layer
+
+    def spied(self, i, state, **kw):
+        shapes.append((i, state.arrays["attention_mask"].shape))
+        return layer(self, i, state, **kw)
+
+    monkeypatch.setattr(OrtSegments, "layer", spied)
+    service = Service(ServeConfig(str(export_dir), intra_op_threads=1, max_batch=4, warm_up=warm_up))
+    full = (4, service.clf.max_seq_length)  # max_batch rows of the longest input
+    assert shapes == ([(i, full) for i in range(service.num_layers)] if warm_up else [])

@@ -14,7 +14,8 @@ the work already admitted and answers a new request at once, on the event loop, 
 The first request is always admitted whatever its size (within ``max_body_bytes``), so one large body
 is never refused by the byte limit alone. :class:`AdmissionMiddleware` applies it to ``POST /predict``
 as a plain ASGI layer in front of the routes: a refusal is one 503 with Retry-After, sent without
-reading the body (uvicorn discards it and keeps the connection).
+reading the body (uvicorn discards it and keeps the connection). Under uvicorn's httptools protocol,
+``shed_protocol.py`` applies the same rule a step earlier, as the headers are parsed.
 """
 
 from __future__ import annotations
@@ -105,44 +106,56 @@ def json_response(status: int, payload: dict[str, Any], headers: dict[str, str] 
     return status, raw, body
 
 
+TICKET = "romebert.ticket"  # the scope key of an admitted request's ticket
+Refusal = tuple[int, str, str, dict]  # (status, message, why, headers)
+
+
 class AdmissionMiddleware:
-    """ASGI: ``POST /predict`` passes only with a ticket (in ``scope["romebert.ticket"]``, closed when the
-    route returns, then ``on_answered()``); a body declared over ``max_body_bytes`` gets 413 and a refused
-    request 503, both without their body being read. ``on_refused(status, reason)`` counts them."""
+    """ASGI: ``POST /predict`` passes only with a ticket (in ``scope[TICKET]``, closed when the route
+    returns, then ``on_answered()``); a body declared over ``max_body_bytes`` gets 413 and a refused
+    request 503, both without their body being read. ``on_refused(status, reason)`` counts them.
+
+    Under uvicorn's httptools protocol, ``shed_protocol.py`` calls :meth:`judge` as soon as the headers
+    are parsed and answers refusals itself; a request it admitted arrives here with its ticket."""
 
     def __init__(self, app: Any, admission: Admission, on_refused: Callable[[int, str], None],
                  on_answered: Callable[[], None] = lambda: None) -> None:  # fmt: skip
         self.app, self.admission, self.on_refused, self.on_answered = app, admission, on_refused, on_answered
 
+    def judge(self, headers: list[tuple[bytes, bytes]]) -> Ticket | Refusal:
+        """A ticket for a ``POST /predict`` with these headers, or its refusal (counted)."""
+        length = _content_length(headers)
+        limit = self.admission.max_body_bytes
+        if length is not None and length > limit:
+            refusal: Refusal = 413, f"the body has {length} bytes; at most {limit}", "too large", {}
+        else:
+            ticket = self.admission.admit(length)
+            if isinstance(ticket, Ticket):
+                return ticket
+            refusal = 503, ticket, "admission", {"Retry-After": str(RETRY_AFTER_S)}
+        self.on_refused(refusal[0], refusal[2])
+        return refusal
+
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        length = _content_length(scope)
-        limit = self.admission.max_body_bytes
-        if length is not None and length > limit:
-            await self._refuse(send, 413, f"the body has {length} bytes; at most {limit}", "too large")
+        ticket = scope.get(TICKET) or self.judge(scope["headers"])
+        if not isinstance(ticket, Ticket):
+            status, raw, body = json_response(ticket[0], {"error": ticket[1]}, ticket[3])
+            await send({"type": "http.response.start", "status": status, "headers": raw})
+            await send({"type": "http.response.body", "body": body})
             return
-        ticket = self.admission.admit(length)
-        if isinstance(ticket, str):
-            await self._refuse(send, 503, ticket, "admission", {"Retry-After": str(RETRY_AFTER_S)})
-            return
-        scope["romebert.ticket"] = ticket
+        scope[TICKET] = ticket
         try:
             await self.app(scope, receive, send)
         finally:
             self.admission.close(ticket)
             self.on_answered()
 
-    async def _refuse(self, send: Callable, status: int, message: str, why: str, headers: dict | None = None) -> None:
-        self.on_refused(status, why)
-        status, raw, body = json_response(status, {"error": message}, headers)
-        await send({"type": "http.response.start", "status": status, "headers": raw})
-        await send({"type": "http.response.body", "body": body})
 
-
-def _content_length(scope: dict) -> int | None:
-    for key, value in scope["headers"]:
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for key, value in headers:
         if key == b"content-length":
             return int(value) if value.isdigit() else None
     return None

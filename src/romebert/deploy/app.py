@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
-from romebert.deploy.admission import RETRY_AFTER_S, Admission, AdmissionMiddleware
+from romebert.deploy.admission import RETRY_AFTER_S, TICKET, Admission, AdmissionMiddleware
 from romebert.deploy.memory import freeze_startup_objects, release_memory
 from romebert.deploy.openapi import openapi_spec
 from romebert.deploy.serving import Job, Overloaded, lower_priority
@@ -43,14 +43,14 @@ def build_app(service: Any):
     admission = Admission(cfg.max_pending_requests, cfg.max_pending_bytes, cfg.max_queue, cfg.max_inputs,
                           cfg.max_body_bytes, lambda: service.batcher.in_flight)  # fmt: skip
     service.admission = admission
-    pool = ThreadPoolExecutor(cfg.parse_threads, "romebert-parse", lower_priority, (cfg.worker_nice,))
+    pool = ThreadPoolExecutor(cfg.parse_threads, "romebert-parse", lower_priority, (cfg.worker_nice, cfg.worker_idle))
     retry = {"Retry-After": str(RETRY_AFTER_S)}
 
     async def off_loop(small: bool, fn, *args):
         return fn(*args) if small else await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     async def handle(request: Request) -> bytes:
-        ticket = request.scope["romebert.ticket"]
+        ticket = request.scope[TICKET]
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -106,10 +106,19 @@ def build_app(service: Any):
         if admission.pending == 0 and service.batcher.in_flight == 0:
             asyncio.get_running_loop().run_in_executor(None, release_memory)
 
+    counters: dict[tuple[int, str], tuple] = {}  # a burst refuses thousands: look their labels up once
+
     def refused(status: int, why: str) -> None:
-        metrics.requests.labels("predict", str(status)).inc()
-        metrics.errors.labels(str(status)).inc()
-        metrics.shed.labels(why).inc()
+        key = status, why
+        if key not in counters:
+            code = str(status)
+            counters[key] = (
+                metrics.requests.labels("predict", code),
+                metrics.errors.labels(code),
+                metrics.shed.labels(why),
+            )
+        for counter in counters[key]:
+            counter.inc()
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

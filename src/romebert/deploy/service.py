@@ -31,7 +31,7 @@ from romebert.core.options import option
 from romebert.deploy.app import HTTPError, build_app
 from romebert.deploy.classifier import EarlyExitClassifier, _examples
 from romebert.deploy.guard import GuardOptions
-from romebert.deploy.memory import one_arena
+from romebert.deploy.memory import one_arena, release_memory
 from romebert.deploy.metrics import Metrics
 from romebert.deploy.serving import ContinuousBatcher, Job
 from romebert.runtime.artefacts import MANIFEST_FILE
@@ -62,10 +62,15 @@ class ServeConfig:
     max_pending_bytes: int | None = option(None, "bytes of admitted bodies not yet tokenized before new requests "
                                            "get 503 at once (default: 2 x --max-body-bytes)")  # fmt: skip
     parse_threads: int = option(1, "threads that parse and tokenize bodies and write answers, off the event loop")
-    worker_nice: int = option(10, "Linux: the batcher's and parse threads run this much nicer than the event "
-                              "loop, which admits and refuses requests, so a busy core serves it first")  # fmt: skip
+    worker_idle: bool = option(True, "Linux: the batcher's and parse threads run in the SCHED_IDLE class, so the "
+                               "event loop, which admits and refuses requests, takes a busy core from them at "
+                               "once (--no-worker-idle: --worker-nice instead)")  # fmt: skip
+    worker_nice: int = option(10, "with --no-worker-idle: the batcher's and parse threads run this much nicer "
+                              "than the event loop")  # fmt: skip
     inline_bytes: int = option(2048, "bodies up to this size are parsed on the event loop (a thread hand-off "
                                "costs more than they do)")  # fmt: skip
+    warm_up: bool = option(True, "before taking requests, run a full batch of the longest inputs through every "
+                           "layer: the first burst then finds the runtime's first calls made")  # fmt: skip
     intra_op_threads: int | None = option(None, "ONNX Runtime threads per graph call (default: usable cores / workers)")
     memory_arena: bool = option(False, "ONNX Runtime's CPU memory arena: it keeps the largest batch's memory "
                                 "and grows as shapes vary (off: memory goes back to the system when idle)")  # fmt: skip
@@ -132,8 +137,19 @@ class Service:
             self.metrics.watch_guard(self.guard.snapshot)
         self.batcher = ContinuousBatcher(self.clf.segments, self.policy, self.clf.collator,
                                          self.clf.exit_config.temperatures, cfg.max_batch, cfg.max_wait_ms,
-                                         cfg.max_queue, self.metrics.observe, self.guard, cfg.worker_nice)  # fmt: skip
+                                         cfg.max_queue, self.metrics.observe, self.guard, cfg.worker_nice,
+                                         cfg.worker_idle)  # fmt: skip
         self.draining = False
+        if cfg.warm_up:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """A batch of ``max_batch`` inputs of ``max_seq_length`` tokens through every layer, on this thread,
+        before the service takes requests."""
+        long_text = " ".join(["word"] * self.clf.max_seq_length)  # truncated to the longest input
+        full = get_policy("entropy", 0.0)  # entropy < 0 never holds: every layer runs
+        self.clf.predict_with_exits([long_text] * self.cfg.max_batch, full, batch_size=self.cfg.max_batch)
+        release_memory()  # what the batch took goes back: the service starts at its resting size
 
     # ------------------------------------------------------------------------------------ requests
     def prepare(self, body: bytes) -> Prepared:
@@ -257,6 +273,14 @@ def create_app(cfg: ServeConfig | None = None):
     return Service(cfg).app()
 
 
+def uvicorn_settings(**overrides: Any) -> dict[str, Any]:
+    """uvicorn's settings for the service: refusals are answered as the head is parsed (shed_protocol.py,
+    where httptools is installed)."""
+    from romebert.deploy.shed_protocol import protocol_class
+
+    return {"log_level": "warning", "timeout_graceful_shutdown": 30, "http": protocol_class(), **overrides}
+
+
 def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     """Run the service with uvicorn; ``workers`` processes share the port (each loads the model, and
     ONNX Runtime gets the usable cores divided among them unless ``intra_op_threads`` says otherwise)."""
@@ -269,7 +293,7 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: 
 
         cfg.intra_op_threads = max(1, default_threads() // workers)
     _check_source(cfg.source)  # one line now, rather than a traceback (from every worker)
-    opts = {"host": host, "port": port, "log_level": "warning", "timeout_graceful_shutdown": 30}
+    opts = uvicorn_settings(host=host, port=port)
     if workers == 1:
         uvicorn.run(Service(cfg).app(), **opts)
         return
