@@ -121,7 +121,7 @@ def bench_task(run: Path, work: Path, args) -> tuple[list[R.Row], dict, str]:
         t, _ = choose_threshold(logits, labels, task, max_metric_drop=0.01, reference_metric=fp32_metric)
         paths.append(P.engine_path(rt, get_policy("entropy", t), "<=1pt"))
         if rt.name == "ort-int8":  # the same threshold, batch size 1 run the other ways
-            paths += [P.engine_path(rt, get_policy("entropy", t), "<=1pt", v) for v in (P.PER_LAYER, P.SPIN)]
+            paths += [P.engine_path(rt, get_policy("entropy", t), "<=1pt", v) for v in (P.PER_LAYER, P.NO_SPIN)]
     rows = []
     inverse = np.empty_like(order)
     inverse[order] = np.arange(order.size)

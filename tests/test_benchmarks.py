@@ -27,7 +27,7 @@ def test_the_benchmark_runs_and_reports_every_path(tiny_run, tmp_path):
     assert {(r["runtime"], r["kind"]) for r in rows} == {(rt, k) for rt in ("torch", "ort-fp32", "ort-int8")
                                                          for k in ("full", "engine")}  # fmt: skip
     # per runtime four thresholds; ONNX Runtime's full graph under two session settings; int8 also runs
-    # its <=1pt threshold at batch size 1 through the per-layer graphs and through the one graph with spinning threads
+    # its <=1pt threshold at batch size 1 through the per-layer graphs and through the one graph without spinning
     assert len(rows) == 5 + 6 + 8
     fp32 = rows[0]["metric"]  # the PyTorch full model: the model the user trained
     for r in rows:
@@ -53,7 +53,7 @@ def test_the_benchmark_runs_and_reports_every_path(tiny_run, tmp_path):
     md = out.with_suffix(".md").read_text()
     assert "| engine <=1pt / ort-int8 |" in md and "Against the targets" in md
     assert "| engine <=1pt / ort-int8 (per-layer graphs at bs 1) |" in md and "min / median / max" in md
-    assert "| engine <=1pt / ort-int8 (one graph with spinning at bs 1) |" in md
+    assert "| engine <=1pt / ort-int8 (one graph without spinning at bs 1) |" in md
     assert "Baseline (full ORT int8, best session setting): batch size 1: " in md
     assert str(Path.home()) not in md and "site-packages" not in md  # no machine paths
 

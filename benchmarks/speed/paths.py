@@ -83,13 +83,13 @@ def torch_runtime(model) -> Runtime:
 
 FULL_SETTINGS = {"spinning": True, "no spinning": False}  # the full graph's session settings tried
 PER_LAYER = "per-layer graphs at bs 1"  # batch size 1 through the per-layer graphs, as before the one graph
-SPIN = "one graph with spinning at bs 1"  # the one graph's other session setting
+NO_SPIN = "one graph without spinning at bs 1"  # the one graph's other session setting
 
 
 def ort_runtime(name: str, segments_dir: Path, full_graph: Path, threads: int | None) -> Runtime:
     """The full graph under each of ``FULL_SETTINGS`` (ONNX Runtime's default spins its threads: best for
     one graph called again and again, but not always), and the export's segments as ``OrtSegments`` runs
-    them (no spinning between per-layer graphs; the one-graph early exit spins, see session_options)."""
+    them (no spinning between per-layer graphs; the one-graph early exit spins, see OrtSegments)."""
     import onnxruntime as ort
 
     fulls = {}
@@ -103,7 +103,7 @@ def ort_runtime(name: str, segments_dir: Path, full_graph: Path, threads: int | 
 
         fulls[label] = full
     variants = {PER_LAYER: OrtSegments(segments_dir, intra_op_threads=threads, single_row=False),
-                SPIN: OrtSegments(segments_dir, intra_op_threads=threads, single_row_spinning=True)}  # fmt: skip
+                NO_SPIN: OrtSegments(segments_dir, intra_op_threads=threads, single_row_spinning=False)}  # fmt: skip
     return Runtime(name, OrtSegments(segments_dir, intra_op_threads=threads), fulls, variants)
 
 

@@ -106,9 +106,9 @@ def markdown(report: dict[str, Any]) -> str:
         "every ratio is the faster of the two at each batch size (its best session setting). Their spread over "
         "passes is given as min / median / max.",
         "- The engine runs the export (`ort-int8`: the default int8 recipe, docs/inference.md). At batch size 1 it "
-        "takes the one-graph early exit (`early_exit.onnx`, one session call per input, threads not spinning); the "
-        'rows marked "per-layer graphs at bs 1" and "one graph with spinning at bs 1" run the same threshold those '
-        "ways instead.",
+        "takes the one-graph early exit (`early_exit.onnx`, one session call per input, threads spinning, as in "
+        'the full graph\'s best setting); the rows marked "per-layer graphs at bs 1" and "one graph without '
+        'spinning at bs 1" run the same threshold those ways instead.',
         "- Thresholds are chosen on dev for each runtime's own model (entropy): the least aggressive reaching "
         "1.5x / 2x / 3x layer speed-up, and `<=1pt`, the fastest within 1 dev point of the fp32 model's final "
         "exit (the model the user trained), on dev logits computed 32 rows a batch. Every row shows that fp32 metric "

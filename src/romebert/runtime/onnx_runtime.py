@@ -92,8 +92,10 @@ class OrtSegments:
     ``one_graph``: the export's whole-model graph instead (``export --full-graph``), as a single
     "layer" whose exit is the final head: the plain model, run by the same code. ``single_row``: load the
     export's one-graph early exit for batches of one row (a second copy of the weights in memory);
-    ``single_row_spinning``: its threads spin between calls (ORT's default for one graph called again and
-    again; off by default: on a machine with other work, spinning threads fight it for the cores).
+    ``single_row_spinning``: its threads spin briefly between calls, as ONNX Runtime's default does for
+    any session: one graph called again and again, like the plain model, is fastest so (at batch size 1
+    on 2 cores, 1.09 against 1.66 ms per input in results/inference_speed.md); off, they sleep at once,
+    which leaves the cores to other work on a shared machine.
     ``memory_arena``: see :func:`session_options` (off: memory does not grow with the rows scored).
     """
 
@@ -107,7 +109,7 @@ class OrtSegments:
         one_graph: bool = False,
         memory_arena: bool = False,
         single_row: bool = True,
-        single_row_spinning: bool = False,
+        single_row_spinning: bool = True,
     ) -> None:
         ort = _ort()
         self.folder = Path(folder)
