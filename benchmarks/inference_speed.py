@@ -59,9 +59,11 @@ def prepare(run: Path, work: Path) -> dict[str, Path]:
 
 
 def _current(m) -> bool:
-    from romebert.deploy.quantize import DEFAULT_INT8
+    from romebert.deploy.quantize import DEFAULT_INT8, recipe
 
-    return m.single_row_graph is not None and (m.precision == "fp32" or m.quantization["recipe"] == DEFAULT_INT8)
+    if m.single_row_graph is None:
+        return False
+    return m.precision == "fp32" or m.quantization.get("settings") == recipe(DEFAULT_INT8).settings()
 
 
 def dev_data(run: Path, bs1_examples: int):
