@@ -27,6 +27,7 @@ from typing import Any
 
 PRIOR_BYTES_PER_INPUT = 64.0  # until bodies have been parsed: a short sentence and its JSON quoting
 RETRY_AFTER_S = 1
+RETRY_HEADERS = {"Retry-After": str(RETRY_AFTER_S)}  # on every 503 that asks the client to come back
 
 
 @dataclass
@@ -132,7 +133,7 @@ class AdmissionMiddleware:
             ticket = self.admission.admit(length)
             if isinstance(ticket, Ticket):
                 return ticket
-            refusal = 503, ticket, "admission", {"Retry-After": str(RETRY_AFTER_S)}
+            refusal = 503, ticket, "admission", RETRY_HEADERS
         self.on_refused(refusal[0], refusal[2])
         return refusal
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
-from romebert.deploy.admission import RETRY_AFTER_S, TICKET, Admission, AdmissionMiddleware
+from romebert.deploy.admission import RETRY_HEADERS, TICKET, Admission, AdmissionMiddleware
 from romebert.deploy.memory import freeze_startup_objects, release_memory
 from romebert.deploy.openapi import openapi_spec
 from romebert.deploy.serving import Job, Overloaded, lower_priority
@@ -44,7 +44,6 @@ def build_app(service: Any):
                           cfg.max_body_bytes, lambda: service.batcher.in_flight)  # fmt: skip
     service.admission = admission
     pool = ThreadPoolExecutor(cfg.parse_threads, "romebert-parse", lower_priority, (cfg.worker_nice, cfg.worker_idle))
-    retry = {"Retry-After": str(RETRY_AFTER_S)}
 
     async def off_loop(small: bool, fn, *args):
         return fn(*args) if small else await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -73,7 +72,7 @@ def build_app(service: Any):
         except Overloaded as exc:
             admission.close(ticket)  # it leaves the counters before it counts as shed: never both
             metrics.shed.labels("queue").inc()
-            raise HTTPError(503, str(exc), retry) from None
+            raise HTTPError(503, str(exc), RETRY_HEADERS) from None
         job = await future  # a client that disconnects cancels only this wait; its inputs still finish
         return await off_loop(small, service.render, job, prepared.policy)
 

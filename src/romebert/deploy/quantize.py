@@ -64,6 +64,7 @@ class Int8Recipe:
         return {k: v for k, v in asdict(self).items() if k != "name"}
 
 
+_OUTLIERS = {"outliers": 4.0, "smooth": 0.6, "embeddings_fp32": True}  # the outlier recipes' shared settings
 RECIPES: dict[str, Int8Recipe] = {
     r.name: r
     for r in (
@@ -78,9 +79,9 @@ RECIPES: dict[str, Int8Recipe] = {
         Int8Recipe("per-channel-smooth", smooth=0.6, embeddings_fp32=True),
         # 1,024 calibration sentences: the channels' maxima, and so the outliers and the smoothing, move
         # less from draw to draw than with 256 (results/int8_recipes.md has both, over three draws)
-        Int8Recipe("per-channel-outliers", outliers=4.0, smooth=0.6, embeddings_fp32=True, calibration_examples=1024),
-        Int8Recipe("per-channel-outliers-256", outliers=4.0, smooth=0.6, embeddings_fp32=True),  # the same, 256
-        Int8Recipe("per-channel-outliers-fp32-2", outliers=4.0, smooth=0.6, embeddings_fp32=True, fp32_groups=2),
+        Int8Recipe("per-channel-outliers", **_OUTLIERS, calibration_examples=1024),
+        Int8Recipe("per-channel-outliers-256", **_OUTLIERS),  # the same on 256 sentences
+        Int8Recipe("per-channel-outliers-fp32-2", **_OUTLIERS, fp32_groups=2),
     )
 }
 DEFAULT_INT8 = "per-channel-outliers"

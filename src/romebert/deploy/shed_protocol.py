@@ -18,11 +18,11 @@ installed, else uvicorn's own choice (the middleware alone then refuses, one ste
 
 from __future__ import annotations
 
-import json
+import functools
 from http import HTTPStatus
 from typing import Any
 
-from romebert.deploy.admission import TICKET, AdmissionMiddleware, Refusal, Ticket
+from romebert.deploy.admission import TICKET, AdmissionMiddleware, Refusal, Ticket, json_response
 
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -39,14 +39,13 @@ def protocol_class() -> Any:
 
 def http_refusal(refusal: Refusal) -> bytes:
     """The whole HTTP/1.1 answer to a refused request, closing the connection."""
-    status, message, _, headers = refusal
-    body = json.dumps({"error": message}).encode()
-    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "content-type: application/json",
-            f"content-length: {len(body)}", "connection: close"]  # fmt: skip
-    head += [f"{k.lower()}: {v}" for k, v in headers.items()]
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+    status, raw, body = json_response(refusal[0], {"error": refusal[1]}, refusal[3])  # the middleware's answer
+    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode(), b"connection: close"]
+    head += [k + b": " + v for k, v in raw]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
+@functools.lru_cache(maxsize=4)  # one app per process: looked up once, not per connection
 def _gate(app: Any) -> AdmissionMiddleware | None:
     """The admission layer under uvicorn's wrappers (each keeps the app it wraps in ``.app``)."""
     for _ in range(8):
@@ -64,7 +63,6 @@ if HttpToolsProtocol is not None:
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self.gate = _gate(self.app)
-            self.refused = False
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
