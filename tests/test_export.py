@@ -416,3 +416,26 @@ def test_cap_on_an_export_made_before_cap_is_a_one_line_error(exported, tmp_path
     assert np.abs(all_exit_logits(segments, batches) - all_exit_logits(OrtSegments(folder), batches)).max() < 1e-6
     with pytest.raises(RomebertError, match=r"criterion 'cap' needs each exit's nsp.*export the run again"):
         EarlyExitEngine(segments, get_policy("cap", 0.3))
+
+
+def test_no_skip_layer_normalization_in_the_graphs_or_the_sessions(tmp_path, tokenizer_dir):
+    # ONNX Runtime's SkipLayerNormalization kernel is the slow one on CPU: neither the export's optimizer
+    # nor romebert's sessions may fuse the residual Add and LayerNormalization into it
+    import onnx
+    import onnxruntime as ort
+
+    from romebert.runtime.onnx_runtime import new_session, session_options
+
+    model = _model("bert", "mean")
+    m = export_model(model, tokenizer_dir, tmp_path / "e", max_seq_length=40, single_row=False)
+    assert all("SkipLayerNormalization" not in f for f in m.fusions) and any("Attention" in f for f in m.fusions)
+    so = session_options(1)
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    new_session(str(tmp_path / "e" / m.graphs[1].file), so)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert "SkipLayerNormalization" not in ops and "LayerNormalization" in ops
+    # (ORT alone would fuse them: the test sees the difference)
+    plain = ort.SessionOptions()
+    plain.optimized_model_filepath = str(tmp_path / "plain.onnx")
+    ort.InferenceSession(str(tmp_path / "e" / m.graphs[1].file), plain, providers=["CPUExecutionProvider"])
+    assert "SkipLayerNormalization" in {n.op_type for n in onnx.load(str(tmp_path / "plain.onnx")).graph.node}

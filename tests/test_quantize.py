@@ -155,3 +155,26 @@ def test_recipes_that_need_calibration_refuse_to_run_without_it(fp32_export, tmp
     with pytest.raises(RomebertError, match="unknown int8 recipe 'best'"):
         recipe("best")
     assert not recipe("dynamic-per-channel").needs_calibration and set(RECIPES) >= {DEFAULT_INT8, "dynamic"}
+
+
+def _head_ops(folder) -> set[str]:
+    """The operator types of the nodes that read an exit head's weights (``model.exits.<k>.*``)."""
+    ops = set()
+    for g in ExportManifest.load(folder).graphs:
+        graph = onnx.load(str(folder / g.file)).graph
+        ops |= {n.op_type for n in graph.node if any("exits." in x for x in n.input)}
+    return ops
+
+
+@pytest.mark.parametrize("name", [DEFAULT_INT8, "dynamic-per-channel", "dynamic"])
+def test_exit_heads_stay_fp32_except_in_the_baselines_recipe(fp32_export, tmp_path, tok, name):
+    # ORT's quantizer renames a Gemm it rewrites (<Gemm>_MatMul); the heads must stay fp32 all the same
+    model, _ = fp32_export
+    export_model(model, tok, tmp_path / "q", precision="int8", max_seq_length=40, int8_recipe=name,
+                 calibration=CALIBRATION, single_row=False)  # fmt: skip
+    ops = _head_ops(tmp_path / "q")
+    quantized = {"MatMulInteger", "DynamicQuantizeMatMul", "QGemm"} & ops
+    if recipe(name).heads_fp32:
+        assert not quantized and {"Gemm", "MatMul"} & ops, ops
+    else:  # optimum's recipe quantizes every product, the heads' too
+        assert quantized, ops

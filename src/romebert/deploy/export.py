@@ -96,11 +96,21 @@ def export_graph(module: torch.nn.Module, args: tuple, inputs: list[str], output
         )
 
 
-def optimize_graph(path: Path, model: MultiExitModel) -> dict[str, int]:
-    """ONNX Runtime's transformer fusions, in place; returns the fused operators that appeared."""
+def optimize_graph(path: Path, model: MultiExitModel, skip_layer_norm: bool = False) -> dict[str, int]:
+    """ONNX Runtime's transformer fusions, in place; returns the fused operators that appeared.
+
+    ``skip_layer_norm``: also fuse residual Add + LayerNormalization into SkipLayerNormalization, as the
+    optimizer does by default. romebert's graphs leave them apart: ONNX Runtime's CPU kernel for the
+    fused op is slower than the two it replaces (benchmarks/inference_speed.py times the full model
+    both ways); the result is the same function."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
     optimize_model = _onnx_tools()
     cfg = model.backbone.config
-    opt = optimize_model(str(path), model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size)
+    options = FusionOptions("bert")
+    options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = skip_layer_norm
+    opt = optimize_model(str(path), model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size,
+                         optimization_options=options)  # fmt: skip
     opt.save_model_to_file(str(path))
     return {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
 
@@ -413,17 +423,19 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def export_full_model(model: MultiExitModel, path: Path, precision: str = "fp32", opset: int = DEFAULT_OPSET,
-                      int8_recipe: str = DEFAULT_INT8, calibration: Sequence[Batch] | None = None) -> dict:  # fmt: skip
+                      int8_recipe: str = DEFAULT_INT8, calibration: Sequence[Batch] | None = None,
+                      skip_layer_norm: bool = False) -> dict:  # fmt: skip
     """The whole model as ONE graph, final head only, optimized (and quantized by ``int8_recipe``): what a
     user would deploy instead of early exit (the benchmark's baseline: ``quantize.BASELINE_INT8``, the
-    recipe optimum applies). Returns the fused operators."""
+    recipe optimum applies, with the optimizer's default fusions, ``skip_layer_norm=True``). Returns the
+    fused operators."""
     model = model.to("cpu").eval()
     _use_eager_attention(model)
     inputs, outputs = ["input_ids", "attention_mask", "token_type_ids"], ["logits"]
     fp32 = path if precision == "fp32" else path.with_name("fp32-" + path.name)
     with torch.no_grad():
         export_graph(FullModel(model), _probe_inputs(model), inputs, outputs, fp32, opset)
-    fused = optimize_graph(fp32, model)
+    fused = optimize_graph(fp32, model, skip_layer_norm)
     if precision == "int8":
         quantize_segments([fp32], [path], recipe(int8_recipe), calibration, model.config.pooling == "mean")
         fp32.unlink()

@@ -32,6 +32,10 @@ from romebert.runtime.policies import POLICIES
 SINGLE_ROW_GUARD = 1e-5
 SINGLE_ROW_INPUTS = ("temperatures", "exit_bias", "use_maxprob")
 SINGLE_ROW_CRITERIA = ("entropy", "maxprob")
+# ONNX Runtime's session-time fusions that romebert's sessions leave out: its CPU SkipLayerNormalization
+# kernel is slower than the residual Add and LayerNormalization it would replace (the export does not fuse
+# them either, see deploy/export.py; benchmarks/inference_speed.py times the full model both ways).
+DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
 def _ort():
@@ -111,7 +115,6 @@ class OrtSegments:
         single_row: bool = True,
         single_row_spinning: bool = True,
     ) -> None:
-        ort = _ort()
         self.folder = Path(folder)
         self.manifest = manifest or ExportManifest.load(self.folder)
         graphs = self.manifest.graphs
@@ -126,7 +129,7 @@ class OrtSegments:
         so = session_options(intra_op_threads, inter_op_threads, spinning, memory_arena)
         self.sessions = []
         for g in graphs:
-            sess = _load(ort, self.folder / g.file, so)
+            sess = _load(self.folder / g.file, so)
             got = [i.name for i in sess.get_inputs()]
             if got != g.inputs:
                 raise RomebertError(f"{self.folder / g.file}: inputs {got}, the manifest says {g.inputs}")
@@ -151,7 +154,7 @@ class OrtSegments:
     def _single_session(self) -> tuple[Any, list[str]]:
         """(the one-row graph's session, its input names), loaded on first use."""
         if self._single is None:
-            sess = _load(_ort(), self._single_file, session_options(*self._single_options))
+            sess = _load(self._single_file, session_options(*self._single_options))
             self._single = sess, [i.name for i in sess.get_inputs()]
         return self._single
 
@@ -215,9 +218,17 @@ class OrtSegments:
         return OrtState({k: np.concatenate([_width(s.arrays[k], cols) for s in states]) for k in keys})
 
 
-def _load(ort, path: Path, so):
+def new_session(model: str | bytes, so: Any = None) -> Any:
+    """An ONNX Runtime CPU session on a graph (its path, or its serialized bytes) as romebert runs them:
+    ``so`` (default :func:`session_options`) and without :data:`DISABLED_OPTIMIZERS`."""
+    ort = _ort()
+    return ort.InferenceSession(model, so or session_options(), providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(DISABLED_OPTIMIZERS))  # fmt: skip
+
+
+def _load(path: Path, so):
     try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return new_session(str(path), so)
     except Exception as exc:  # ORT raises its own exception types for unreadable graphs
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RomebertError(f"{path}: ONNX Runtime cannot load it ({msg})") from None
