@@ -25,10 +25,11 @@ def test_the_benchmark_runs_and_reports_every_path(tiny_run, tmp_path):
                                    "--bs1-examples", "3", "--repeats", "1", "--threads", "1", "--no-rss"])  # fmt: skip
     rows = report["rows"]
     assert {(r["runtime"], r["kind"]) for r in rows} == {(rt, k) for rt in ("torch", "ort-fp32", "ort-int8")
-                                                         for k in ("full", "engine")}  # fmt: skip
+                                                         for k in ("full", "engine")} | {("ort-int8", "full-alt")}  # fmt: skip
     # per runtime four thresholds; ONNX Runtime's full graph under two session settings; int8 also runs
-    # its <=1pt threshold at batch size 1 through the per-layer graphs and through the one graph without spinning
-    assert len(rows) == 5 + 6 + 8
+    # its <=1pt threshold at batch size 1 through the per-layer graphs and through the one graph without
+    # spinning, and its full graph as romebert exports and runs graphs (reported, not the baseline)
+    assert len(rows) == 5 + 6 + 9
     fp32 = rows[0]["metric"]  # the PyTorch full model: the model the user trained
     for r in rows:
         assert r["ms"]["1"] > 0 and 0.0 <= r["metric"] <= 1.0 and r["fp32_metric"] == fp32
@@ -55,6 +56,9 @@ def test_the_benchmark_runs_and_reports_every_path(tiny_run, tmp_path):
     assert "| engine <=1pt / ort-int8 (per-layer graphs at bs 1) |" in md and "min / median / max" in md
     assert "| engine <=1pt / ort-int8 (one graph without spinning at bs 1) |" in md
     assert "Baseline (full ORT int8, best session setting): batch size 1: " in md
+    alt = next(r for r in rows if r["kind"] == "full-alt")
+    assert alt["settings"] == "spinning, romebert's fusions" and alt["ms"]["32"] > 0
+    assert f"- for comparison: engine <=1pt / ort-int8 against {alt['path']}" in md
     assert str(Path.home()) not in md and "site-packages" not in md  # no machine paths
 
 

@@ -107,7 +107,28 @@ def ort_runtime(name: str, segments_dir: Path, full_graph: Path, threads: int | 
     return Runtime(name, OrtSegments(segments_dir, intra_op_threads=threads), fulls, variants)
 
 
+ROMEBERT_FUSIONS = "spinning, romebert's fusions"  # the label of the full graph run as romebert runs graphs
+
+
 # ------------------------------------------------------------------------------------------ paths
+def romebert_fusions_path(runtime: str, graph: Path, threads: int | None) -> Path_:
+    """The full graph (exported without SkipLayerNormalization) in a session as romebert opens them
+    (``onnx_runtime.new_session``), threads spinning. Kind ``full-alt``: reported, never the baseline."""
+    from romebert.runtime.onnx_runtime import new_session
+
+    sess = new_session(str(graph), session_options(threads, 1, True))
+
+    def full(batch: Batch) -> np.ndarray:
+        ids, mask, types = batch
+        return sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
+
+    def many(batches: Sequence[Batch], bs: int) -> np.ndarray:
+        return np.concatenate([full(b) for b in batches])
+
+    return Path_(f"full / {runtime} ({ROMEBERT_FUSIONS})", runtime, "full-alt", full, many,
+                 extra={"settings": ROMEBERT_FUSIONS})  # fmt: skip
+
+
 def full_paths(rt: Runtime) -> list[Path_]:
     """One path per session setting of the runtime's full model."""
     paths = []

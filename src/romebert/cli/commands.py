@@ -190,7 +190,8 @@ def export(ns: argparse.Namespace) -> None:
         fp32 = sum(len(v) for v in q["fp32_nodes"].values())
         outliers = sum(len(v) for v in q["outliers"].values())
         calib = f"calibrated on {q['calibration_rows']} training sentences, " if q["calibration_rows"] else ""
-        print(f"  int8 recipe {q['recipe']}: {calib}{outliers} products with outlier channels in fp32 on the side, "
+        treated = "split" if q["settings"].get("split") else "in fp32 on the side"
+        print(f"  int8 recipe {q['recipe']}: {calib}{outliers} products with outlier channels {treated}, "
               f"{fp32} fp32 nodes (docs/inference.md)")  # fmt: skip
         for note in q.get("quantizer_notes", [])[:1]:
             print(f"  ONNX Runtime's quantizer said: {note}")

@@ -7,12 +7,16 @@ the activations: one token ([CLS]) carries a few input channels 5-15x larger tha
 scale per tensor then spends most of its 256 levels on them. The default recipe therefore:
 
 * quantizes weights per output channel (``per_channel``);
-* takes those outlier channels out of the int8 product (``outliers``): found on calibration sentences
-  from the training split, each is multiplied in fp32 on the side (a [t, k] x [k, N] product, k <= 2)
-  and zeroed in the int8 input (LLM.int8's decomposition, on fixed channels);
+* shrinks those outlier channels in the int8 input (``outliers``, found on calibration sentences from
+  the training split): each is split into m copies of x_c / m, its weight row repeated m times, so that
+  it no longer sets the tensor's scale (``split``: outlier channel splitting, OCS). The older treatment,
+  LLM.int8's decomposition on fixed channels (the channel multiplied in fp32 on the side, a [t, k] x
+  [k, N] product, and zeroed in the int8 input), is as accurate and slower: its side product writes
+  and sums an output as wide as the product's;
 * scales the attention's input channels (``smooth``, SmoothQuant's alpha) since the fused attention
   cannot be decomposed;
-* keeps the embeddings fp32 (a table lookup: int8 saves only file size);
+* keeps the embeddings fp32 (a table lookup: int8 saves only file size) and the exit heads (on a [b, H]
+  input int8 saves nothing);
 * can keep the ``fp32_groups`` matrix products whose quantization moves the exits' outputs most
   (measured one at a time on the calibration sentences) in fp32.
 
@@ -49,8 +53,9 @@ class Int8Recipe:
     per_channel: bool = True  # one weight scale per output column (else one per matrix)
     calibrate: str | None = None  # static quantization calibrated by "minmax" | "entropy" | "percentile"
     quant_format: str = "qoperator"  # static only: "qdq" | "qoperator"
-    outliers: float | None = None  # decompose input channels whose max |x| exceeds this x the median channel's
+    outliers: float | None = None  # input channels whose max |x| exceeds this x the median channel's are outliers
     max_outliers: int = 2  # per matrix product
+    split: bool = False  # outlier channels split into copies (OCS), not multiplied in fp32 on the side
     smooth: float | None = None  # SmoothQuant's alpha for the attention's input channels
     embeddings_fp32: bool = False
     fp32_groups: int = 0  # the most sensitive matrix products (measured) kept fp32
@@ -83,9 +88,10 @@ RECIPES: dict[str, Int8Recipe] = {
         Int8Recipe("per-channel-outliers", **_OUTLIERS, calibration_examples=1024),
         Int8Recipe("per-channel-outliers-256", **_OUTLIERS),  # the same on 256 sentences
         Int8Recipe("per-channel-outliers-fp32-2", **_OUTLIERS, fp32_groups=2),
+        Int8Recipe("per-channel-split", **_OUTLIERS, split=True, calibration_examples=1024),
     )
 }
-DEFAULT_INT8 = "per-channel-outliers"
+DEFAULT_INT8 = "per-channel-split"
 BASELINE_INT8 = "dynamic"
 
 
@@ -244,6 +250,9 @@ def rewrite(src: Path, dst: Path, rec: Int8Recipe, ranges: dict[str, np.ndarray]
             nodes.append(n)
             continue
         outliers[n.name] = [int(c) for c in top]
+        if rec.split:
+            nodes += _split_channels(n, g, w, a, top, p)
+            continue
         mask = np.ones(w.shape[0], np.float32)
         mask[top] = 0.0
         g.initializer.extend([numpy_helper.from_array(mask, f"{p}/keep"),
@@ -261,6 +270,30 @@ def rewrite(src: Path, dst: Path, rec: Int8Recipe, ranges: dict[str, np.ndarray]
     g.node.extend(nodes)
     onnx.save(model, str(dst))
     return {"fp32": keep_fp32, "outliers": outliers}
+
+
+def _split_channels(n, g, w: np.ndarray, a: np.ndarray, top: np.ndarray, p: str) -> list:
+    """Outlier channel splitting (Zhao et al., 2019) for product ``n`` (x [.., K] @ w [K, N]): channel c,
+    m_c times the largest other channel's max, becomes m_c copies of x_c / m_c (x scaled, then the extra
+    copies gathered and appended), and its weight row is repeated m_c times. The product is the same; the
+    int8 input's range is the other channels'. Its side nodes touch [.., K] (and the copies), where the
+    fp32 side product writes and sums an [.., N] output."""
+    from onnx import helper, numpy_helper
+
+    level = np.delete(a, top).max()
+    copies = {int(c): int(np.ceil(a[c] / level)) for c in top}
+    extra = np.concatenate([np.full(m - 1, c) for c, m in copies.items()]).astype(np.int64)  # [E]
+    share = np.ones(w.shape[0], np.float32)
+    for c, m in copies.items():
+        share[c] = 1.0 / m
+    w_t = next(t for t in g.initializer if t.name == n.input[1])
+    w_t.CopyFrom(numpy_helper.from_array(np.concatenate([w, w[extra]]).astype(np.float32), w_t.name))  # [K+E, N]
+    g.initializer.extend([numpy_helper.from_array(share, f"{p}/share"), numpy_helper.from_array(extra, f"{p}/copies")])
+    x = n.input[0]
+    n.input[0] = f"{p}/x"
+    return [helper.make_node("Mul", [x, f"{p}/share"], [f"{p}/xs"], name=f"{p}/Split"),
+            helper.make_node("Gather", [f"{p}/xs", f"{p}/copies"], [f"{p}/xe"], name=f"{p}/Copies", axis=-1),
+            helper.make_node("Concat", [f"{p}/xs", f"{p}/xe"], [f"{p}/x"], name=f"{p}/Append", axis=-1), n]  # fmt: skip
 
 
 def quantize(src: Path, dst: Path, rec: Int8Recipe, exclude: Sequence[str] = (), only: Sequence[str] | None = None,
