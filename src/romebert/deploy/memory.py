@@ -1,4 +1,4 @@
-"""A service's memory between bursts: C-heap settings and trimming (glibc; elsewhere no-ops).
+"""A process's memory between bursts of work: C-heap settings and trimming (glibc; elsewhere no-ops).
 
 A burst allocates much more than a service holds at rest (bodies, features, ONNX Runtime's tensors,
 1,500 connections). glibc gives each busy thread an allocation arena of its own, and memory freed in
@@ -6,7 +6,7 @@ one arena only goes back to the system when that arena is trimmed; with the even
 and the parse threads each in their own arena, what stays after a burst depends on which thread last
 touched which pages. :func:`one_arena` makes every thread share the main arena (a service's threads
 take turns on its cores anyway), and :func:`release_memory`, called once the service is idle, returns
-its free pages. docs/serving.md has the RSS across repeated bursts.
+its free pages (scoring a file trims after every chunk). docs/serving.md has the RSS across repeated bursts.
 """
 
 from __future__ import annotations
@@ -35,9 +35,13 @@ def freeze_startup_objects() -> None:
 
 
 def release_memory() -> None:
-    """Free unreachable cycles, then return the C heap's free pages to the system (glibc's malloc_trim;
-    elsewhere only the first)."""
+    """Free unreachable cycles, then return the C heap's free pages to the system (:func:`trim_c_heap`)."""
     gc.collect()
+    trim_c_heap()
+
+
+def trim_c_heap() -> None:
+    """Return the C heap's free pages, in every arena, to the system (glibc's malloc_trim; elsewhere a no-op)."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)

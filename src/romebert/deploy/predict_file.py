@@ -12,7 +12,6 @@ order (:func:`merge_outputs`) are the unsharded output, byte for byte.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import time
@@ -26,6 +25,7 @@ from romebert.core.options import option
 from romebert.core.progress import Progress
 from romebert.data.custom import JSONL, file_format, open_records, render_rows
 from romebert.deploy.file_scoring import DEFAULT_CHUNK_ROWS, FileScorer, check_chunk_rows
+from romebert.deploy.memory import trim_c_heap
 
 STATE_VERSION = 1
 
@@ -126,34 +126,16 @@ def predict_file(clf: Any, engine: Any, path: str | Path, output: str | Path | N
             layers += int(chunk.predictions.exit_layers.sum())
             scored += len(chunk)
             bar.update(len(chunk))
-            release_freed_memory()
+            # glibc keeps freed blocks for reuse, and ONNX Runtime asks for blocks of ever new sizes (every
+            # batch has its own shape): without this the heap creeps up chunk after chunk and holds the largest
+            # chunk's memory between chunks (results/predict_memory.md has the figures)
+            trim_c_heap()
     finally:
         partial.close()
     bar.close()
     partial.publish()
     return FileSummary(out, done + scored, done, time.perf_counter() - bar.start, bar.rate,
                        layers / scored if scored else None, engine.policy.params())  # fmt: skip
-
-
-def release_freed_memory() -> None:
-    """Hand the memory a chunk freed back to the system (glibc's ``malloc_trim``; a no-op elsewhere).
-
-    glibc keeps freed blocks for reuse, and ONNX Runtime asks for blocks of ever new sizes (every batch
-    has its own shape), so without this the heap creeps up chunk after chunk and the process holds the
-    largest chunk's memory between chunks (results/predict_memory.md has the figures).
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-def _malloc_trim() -> Any:
-    try:
-        return ctypes.CDLL(None).malloc_trim  # the C library this process runs on
-    except (AttributeError, OSError, TypeError):  # not glibc (macOS, musl without it, Windows)
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
 
 
 class PartialOutput:
