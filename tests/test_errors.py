@@ -61,7 +61,6 @@ def test_exporting_with_nothing_to_choose_a_threshold_on(train_only_run, tmp_pat
         (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
         (["--max-queue", "-3"], "--max-queue must be at least 1, got -3"),
         (["--max-wait-ms", "-1"], "--max-wait-ms must not be negative, got -1.0"),
-        (["--release-after-ms", "-5"], "--release-after-ms must not be negative, got -5.0"),
         (["--intra-op-threads", "0"], "--intra-op-threads must be at least 1, got 0"),
         (["--workers", "0"], "--workers must be at least 1, got 0"),
         (["--max-pending-bytes", "0"], "--max-pending-bytes must be at least 1, got 0"),

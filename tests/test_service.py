@@ -292,28 +292,6 @@ def test_a_request_is_answered_when_its_inputs_exit_not_when_the_batch_ends(refe
     assert early.exit_layer == [1, 1, 1] and late.exit_layer == [reference.num_layers] * 3
 
 
-def test_the_batcher_releases_memory_once_idle_after_work_and_only_then(reference):
-    from romebert.data.examples import Example
-    from romebert.deploy.serving import ContinuousBatcher
-    from romebert.runtime.encoding import encode
-
-    idle: list[float] = []
-    feats = encode([Example(str(i), sentence(i, 4), None, None) for i in range(3)], reference.tokenizer, None).features
-    batcher = ContinuousBatcher(reference.segments, reference.policy(), reference.collator, max_batch=8,
-                                on_idle=lambda: idle.append(time.perf_counter()), idle_after_s=0.2)  # fmt: skip
-    time.sleep(0.5)
-    assert idle == []  # nothing was done yet: nothing to release
-    for _ in range(2):
-        done = threading.Event()
-        batcher.submit(feats, lambda job: done.set())
-        assert done.wait(30)
-        finished = time.perf_counter()
-        time.sleep(0.6)
-        assert len(idle) == _ + 1 and idle[-1] - finished >= 0.15  # once per idle spell, after 0.2 s of it
-    batcher.close()
-    assert len(idle) == 2
-
-
 def test_several_worker_processes_share_one_port(export_dir, reference):
     """`romebert serve --workers 2`, as a user starts it: two uvicorn worker processes, each with its
     own model, answer on one port, and SIGTERM stops them all."""

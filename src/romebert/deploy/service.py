@@ -71,8 +71,6 @@ class ServeConfig:
                                "costs more than they do)")  # fmt: skip
     warm_up: bool = option(True, "before taking requests, run a full batch of the longest inputs through every "
                            "layer: the first burst then finds the runtime's first calls made")  # fmt: skip
-    release_after_ms: float = option(500.0, "once no input has been in flight this long after work, the service "
-                                     "hands the memory it freed back to the system (0: never)")  # fmt: skip
     intra_op_threads: int | None = option(None, "ONNX Runtime threads per graph call (default: usable cores / workers)")
     memory_arena: bool = option(False, "ONNX Runtime's CPU memory arena: it keeps the largest batch's memory "
                                 "and grows as shapes vary (off: memory goes back to the system when idle)")  # fmt: skip
@@ -98,7 +96,7 @@ class ServeConfig:
                 raise RomebertError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.worker_nice <= 19:
             raise RomebertError(f"--worker-nice must lie in 0..19, got {self.worker_nice}")
-        for name in ("max_wait_ms", "inline_bytes", "release_after_ms"):
+        for name in ("max_wait_ms", "inline_bytes"):
             if getattr(self, name) < 0:
                 raise RomebertError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.intra_op_threads is not None and self.intra_op_threads < 1:
@@ -140,8 +138,7 @@ class Service:
         self.batcher = ContinuousBatcher(self.clf.segments, self.policy, self.clf.collator,
                                          self.clf.exit_config.temperatures, cfg.max_batch, cfg.max_wait_ms,
                                          cfg.max_queue, self.metrics.observe, self.guard, cfg.worker_nice,
-                                         cfg.worker_idle, on_idle=release_memory if cfg.release_after_ms else None,
-                                         idle_after_s=cfg.release_after_ms / 1000.0)  # fmt: skip
+                                         cfg.worker_idle)  # fmt: skip
         self.draining = False
         if cfg.warm_up:
             self.warm_up()

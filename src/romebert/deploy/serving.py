@@ -113,9 +113,7 @@ class ContinuousBatcher:
     per-input thresholds. ``observe(event, value)`` receives "batch" (rows of each layer call), "exit"
     (each input's exit layer) and "depth" (inputs in flight) for metrics, and "rerun" (rows of each layer
     call re-running watched inputs for the ``guard``; at most ``rerun_backlog`` of them wait, by default
-    4 x ``max_batch``). ``nice``, ``idle``: see :func:`lower_priority`. ``on_idle()`` is called from the
-    worker once nothing has been in flight for ``idle_after_s`` seconds after some work (a service hands
-    freed memory back then).
+    4 x ``max_batch``). ``nice``, ``idle``: see :func:`lower_priority`.
     """
 
     def __init__(
@@ -132,8 +130,6 @@ class ContinuousBatcher:
         nice: int = 0,
         idle: bool = False,
         rerun_backlog: int | None = None,
-        on_idle: Callable[[], None] | None = None,
-        idle_after_s: float = 0.5,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise RomebertError("max_batch and max_queue must be >= 1 and max_wait_ms >= 0")
@@ -144,8 +140,6 @@ class ContinuousBatcher:
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
         self.priority = nice, idle  # its threads' below the caller's (the event loop's): see lower_priority
         self.observe = observe or (lambda event, value: None)
-        self.on_idle, self.idle_after = on_idle, idle_after_s
-        self._worked = False  # work done since on_idle was last called
         self._lanes: dict[str, _Lane] = {}
         self._lane(policy)  # fail now on a bad default policy
         self._rows: dict[int, tuple[Job, int]] = {}  # row id -> (its job, its index in the job)
@@ -236,8 +230,8 @@ class ContinuousBatcher:
         lower_priority(*self.priority)
         while True:
             with self._cond:
-                if self._idle_wait():
-                    continue
+                while not self._stopping and self._in_flight == 0 and self._shadow_in_flight == 0:
+                    self._cond.wait()
                 if self._stopping and self._in_flight == 0:
                     return
                 starts = [(lane, lane.new) for lane in self._all_lanes() if lane.new]
@@ -253,25 +247,8 @@ class ContinuousBatcher:
                             self._cond.wait(self._wait_left())
                     continue
                 self._step(*work)
-                self._worked = True
             except Exception as exc:  # a runtime failure fails the requests in flight, not the service
                 self._fail_all(exc)
-
-    def _idle_wait(self) -> bool:
-        """With the lock held: wait while there is nothing to do. True when the wait ended in ``idle_after``
-        seconds of idleness after work: ``on_idle`` has then run (without the lock: submit goes on)."""
-        while not self._stopping and self._in_flight == 0 and self._shadow_in_flight == 0:
-            if not (self._worked and self.on_idle is not None):
-                self._cond.wait()
-            elif not self._cond.wait(self.idle_after) and self._in_flight == 0 and self._shadow_in_flight == 0:
-                self._worked = False
-                self._cond.release()
-                try:
-                    self.on_idle()
-                finally:
-                    self._cond.acquire()
-                return True
-        return False
 
     def _wait_left(self) -> float:
         oldest = min((lane.oldest0 for lane in self._lanes.values() if lane.oldest0 is not None), default=None)
