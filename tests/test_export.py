@@ -150,12 +150,12 @@ def test_int8_export_loads_runs_and_agrees_with_fp32(tmp_path, exported, tokeniz
     data = _dataset(n=60, seed=2)
     a = all_exit_logits(OrtSegments(fp32), _batches(data, 16))
     b = all_exit_logits(OrtSegments(int8), _batches(data, 16))
-    # the stated bounds (what the default recipe gives on this random model, with margin): every exit's
-    # logits within 0.1 of fp32 (their scale here: a few units), and the fp32 prediction of at least 90 %
-    # of rows kept at every exit (this model's exits have near-ties; the real runs' per-exit dev figures
-    # are in results/int8_recipes.md)
-    assert np.abs(a - b).max() < 0.1
-    assert ((a.argmax(-1) == b.argmax(-1)).mean(axis=1) >= 0.9).all()
+    # the stated bounds (what the default recipe gives on this random model, 0.0015 and every row, with
+    # margin for other CPUs' int8 kernels): every exit's logits within 0.02 of fp32 (their scale here: a
+    # few units), and the fp32 prediction of at least 95 % of rows kept at every exit (the real runs'
+    # per-exit dev figures are in results/int8_recipes.md)
+    assert np.abs(a - b).max() < 0.02
+    assert ((a.argmax(-1) == b.argmax(-1)).mean(axis=1) >= 0.95).all()
 
 
 def test_fast_tokenizer_gives_the_transformers_ids(tokenizer_dir):
