@@ -13,8 +13,8 @@ scale per tensor then spends most of its 256 levels on them. The default recipe 
   LLM.int8's decomposition on fixed channels (the channel multiplied in fp32 on the side, a [t, k] x
   [k, N] product, and zeroed in the int8 input), is as accurate and slower: its side product writes
   and sums an output as wide as the product's;
-* scales the attention's input channels (``smooth``, SmoothQuant's alpha) since the fused attention
-  cannot be decomposed;
+* scales the attention's input channels (``smooth``, SmoothQuant's alpha) since the fused attention's
+  input cannot be split or decomposed;
 * keeps the embeddings fp32 (a table lookup: int8 saves only file size) and the exit heads (on a [b, H]
   input int8 saves nothing);
 * can keep the ``fp32_groups`` matrix products whose quantization moves the exits' outputs most
@@ -215,8 +215,9 @@ def channel_max(path: Path, feeds: Feeds) -> dict[str, np.ndarray]:
 
 
 def rewrite(src: Path, dst: Path, rec: Int8Recipe, ranges: dict[str, np.ndarray] | None) -> dict[str, Any]:
-    """The fp32 graph with the recipe's outlier decomposition and smoothing applied (the same function up
-    to rounding); returns {"fp32": names of nodes to keep fp32, "outliers": {node: channels}}."""
+    """The fp32 graph with the recipe's outlier treatment (split or decomposition) and smoothing applied
+    (the same function up to rounding); returns {"fp32": names of nodes to keep fp32, "outliers": {node:
+    channels}}."""
     import onnx
     from onnx import helper, numpy_helper
 
