@@ -273,6 +273,9 @@ def rewrite(src: Path, dst: Path, rec: Int8Recipe, ranges: dict[str, np.ndarray]
     return {"fp32": keep_fp32, "outliers": outliers}
 
 
+MAX_COPIES = 64  # per split channel: beyond it the channel keeps a coarser step rather than the product growing
+
+
 def _split_channels(n, g, w: np.ndarray, a: np.ndarray, top: np.ndarray, p: str) -> list:
     """Outlier channel splitting (Zhao et al., 2019) for product ``n`` (x [.., K] @ w [K, N]): channel c,
     m_c times the largest other channel's max, becomes m_c copies of x_c / m_c (x scaled, then the extra
@@ -281,8 +284,8 @@ def _split_channels(n, g, w: np.ndarray, a: np.ndarray, top: np.ndarray, p: str)
     fp32 side product writes and sums an [.., N] output."""
     from onnx import helper, numpy_helper
 
-    level = np.delete(a, top).max()
-    copies = {int(c): int(np.ceil(a[c] / level)) for c in top}
+    level = max(float(np.delete(a, top).max(initial=0.0)), 1e-6 * float(a[top].max()), 1e-30)
+    copies = {int(c): int(min(np.ceil(a[c] / level), MAX_COPIES)) for c in top}
     extra = np.concatenate([np.full(m - 1, c) for c, m in copies.items()]).astype(np.int64)  # [E]
     share = np.ones(w.shape[0], np.float32)
     for c, m in copies.items():
