@@ -117,7 +117,7 @@ def markdown(report: dict[str, Any]) -> str:
         "optimizer applied; for `ort-int8` then `quantize_dynamic` with its defaults, optimum's recipe) or one "
         "PyTorch forward. ONNX Runtime full graphs are timed with spinning threads and without; the baseline of "
         "every ratio is the faster of the two at each batch size (its best session setting). Their spread over "
-        "passes is given as min / median / max. The row marked \"romebert's fusions\" is the same graph and "
+        'passes is given as min / median / max. The row marked "romebert\'s fusions" is the same graph and '
         "recipe exported and run as romebert runs its graphs (no SkipLayerNormalization, whose CPU kernel is "
         "slow); it is not the baseline, and shows how much of the engine's speed-up a plain model could also have.",
         "- The engine runs the export (`ort-int8`: the default int8 recipe, docs/inference.md). At batch size 1 it "
