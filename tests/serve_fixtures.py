@@ -35,8 +35,8 @@ class Server:
     def __init__(self, service: Service, **settings) -> None:
         self.port = free_port()
         self.service = service
-        opts = uvicorn_settings(host="127.0.0.1", port=self.port, log_level="error", timeout_graceful_shutdown=10)
-        config = uvicorn.Config(service.app(), **{**opts, **settings})
+        opts = {"host": "127.0.0.1", "port": self.port, "log_level": "error", "timeout_graceful_shutdown": 10}
+        config = uvicorn.Config(service.app(), **uvicorn_settings(**{**opts, **settings}))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

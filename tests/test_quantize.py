@@ -17,6 +17,7 @@ from romebert.deploy.export import export_model
 from romebert.deploy.quantize import (
     DEFAULT_INT8,
     RECIPES,
+    _is_head,
     chain,
     channel_max,
     first_feeds,
@@ -177,7 +178,7 @@ def _head_ops(folder) -> set[str]:
     ops = set()
     for g in ExportManifest.load(folder).graphs:
         graph = onnx.load(str(folder / g.file)).graph
-        ops |= {n.op_type for n in graph.node if any("exits." in x for x in n.input)}
+        ops |= {n.op_type for n in graph.node if _is_head(n)}
     return ops
 
 

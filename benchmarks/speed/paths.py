@@ -96,12 +96,7 @@ def ort_runtime(name: str, segments_dir: Path, full_graph: Path, threads: int | 
     for label, spinning in FULL_SETTINGS.items():
         sess = ort.InferenceSession(str(full_graph), session_options(threads, 1, spinning),
                                     providers=["CPUExecutionProvider"])  # fmt: skip
-
-        def full(batch: Batch, sess=sess) -> np.ndarray:
-            ids, mask, types = batch
-            return sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
-
-        fulls[label] = full
+        fulls[label] = _full_call(sess)
     variants = {PER_LAYER: OrtSegments(segments_dir, intra_op_threads=threads, single_row=False),
                 NO_SPIN: OrtSegments(segments_dir, intra_op_threads=threads, single_row_spinning=False)}  # fmt: skip
     return Runtime(name, OrtSegments(segments_dir, intra_op_threads=threads), fulls, variants)
@@ -116,16 +111,8 @@ def romebert_fusions_path(runtime: str, graph: Path, threads: int | None) -> Pat
     (``onnx_runtime.new_session``), threads spinning. Kind ``full-alt``: reported, never the baseline."""
     from romebert.runtime.onnx_runtime import new_session
 
-    sess = new_session(str(graph), session_options(threads, 1, True))
-
-    def full(batch: Batch) -> np.ndarray:
-        ids, mask, types = batch
-        return sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
-
-    def many(batches: Sequence[Batch], bs: int) -> np.ndarray:
-        return np.concatenate([full(b) for b in batches])
-
-    return Path_(f"full / {runtime} ({ROMEBERT_FUSIONS})", runtime, "full-alt", full, many,
+    full = _full_call(new_session(str(graph), session_options(threads, 1, True)))
+    return Path_(f"full / {runtime} ({ROMEBERT_FUSIONS})", runtime, "full-alt", full, _many(full),
                  extra={"settings": ROMEBERT_FUSIONS})  # fmt: skip
 
 
@@ -133,13 +120,28 @@ def full_paths(rt: Runtime) -> list[Path_]:
     """One path per session setting of the runtime's full model."""
     paths = []
     for label, fn in rt.fulls.items():
-
-        def many(batches: Sequence[Batch], bs: int, fn=fn) -> np.ndarray:
-            return np.concatenate([fn(b) for b in batches])
-
         name = f"full / {rt.name}" + (f" ({label})" if label else "")
-        paths.append(Path_(name, rt.name, "full", fn, many, extra={"settings": label}))
+        paths.append(Path_(name, rt.name, "full", fn, _many(fn), extra={"settings": label}))
     return paths
+
+
+def _full_call(sess: Any) -> Callable[[Batch], np.ndarray]:
+    """A full graph's session as a callable on one batch -> logits."""
+
+    def full(batch: Batch) -> np.ndarray:
+        ids, mask, types = batch
+        return sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
+
+    return full
+
+
+def _many(full: Callable[[Batch], np.ndarray]) -> Callable[[Sequence[Batch], int], np.ndarray]:
+    """A full model over a data set: its batches one by one, logits concatenated."""
+
+    def many(batches: Sequence[Batch], bs: int) -> np.ndarray:
+        return np.concatenate([full(b) for b in batches])
+
+    return many
 
 
 def engine_path(rt: Runtime, policy: ExitPolicy, target: str, variant: str = "") -> Path_:

@@ -103,9 +103,9 @@ def optimize_graph(path: Path, model: MultiExitModel, skip_layer_norm: bool = Fa
     optimizer does by default. romebert's graphs leave them apart: ONNX Runtime's CPU kernel for the
     fused op is slower than the two it replaces (benchmarks/inference_speed.py times the full model
     both ways); the result is the same function."""
+    optimize_model = _onnx_tools()
     from onnxruntime.transformers.fusion_options import FusionOptions
 
-    optimize_model = _onnx_tools()
     cfg = model.backbone.config
     options = FusionOptions("bert")
     options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = skip_layer_norm

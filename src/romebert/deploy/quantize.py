@@ -252,7 +252,7 @@ def rewrite(src: Path, dst: Path, rec: Int8Recipe, ranges: dict[str, np.ndarray]
             continue
         outliers[n.name] = [int(c) for c in top]
         if rec.split:
-            nodes += _split_channels(n, g, w, a, top, p)
+            nodes += _split_channels(n, g, w_t, w, a, top, p)
             continue
         mask = np.ones(w.shape[0], np.float32)
         mask[top] = 0.0
@@ -276,12 +276,12 @@ def rewrite(src: Path, dst: Path, rec: Int8Recipe, ranges: dict[str, np.ndarray]
 MAX_COPIES = 64  # per split channel: beyond it the channel keeps a coarser step rather than the product growing
 
 
-def _split_channels(n, g, w: np.ndarray, a: np.ndarray, top: np.ndarray, p: str) -> list:
+def _split_channels(n, g, w_t, w: np.ndarray, a: np.ndarray, top: np.ndarray, p: str) -> list:
     """Outlier channel splitting (Zhao et al., 2019) for product ``n`` (x [.., K] @ w [K, N]): channel c,
     m_c times the largest other channel's max, becomes m_c copies of x_c / m_c (x scaled, then the extra
     copies gathered and appended), and its weight row is repeated m_c times. The product is the same; the
     int8 input's range is the other channels'. Its side nodes touch [.., K] (and the copies), where the
-    fp32 side product writes and sums an [.., N] output."""
+    fp32 side product writes and sums an [.., N] output. ``w_t``: the graph's initializer holding ``w``."""
     from onnx import helper, numpy_helper
 
     level = max(float(np.delete(a, top).max(initial=0.0)), 1e-6 * float(a[top].max()), 1e-30)
@@ -290,7 +290,6 @@ def _split_channels(n, g, w: np.ndarray, a: np.ndarray, top: np.ndarray, p: str)
     share = np.ones(w.shape[0], np.float32)
     for c, m in copies.items():
         share[c] = 1.0 / m
-    w_t = next(t for t in g.initializer if t.name == n.input[1])
     w_t.CopyFrom(numpy_helper.from_array(np.concatenate([w, w[extra]]).astype(np.float32), w_t.name))  # [K+E, N]
     g.initializer.extend([numpy_helper.from_array(share, f"{p}/share"), numpy_helper.from_array(extra, f"{p}/copies")])
     x = n.input[0]
