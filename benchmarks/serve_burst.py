@@ -177,6 +177,15 @@ def rss(pid: int) -> int:
     return proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
 
 
+def python_allocator(pid: int) -> str:
+    """The service's allocator for Python objects, as its environment set it (``romebert serve`` restarts
+    itself with PYTHONMALLOC=malloc unless told not to)."""
+    import psutil
+
+    env = psutil.Process(pid).environ()
+    return f"PYTHONMALLOC={env['PYTHONMALLOC']}" if "PYTHONMALLOC" in env else "pymalloc"
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--export", required=True, help="an ONNX export (int8) to serve")
@@ -226,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         serve_load._run(serve_load.open_loop(url, texts, 20, 1.0, args.timeout))  # warm-up
         before = rss(proc.pid)
+        allocator = python_allocator(proc.pid)
         for b in range(args.bursts):
             size = [len(t) for t in per_request]
             if args.client == "raw":
@@ -254,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
               "requests": args.requests, "sizes": sizes, "bursts": args.bursts, "max_queue": max_queue,
               "workers": args.workers, "threads": args.threads, "serve_args": args.serve_args,
               "service_cpus": args.service_cpus, "client_cpus": args.client_cpus, "rss_before_bytes": before,
-              "client": args.client,
+              "client": args.client, "python_allocator": allocator,
               "rows": rows, "verdict": verdict(rows, max_queue)}  # fmt: skip
     path = Path(args.out)
     write_atomic(path.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
@@ -302,7 +312,8 @@ def markdown(r: dict) -> str:
         f"{env['onnxruntime']}; {pinned}.",
         f"- Service: `romebert serve` on ONNX Runtime {ex['precision']}, {r['workers']} worker(s) x {r['threads']} "
         f"thread(s), {ex['criterion']} threshold {ex['threshold']}, --max-queue {r['max_queue']}"
-        f"{', ' + repr(r['serve_args']) if r.get('serve_args') else ''}.",
+        f"{', ' + repr(r['serve_args']) if r.get('serve_args') else ''}; Python objects: "
+        f"{r.get('python_allocator', 'not recorded')}.",
         f"- Traffic: {r['bursts']} bursts of {r['requests']} requests sent at once by one {r['client']} client "
         f"({CLIENTS[r['client']]}), each with "
         f"{', '.join(map(str, r['sizes']))} {ex['task']} dev sentences in turn; latency from the burst's start.",

@@ -175,6 +175,7 @@ def test_the_burst_benchmark_checks_every_answer_and_reads_rss(tiny_run, tmp_pat
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == report["rows"]
     md = out.with_suffix(".md").read_text()
     assert "| 2 |" in md and "Against the targets" in md and "site-packages" not in md
+    assert report["python_allocator"] == "PYTHONMALLOC=malloc" and "Python objects: PYTHONMALLOC=malloc" in md
 
 
 def test_the_guard_benchmark_measures_each_setting_on_a_shifted_stream(tiny_run, tmp_path):

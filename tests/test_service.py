@@ -317,6 +317,8 @@ def test_several_worker_processes_share_one_port(export_dir, reference):
         kids = psutil.Process(proc.pid).children(recursive=True)
         workers = [c for c in kids if "spawn_main" in " ".join(c.cmdline())]  # not the resource tracker
         assert len(workers) == 2, [c.cmdline() for c in kids]
+        for w in [proc, *workers]:  # serve restarted itself with Python's objects on the C heap (memory.py)
+            assert psutil.Process(w.pid).environ().get("PYTHONMALLOC") == "malloc"
         for text in [sentence(i) for i in range(12)]:  # a connection each: the kernel spreads them
             r = httpx.post(url + "/predict", json={"text": text}, timeout=30)
             assert r.status_code == 200

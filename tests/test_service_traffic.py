@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import sys
 import threading
 import time
 
@@ -418,6 +420,26 @@ def test_the_objects_alive_at_startup_leave_the_collectors_generations(export_di
     finally:
         srv.stop()
         gc.unfreeze()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
+@pytest.mark.parametrize("preset", [None, "pymalloc"])
+def test_a_process_restarts_once_with_its_objects_on_the_c_heap(preset):
+    """restart_on_c_heap (deploy/memory.py): the same command line runs again with PYTHONMALLOC=malloc and
+    glibc's small tcache, once; a PYTHONMALLOC the user set is kept, and nothing restarts."""
+    import subprocess
+
+    code = ("import os, sys; from romebert.deploy.memory import objects_on_c_heap, restart_on_c_heap; "
+            "print(objects_on_c_heap(), os.environ.get('GLIBC_TUNABLES'), flush=True); restart_on_c_heap(); "
+            "print('went on', sys.argv[1:])")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONMALLOC", "GLIBC_TUNABLES")}
+    if preset:
+        env["PYTHONMALLOC"] = preset
+    out = subprocess.run([sys.executable, "-c", code, "a", "b"], env=env, capture_output=True, text=True, check=True)
+    if preset:
+        assert out.stdout.splitlines() == ["False None", "went on ['a', 'b']"]
+    else:
+        assert out.stdout.splitlines() == ["False None", "True glibc.malloc.tcache_count=2", "went on ['a', 'b']"]
 
 
 @pytest.mark.parametrize("warm_up", [True, False])

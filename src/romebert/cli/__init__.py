@@ -15,11 +15,14 @@ _EXTRAS.update(onnx="export", onnxruntime="runtime", starlette="serve", uvicorn=
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; ``argv`` None: this process's own command line, which ``serve`` may restart the
+    interpreter with (``--system-allocator``); a list never restarts anything."""
     from romebert.cli.commands import COMMANDS
     from romebert.cli.parser import build_parser
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ns = build_parser().parse_args(argv)
+    ns.own_process = argv is None
     try:
         COMMANDS[ns.command](ns)
     except RomebertError as exc:

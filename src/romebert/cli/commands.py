@@ -169,6 +169,10 @@ def serve(ns: argparse.Namespace) -> None:
     cfg = ServeConfig(
         ns.source, guard=GuardOptions(**options.values(ns, GuardOptions)), **options.values(ns, ServeConfig)
     )
+    if ns.own_process and cfg.system_allocator:
+        from romebert.deploy.memory import restart_on_c_heap
+
+        restart_on_c_heap()  # returns only where there is nothing to restart for
     print(f"serving {ns.source} on http://{ns.host}:{ns.port} ({ns.workers} worker(s)); Ctrl-C stops", flush=True)
     serve(cfg, ns.host, ns.port, ns.workers)
 

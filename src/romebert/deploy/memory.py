@@ -6,7 +6,15 @@ one arena only goes back to the system when that arena is trimmed; with the even
 and the parse threads each in their own arena, what stays after a burst depends on which thread last
 touched which pages. :func:`one_arena` makes every thread share the main arena (a service's threads
 take turns on its cores anyway), and :func:`release_memory`, called once the service is idle, returns
-its free pages (scoring a file trims after every chunk). docs/serving.md has the RSS across repeated bursts.
+its free pages (scoring a file trims after every chunk).
+
+Python's own small-object allocator (pymalloc) sits on top: it takes memory in 1 MiB arenas, returns an
+arena only once every object in it is gone, and never returns the pages of the free pools inside one.
+The few hundred small objects that outlive each burst (held by C-level caches) land wherever the burst
+left room, so each burst can pin arenas of its own and RSS ratchets up. With the objects on the C heap
+(``PYTHONMALLOC=malloc``) a survivor pins one page, and the trim returns the rest:
+:func:`restart_on_c_heap` restarts a process that way (``romebert serve`` does, unless
+``--no-system-allocator``). docs/serving.md has the RSS across repeated bursts.
 """
 
 from __future__ import annotations
@@ -14,9 +22,33 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
+import os
+import sys
 from typing import Any
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter
+# The interpreter and glibc read these at start-up only. glibc's per-thread caches (tcache) hold up to
+# 7 freed chunks of every size per thread, counted as in use: the trim cannot return their pages. Two
+# keep most of their speed (docs/serving.md).
+C_HEAP_ENV = {"PYTHONMALLOC": "malloc", "GLIBC_TUNABLES": "glibc.malloc.tcache_count=2"}
+
+
+def objects_on_c_heap() -> bool:
+    """Whether this interpreter allocates its objects with the C library's malloc (no pymalloc: then
+    ``sys.getallocatedblocks`` has no blocks to count)."""
+    return sys.getallocatedblocks() == 0
+
+
+def restart_on_c_heap() -> None:
+    """Replace this process with its own command line run again with :data:`C_HEAP_ENV` (a variable the
+    user set keeps its value); returns at once where objects are already on the C heap, where the C
+    library is not glibc (no trim to return pages), or where ``PYTHONMALLOC`` is set already (the user's
+    choice, or ignored by the interpreter: ``python -E``)."""
+    if objects_on_c_heap() or _libc() is None or "PYTHONMALLOC" in os.environ:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, {**C_HEAP_ENV, **os.environ})
 
 
 def one_arena() -> None:
