@@ -72,8 +72,9 @@ class ServeConfig:
     warm_up: bool = option(True, "before taking requests, run a full batch of the longest inputs through every "
                            "layer: the first burst then finds the runtime's first calls made")  # fmt: skip
     system_allocator: bool = option(True, "command line only: restart once with Python's objects on the C heap "
-                                    "(PYTHONMALLOC=malloc), so that what a burst leaves behind pins pages, not "
-                                    "1 MiB arenas, and RSS stays flat across bursts (deploy/memory.py)")  # fmt: skip
+                                    "(PYTHONMALLOC=malloc; glibc's tcache cut to 2), so that what a burst leaves "
+                                    "behind pins pages, not 1 MiB arenas, and RSS stays flat across bursts "
+                                    "(deploy/memory.py)")  # fmt: skip
     intra_op_threads: int | None = option(None, "ONNX Runtime threads per graph call (default: usable cores / workers)")
     memory_arena: bool = option(False, "ONNX Runtime's CPU memory arena: it keeps the largest batch's memory "
                                 "and grows as shapes vary (off: memory goes back to the system when idle)")  # fmt: skip
