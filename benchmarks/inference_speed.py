@@ -145,6 +145,9 @@ def bench_task(run: Path, work: Path, args) -> tuple[list[R.Row], dict, str]:
                           None if p.policy is None else p.policy.threshold, metric_of(task, logits, labels),
                           float(np.mean(layers)), model.num_layers / float(np.mean(layers)), fp32_metric=fp32_metric,
                           settings=settings))  # fmt: skip
+    for p, r in zip(paths, rows, strict=True):  # the exits of the inputs timed at batch size 1, run as timed
+        if "exit_layer" in p.extra:
+            r.bs1_layer_speedup = model.num_layers / float(np.mean([p.extra["exit_layer"](b) for b in one]))
     busy = T.busy_cores()
     bs1 = T.interleaved({p.name: (lambda p=p: [p.run_one(b) for b in one]) for p in paths}, args.repeats)
     batched = [p for p in paths if not p.extra.get("variant")]  # (the variants differ at batch size 1 only)

@@ -49,6 +49,15 @@ def test_the_benchmark_runs_and_reports_every_path(tiny_run, tmp_path):
     assert all(fp32 - r["metric"] <= 0.01 + 1e-9 for r in within if r["runtime"] != "ort-int8")
     one_graph, *others = (r for r in within if r["runtime"] == "ort-int8")
     assert all(r["threshold"] == one_graph["threshold"] and r["metric"] == one_graph["metric"] for r in others)
+    # the batch-size-1 ratio is set against the layer speed-up of the inputs timed there (3 of them, 3 layers)
+    for r in (r for r in rows if r["kind"] == "engine"):  # 3 layers / (the 3 inputs' summed exits / 3)
+        assert 3 <= 9 / r["bs1_layer_speedup"] <= 9 and 9 / r["bs1_layer_speedup"] == pytest.approx(
+            round(9 / r["bs1_layer_speedup"])
+        )
+    assert all(r["bs1_layer_speedup"] is None for r in rows if r["kind"] != "engine")
+    assert all(r["bs1_layer_speedup"] == one_graph["bs1_layer_speedup"] for r in others)  # the same decisions
+    ratio = next(t for t in report["targets"]["SST-2"] if t["target"].startswith("SST-2: engine <=1pt / ort-int8,"))
+    assert ratio["got"] == pytest.approx(one_graph["vs_ort_int8"]["1"] / one_graph["bs1_layer_speedup"])
     assert report["targets"]["SST-2"] and "SST-2" in report["breakdown"]
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == rows
     md = out.with_suffix(".md").read_text()

@@ -22,7 +22,7 @@ from tiny import make_tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """(model, export) for BERT with mean pooling (pool weights fed) and RoBERTa with [CLS] pooling."""
+    """Exports of BERT with mean pooling (pool weights fed), RoBERTa with [CLS] pooling, and the first in int8."""
     tok = tmp_path_factory.mktemp("tok")
     make_tiny_tokenizer(tok)
     out = {}
@@ -31,6 +31,10 @@ def exports(tmp_path_factory):
         model = _model(family, pooling, seed=4)
         export_model(model, tok, folder, max_seq_length=40)
         out[family] = folder
+    folder = tmp_path_factory.mktemp("single-bert-int8") / "export"  # the default int8 recipe
+    export_model(_model("bert", "mean", seed=4), tok, folder, precision="int8", max_seq_length=40,
+                 calibration=_batches(_dataset(n=64, seed=9), 16))  # fmt: skip
+    out["bert-int8"] = folder
     return out
 
 
@@ -44,7 +48,7 @@ def _engines(folder, policy, temperatures=None):
     return one, segments
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "bert-int8"])
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_one_row_decides_as_the_segment_engine(exports, family, criterion):
     folder = exports[family]
@@ -132,3 +136,22 @@ def test_a_regression_export_has_no_one_graph(tmp_path):
     assert manifest.single_row_graph is None and not (tmp_path / "export" / "early_exit.onnx").exists()
     seg = OrtSegments(tmp_path / "export")
     assert seg.one_row(get_policy("entropy", 0.1), None) is None
+
+
+def _ops(graph, op: str) -> int:
+    """How many ``op`` nodes ``graph`` holds, its subgraphs (the If branches) included."""
+    return sum((n.op_type == op) + sum(_ops(a.g, op) for a in n.attribute if a.g.node) for n in graph.node)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "bert-int8"])
+def test_each_layers_opening_layernorm_is_the_previous_exits(exports, family):
+    import onnx
+
+    folder = exports[family]
+    manifest = ExportManifest.load(folder)
+    segments = [onnx.load(str(folder / g.file)).graph for g in manifest.graphs]
+    one = onnx.load(str(folder / manifest.single_row_graph.file)).graph
+    # each segment after the first opens with the LayerNorm that exit k-1 also takes of the same state:
+    # the one graph computes it once (and runs the segments' other nodes as they are, see the test above)
+    assert _ops(one, "LayerNormalization") == sum(_ops(g, "LayerNormalization") for g in segments) - (len(segments) - 1)
+    assert _ops(one, "If") == len(segments) - 1

@@ -154,8 +154,11 @@ def engine_path(rt: Runtime, policy: ExitPolicy, target: str, variant: str = "")
     def many(batches: Sequence[Batch], bs: int):
         return engine.run_stream(batches, bs)
 
+    def exit_layer(batch: Batch) -> int:  # the exit a batch of one row leaves at, run as timed
+        return int(engine.run(*batch).exit_layer[0])
+
     name = f"engine {target} / {rt.name}" + (f" ({variant})" if variant else "")
-    return Path_(name, rt.name, "engine", one, many, target, policy, {"variant": variant})
+    return Path_(name, rt.name, "engine", one, many, target, policy, {"variant": variant, "exit_layer": exit_layer})
 
 
 class TimedSegments:

@@ -9,7 +9,7 @@ from typing import Any
 TARGETS = {
     "int8_bs1": 2.0,  # within 1 dev point of fp32: engine on ORT int8 vs the full model on ORT int8, batch size 1
     "int8_bs32": 1.8,  # the same at batch size 32
-    "ratio_bs1": 0.9,  # batch size 1: (speed-up over the full ORT int8 model) / layer speed-up
+    "ratio_bs1": 0.9,  # batch size 1: (speed-up over the full ORT int8 model) / layer speed-up of the inputs timed
 }
 
 
@@ -22,7 +22,7 @@ class Row:
     target: str
     threshold: Any
     metric: float  # dev metric of this path's own predictions (fraction)
-    mean_exit_layer: float
+    mean_exit_layer: float  # over the whole dev split, as run in batches of 32
     layer_speedup: float
     ms: dict[str, float] = field(default_factory=dict)  # batch size ("1", "32") -> ms per example, median pass
     peak_rss_mib: float | None = None
@@ -31,6 +31,9 @@ class Row:
     fp32_metric: float | None = None  # the fp32 (PyTorch) full model's dev metric: what the user trained
     passes: dict[str, list[float]] = field(default_factory=dict)  # bs -> ms per example of every pass
     settings: str = ""  # full graphs: the session setting; engines: "per-layer graphs at bs 1" or ""
+    # engines: the layer speed-up of the inputs timed at batch size 1 (a subset of dev), each run alone as timed:
+    # what the batch-size-1 speed-up is set against (the dev split's own can differ: other inputs, other exits)
+    bs1_layer_speedup: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,8 +74,8 @@ def targets(rows: list[Row], task: str) -> list[dict[str, Any]]:
             out.append({"target": name, "needed": TARGETS[key], "got": got, "met": got >= TARGETS[key]})
     for r in rows:
         if r.task == task and r.runtime == "ort-int8" and r.kind == "engine" and "1" in r.ms:
-            got = r.vs_ort_int8["1"] / r.layer_speedup
-            name = f"{task}: {r.path}, batch size 1, speed-up over full ORT int8 / layer speed-up"
+            got = r.vs_ort_int8["1"] / r.bs1_layer_speedup
+            name = f"{task}: {r.path}, batch size 1, speed-up over full ORT int8 / layer speed-up (same inputs)"
             out.append({"target": name, "needed": TARGETS["ratio_bs1"], "got": got, "met": got >= TARGETS["ratio_bs1"]})
     return out
 
@@ -129,6 +132,9 @@ def markdown(report: dict[str, Any]) -> str:
         "takes the one-graph early exit (`early_exit.onnx`, one session call per input, threads spinning, as in "
         'the full graph\'s best setting); the rows marked "per-layer graphs at bs 1" and "one graph without '
         'spinning at bs 1" run the same threshold those ways instead.',
+        "- Layer speed-up: the number of layers over the mean exit layer, on the whole dev split in batches of "
+        '32, and ("bs 1 inputs") on the inputs timed at batch size 1, each run alone as timed; a batch-size-1 '
+        "speed-up is set against the latter, since those inputs exit at other layers than the split's mean.",
         "- Thresholds are chosen on dev for each runtime's own model (entropy): the least aggressive reaching "
         "1.5x / 2x / 3x layer speed-up, and `<=1pt`, the fastest within 1 dev point of the fp32 model's final "
         "exit (the model the user trained), on dev logits computed 32 rows a batch. Every row shows that fp32 metric "
@@ -141,16 +147,16 @@ def markdown(report: dict[str, Any]) -> str:
     for task in report["tasks"]:
         rows = [Row(**r) for r in report["rows"] if r["task"] == task]
         header = ("| path | threshold | dev metric | fp32 full metric (diff) | mean exit layer | layer speed-up | "
-                  "ms/ex bs 1 | ms/ex bs 32 | x same-runtime full (bs 1 / 32) | x full ORT int8 (bs 1 / 32) | "
-                  "peak RSS MiB |")  # fmt: skip
-        lines += [f"## {task}", "", header, "|---" * 11 + "|"]
+                  "layer speed-up, bs 1 inputs | ms/ex bs 1 | ms/ex bs 32 | x same-runtime full (bs 1 / 32) | "
+                  "x full ORT int8 (bs 1 / 32) | peak RSS MiB |")  # fmt: skip
+        lines += [f"## {task}", "", header, "|---" * 12 + "|"]
         for r in rows:
             thr = "" if r.threshold is None else f"{r.threshold:.4g}"
             diff = "" if r.fp32_metric is None else f" ({100 * (r.metric - r.fp32_metric):+.2f})"
             fp32 = "" if r.fp32_metric is None else f"{100 * r.fp32_metric:.2f}{diff}"
             lines.append(
                 f"| {r.path} | {thr} | {100 * r.metric:.2f} | {fp32} | {r.mean_exit_layer:.2f} | "
-                f"{r.layer_speedup:.2f} | {_f(r.ms.get('1'))} | {_f(r.ms.get('32'))} | "
+                f"{r.layer_speedup:.2f} | {_f(r.bs1_layer_speedup)} | {_f(r.ms.get('1'))} | {_f(r.ms.get('32'))} | "
                 f"{_f(r.vs_same_runtime.get('1'))} / {_f(r.vs_same_runtime.get('32'))} | "
                 f"{_f(r.vs_ort_int8.get('1'))} / {_f(r.vs_ort_int8.get('32'))} | {_f(r.peak_rss_mib, '.0f')} |"
             )

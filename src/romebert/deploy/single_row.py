@@ -36,6 +36,7 @@ from romebert.runtime.onnx_runtime import SINGLE_ROW_GUARD, SINGLE_ROW_INPUTS
 
 SINGLE_ROW_FILE = "early_exit.onnx"
 _TOP = ("input_ids", "attention_mask", "token_type_ids", "pool_weights", *SINGLE_ROW_INPUTS)
+_OWN = ("next_state", "logits")  # each segment's outputs, read by name by the levels: never taken from another
 
 
 def build_single_row(folder: Path, manifest: ExportManifest, out: Path) -> None:
@@ -78,10 +79,12 @@ def _renamed(k: int, seg, shared: dict) -> tuple[list, list, list]:
     """Segment k's nodes, initializers and value infos with every name of its own prefixed ``s{k}/``; its
     inputs are the top graph's (mask, pool weights, ...) or, for ``state``, segment k-1's output.
 
-    A node that only reads the top graph's inputs and constants, and equals one of an earlier segment
-    (the attention's mask index, the pool weights' reshape), is dropped and its outputs read from that
-    one, visible here since later segments are nested inside earlier ones: each costs a kernel call per
-    layer at batch size 1. ``shared`` maps such a node's key to its outputs (and renames) across segments.
+    A node that computes what an earlier node computed (the same operator and attributes on the same
+    values: the top graph's inputs, earlier nodes' outputs, constants equal by value) is dropped and its
+    outputs read from that one, visible here since later segments are nested inside earlier ones. So
+    segment k+1's opening LayerNorm of the state reuses exit k's, and the attention's mask index and the
+    pool weights' reshape are computed once: each costs a kernel call per layer at batch size 1.
+    ``shared`` maps each node's key to its outputs (and renames) across segments.
     """
     import hashlib
 
@@ -103,7 +106,7 @@ def _renamed(k: int, seg, shared: dict) -> tuple[list, list, list]:
     def key_of(node) -> tuple | None:
         parts = []
         for x in node.input:
-            if x in _TOP or name(x) in produced:
+            if not x or x in _TOP or name(x) in produced:
                 parts.append(name(x))
             elif x in consts:  # a constant: by value, whatever its name
                 t = onnx.TensorProto()
@@ -113,12 +116,12 @@ def _renamed(k: int, seg, shared: dict) -> tuple[list, list, list]:
             else:
                 return None  # reads this segment's own computation
         attrs = tuple(sorted(a.SerializeToString() for a in node.attribute))
-        return (node.domain, node.op_type, attrs, tuple(map(str, parts)))
+        return (node.domain, node.op_type, attrs, tuple(map(str, parts)), len(node.output))
 
     nodes = []
-    for node in _needed(g, ("next_state", "logits")):  # (not CAP's nsp: the one-graph rules do not read it)
+    for node in _needed(g, _OWN):  # (not CAP's nsp: the one-graph rules do not read it)
         key = key_of(node)
-        if key is not None and key in shared:
+        if key is not None and key in shared and not set(node.output) & set(_OWN):
             for mine, theirs in zip(node.output, shared[key], strict=True):
                 alias[f"s{k}/{mine}"] = theirs
             continue

@@ -135,26 +135,37 @@ class EarlyExitEngine:
         n = ids.shape[0]
         if n == 0:
             return self._assemble(0, [], [])
-        group = self.start_group(ids, mask, types, offset=0)
-        shapes: list[tuple[int, int]] = []
-        done: list[Done] = []
-        start = 0
         if n == 1 and self._one_row is not None:
-            logits, layer, state = self._one_row(group.state)
-            shapes += [(1, group.width)] * layer
-            i = self.exit_layers.index(layer)
-            if state is None:  # the runner's exit is final
-                return self._assemble(1, [(group.rows, logits, layer)], shapes)
-            # stopped within a hair of the threshold: the policy decides, and the row may go on from there
-            leave, group.policy = self.policy.step(i, logits, group.policy)
-            if leave[0]:
-                return self._assemble(1, [(group.rows, logits, layer)], shapes)
-            group.state, start = state, i + 1
+            return self._run_one_row(ids, mask, types)
+        return self._run_layers(self.start_group(ids, mask, types, offset=0), 0, [])
+
+    def _run_layers(self, group: Group, start: int, shapes: list[tuple[int, int]]) -> EngineOutput:
+        """``group`` through layers ``start``.. to its exits."""
+        n, done = len(group), []
         for i in range(start, self.num_layers):
             group = self.run_layer(i, group, done, shapes)
             if group is None:
                 break
         return self._assemble(n, done, shapes)
+
+    def _run_one_row(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None) -> EngineOutput:
+        """One row through the segments' one-row runner, with as little host work as possible around the
+        call: on a small machine it runs beside ONNX Runtime's worker threads, still spinning from the last
+        call, and is slowed by them. Trailing padding is cut as in :meth:`start_group`."""
+        extent = _extent(mask != 0)
+        cols = max(int(extent[0]), 1)
+        if cols < ids.shape[1]:
+            ids, mask, types = ids[:, :cols], mask[:, :cols], None if types is None else types[:, :cols]
+        logits, layer, state = self._one_row(self.segments.start(ids, mask, types))
+        shapes = [(1, cols)] * layer
+        if state is not None:  # stopped within a hair of the threshold: the policy decides, and may go on
+            i = self.exit_layers.index(layer)
+            group = Group(state, np.zeros(1, np.int64), extent, self.policy.init_state(1, self.num_layers,
+                          self.segments.regression), cols)  # fmt: skip
+            leave, group.policy = self.policy.step(i, logits, group.policy)
+            if not leave[0]:
+                return self._run_layers(group, i + 1, shapes)
+        return EngineOutput(logits, np.array([layer], np.int64), layer, shapes)
 
     # ----------------------------------------------------------------------------------- many batches
     def run_stream(self, batches: Iterable[Batch], batch_size: int | None = None, seen: list | None = None
