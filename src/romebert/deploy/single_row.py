@@ -15,13 +15,12 @@ Outputs:
     logits [1, C] float32      the (scaled) logits of the exit the graph stopped at
     exit_layer [1] int64       that exit, 1-based
     margin [1] float32         entropy: t - H; maxprob: p_max - t (the rule exits when it is > 0)
-    state [1, t, H] float32    the next segment's input there (empty after the last layer)
 
 The graph stops at exit k when ``margin >= -GUARD``. The host (``runtime/onnx_runtime.py``) accepts the
-exit when ``margin > GUARD``; within ``GUARD`` of the threshold it decides with the engine's own numpy
-scores (float64) and, if the row goes on, continues with the segment graphs from ``state``. The graph's
-float32 scores are within about 1e-7 of the engine's, far inside ``GUARD``, so every decision is the
-engine's, ties included. (float32 and a few kernels per exit: at batch size 1 each kernel call counts.)
+exit when ``margin > GUARD``; within ``GUARD`` of the threshold (about one decision in 10^5) it runs the
+row through the segment graphs instead, where the engine decides with its own numpy scores (float64). The
+graph's float32 scores are within about 1e-7 of the engine's, far inside ``GUARD``, so every decision is
+the engine's, ties included. (float32 and a few kernels per exit: at batch size 1 each kernel call counts.)
 """
 
 from __future__ import annotations
@@ -59,9 +58,9 @@ def build_single_row(folder: Path, manifest: ExportManifest, out: Path) -> None:
     if manifest.opset >= 18:  # Split takes its output count as an attribute from opset 18
         for node in top[:2]:
             node.attribute.append(helper.make_attribute("num_outputs", n))
-    outputs = ["logits", "exit_layer", "margin", "state"]
+    outputs = ["logits", "exit_layer", "margin"]
     nodes, inits, infos = _level(1, segs, outputs, manifest.opset, {})
-    types = (TensorProto.FLOAT, TensorProto.INT64, TensorProto.FLOAT, TensorProto.FLOAT)
+    types = (TensorProto.FLOAT, TensorProto.INT64, TensorProto.FLOAT)
     graph = helper.make_graph(top + nodes, "early_exit", inputs,
                               [helper.make_tensor_value_info(o, t, None) for o, t in zip(outputs, types, strict=True)],
                               initializer=inits, value_info=infos)  # fmt: skip
@@ -171,8 +170,7 @@ def _level(k: int, segs: list, outs: list[str], opset: int, shared: dict) -> tup
     if k == n:  # the final head takes the row: no decision
         nodes += [helper.make_node("Identity", [f"{p}/scaled"], [outs[0]]),
                   _const(outs[1], TensorProto.INT64, [1], [k]),
-                  _const(outs[2], TensorProto.FLOAT, [1], [np.inf]),
-                  _const(outs[3], TensorProto.FLOAT, [1, 0, 1], [])]  # fmt: skip
+                  _const(outs[2], TensorProto.FLOAT, [1], [np.inf])]  # fmt: skip
         return nodes, inits, infos
     nodes += [
         helper.make_node("Softmax", [f"{p}/scaled"], [f"{p}/p"], axis=-1),
@@ -192,11 +190,10 @@ def _level(k: int, segs: list, outs: list[str], opset: int, shared: dict) -> tup
     then = helper.make_graph(
         [helper.make_node("Identity", [f"{p}/scaled"], [f"{t}/logits"]),
          _const(f"{t}/exit_layer", TensorProto.INT64, [1], [k]),
-         helper.make_node("Identity", [f"{p}/margin"], [f"{t}/margin"]),
-         helper.make_node("Identity", [f"{p}/next_state"], [f"{t}/state"])],
-        t, [], _infos([f"{t}/logits", f"{t}/exit_layer", f"{t}/margin", f"{t}/state"]))  # fmt: skip
+         helper.make_node("Identity", [f"{p}/margin"], [f"{t}/margin"])],
+        t, [], _infos([f"{t}/logits", f"{t}/exit_layer", f"{t}/margin"]))  # fmt: skip
     e = f"else{k}"
-    sub_outs = [f"{e}/logits", f"{e}/exit_layer", f"{e}/margin", f"{e}/state"]
+    sub_outs = [f"{e}/logits", f"{e}/exit_layer", f"{e}/margin"]
     sub_nodes, sub_inits, sub_infos = _level(k + 1, segs, sub_outs, opset, shared)
     other = helper.make_graph(sub_nodes, e, [], _infos(sub_outs), initializer=sub_inits, value_info=sub_infos)
     nodes.append(helper.make_node("If", [f"{p}/stop"], outs, then_branch=then, else_branch=other))
@@ -206,7 +203,7 @@ def _level(k: int, segs: list, outs: list[str], opset: int, shared: dict) -> tup
 def _infos(names: list[str]) -> list:
     from onnx import TensorProto, helper
 
-    types = (TensorProto.FLOAT, TensorProto.INT64, TensorProto.FLOAT, TensorProto.FLOAT)
+    types = (TensorProto.FLOAT, TensorProto.INT64, TensorProto.FLOAT)
     return [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types, strict=True)]
 
 

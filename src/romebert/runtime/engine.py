@@ -137,12 +137,12 @@ class EarlyExitEngine:
             return self._assemble(0, [], [])
         if n == 1 and self._one_row is not None:
             return self._run_one_row(ids, mask, types)
-        return self._run_layers(self.start_group(ids, mask, types, offset=0), 0, [])
+        return self._run_layers(self.start_group(ids, mask, types, offset=0))
 
-    def _run_layers(self, group: Group, start: int, shapes: list[tuple[int, int]]) -> EngineOutput:
-        """``group`` through layers ``start``.. to its exits."""
-        n, done = len(group), []
-        for i in range(start, self.num_layers):
+    def _run_layers(self, group: Group) -> EngineOutput:
+        """Fresh rows ``group`` through the layers, each to its exit."""
+        n, done, shapes = len(group), [], []
+        for i in range(self.num_layers):
             group = self.run_layer(i, group, done, shapes)
             if group is None:
                 break
@@ -150,22 +150,17 @@ class EarlyExitEngine:
 
     def _run_one_row(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None) -> EngineOutput:
         """One row through the segments' one-row runner, with as little host work as possible around the
-        call: on a small machine it runs beside ONNX Runtime's worker threads, still spinning from the last
-        call, and is slowed by them. Trailing padding is cut as in :meth:`start_group`."""
-        extent = _extent(mask != 0)
-        cols = max(int(extent[0]), 1)
+        call: numpy calls between two graph calls cost several times what they cost in a loop of their own
+        (the graph's kernels have pushed numpy's code and data out of the caches). Trailing padding is cut as
+        in :meth:`start_group`."""
+        cols = ids.shape[1] if mask.all() else max(int(_extent(mask != 0)[0]), 1)  # (one numpy call if unpadded)
         if cols < ids.shape[1]:
             ids, mask, types = ids[:, :cols], mask[:, :cols], None if types is None else types[:, :cols]
-        logits, layer, state = self._one_row(self.segments.start(ids, mask, types))
-        shapes = [(1, cols)] * layer
-        if state is not None:  # stopped within a hair of the threshold: the policy decides, and may go on
-            i = self.exit_layers.index(layer)
-            group = Group(state, np.zeros(1, np.int64), extent, self.policy.init_state(1, self.num_layers,
-                          self.segments.regression), cols)  # fmt: skip
-            leave, group.policy = self.policy.step(i, logits, group.policy)
-            if not leave[0]:
-                return self._run_layers(group, i + 1, shapes)
-        return EngineOutput(logits, np.array([layer], np.int64), layer, shapes)
+        out = self._one_row(self.segments.start(ids, mask, types))
+        if out is None:  # stopped within a hair of a threshold (rare): the policy decides, on the segments
+            return self._run_layers(self.start_group(ids, mask, types, offset=0))
+        logits, layer = out
+        return EngineOutput(logits, np.array([layer], np.int64), layer, [(1, cols)] * layer)
 
     # ----------------------------------------------------------------------------------- many batches
     def run_stream(self, batches: Iterable[Batch], batch_size: int | None = None, seen: list | None = None

@@ -142,6 +142,7 @@ class OrtSegments:
         plain = [[o for o in names if o != "nsp"] for names in outputs]
         self._outputs = {False: plain, True: [o + ["nsp"] for o in plain]}  # what layer() asks, by `features`
         self._mean = "pool_weights" in self._inputs[0]
+        self._unpadded_pool: dict[int, np.ndarray] = {}  # one unpadded row's pool weights, by length
         # the one-row graph, loaded when a batch of one row first comes: a second copy of the weights that
         # a service or a file scored in batches never needs
         self._single: tuple[Any, list[str]] | None = None
@@ -162,9 +163,9 @@ class OrtSegments:
         """A runner for batches of one row under ``policy`` through the one-graph early exit, or None when
         the export has none or the rule is not one it holds (then the engine runs the segments).
 
-        ``runner(state) -> (logits [1, C], exit layer, next state or None)``: None when the graph's exit is
-        final; otherwise the row stopped within ``SINGLE_ROW_GUARD`` of the threshold at that layer, and the
-        engine decides there with the policy itself (going on from the state it returns).
+        ``runner(state) -> (logits [1, C], exit layer)``, or None when the row stopped within
+        ``SINGLE_ROW_GUARD`` of a threshold: the graph's float32 score cannot tell that decision, and the
+        engine runs the row through the segments, deciding with the policy itself.
         """
         name = policy.name
         if self._single_file is None or name not in SINGLE_ROW_CRITERIA or type(policy) is not POLICIES[name]:
@@ -174,16 +175,13 @@ class OrtSegments:
         bias[-1] = 0.0  # the final exit takes every row left: its threshold (maybe inf) is never read
         temps = np.asarray(temperatures if temperatures is not None else np.ones(n), np.float32)
         feed = {"exit_bias": bias, "use_maxprob": np.array([name == "maxprob"]), "temperatures": temps}
-        carried = ("attention_mask", "pool_weights")  # what the segments after the stop also read
 
-        def run(state: OrtState) -> tuple[np.ndarray, int, OrtState | None]:
+        def run(state: OrtState) -> tuple[np.ndarray, int] | None:
             a = state.arrays
             sess, names = self._single_session()
-            logits, layer, margin, nxt = sess.run(None, {k: feed[k] if k in feed else a[k] for k in names})
+            logits, layer, margin = sess.run(None, {k: feed[k] if k in feed else a[k] for k in names})
             k = int(layer[0])
-            if k == n or margin[0] > SINGLE_ROW_GUARD:
-                return logits, k, None
-            return logits, k, OrtState({"state": nxt, **{x: a[x] for x in carried if x in a}})
+            return (logits, k) if k == n or margin[0] > SINGLE_ROW_GUARD else None
 
         return run
 
@@ -192,8 +190,19 @@ class OrtSegments:
         arrays = {"input_ids": input_ids, "attention_mask": attention_mask}
         arrays["token_type_ids"] = token_type_ids if token_type_ids is not None else np.zeros_like(input_ids)
         if self._mean:
-            arrays["pool_weights"] = mean_pool_weights(attention_mask)
+            arrays["pool_weights"] = self._pool_weights(attention_mask)
         return OrtState(arrays)
+
+    def _pool_weights(self, mask: np.ndarray) -> np.ndarray:
+        """``mean_pool_weights(mask)``; for one unpadded row, kept per length (read-only, the same bits): at
+        batch size 1 each numpy call between two graph calls counts."""
+        if mask.shape[0] != 1 or not mask.all():
+            return mean_pool_weights(mask)
+        w = self._unpadded_pool.get(mask.shape[1])
+        if w is None:
+            w = self._unpadded_pool[mask.shape[1]] = mean_pool_weights(mask)
+            w.setflags(write=False)
+        return w
 
     def layer(self, index: int, state: OrtState, features: bool = False):
         """Segment ``index``: (state, logits [b, C]), and with ``features`` also {"nsp": [b]}."""
