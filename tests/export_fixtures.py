@@ -24,9 +24,10 @@ def _backbone_config(family: str):
     return BertConfig(**common, max_position_embeddings=64)
 
 
-def _model(family: str = "bert", pooling: str = "mean", seed: int = 0) -> MultiExitModel:
+def _model(family: str = "bert", pooling: str = "mean", seed: int = 0, num_labels: int = 3) -> MultiExitModel:
     torch.manual_seed(seed)
-    cfg = MultiExitConfig(num_labels=3, pooling=pooling, exit_dropout=0.0, task=None, labels=["a", "b", "c"])
+    labels = ["a", "b", "c", "d"][:num_labels]
+    cfg = MultiExitConfig(num_labels=num_labels, pooling=pooling, exit_dropout=0.0, task=None, labels=labels)
     return sharpen_exits(MultiExitModel.from_config(_backbone_config(family), cfg).eval())
 
 

@@ -22,7 +22,8 @@ from tiny import make_tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """Exports of BERT with mean pooling (pool weights fed), RoBERTa with [CLS] pooling, and the first in int8."""
+    """Exports of BERT with mean pooling (pool weights fed) and RoBERTa with [CLS] pooling (3 classes), and
+    of a two-class BERT in fp32 and int8."""
     tok = tmp_path_factory.mktemp("tok")
     make_tiny_tokenizer(tok)
     out = {}
@@ -31,11 +32,17 @@ def exports(tmp_path_factory):
         model = _model(family, pooling, seed=4)
         export_model(model, tok, folder, max_seq_length=40)
         out[family] = folder
-    folder = tmp_path_factory.mktemp("single-bert-int8") / "export"  # the default int8 recipe
-    export_model(_model("bert", "mean", seed=4), tok, folder, precision="int8", max_seq_length=40,
+    folder = tmp_path_factory.mktemp("single-bert-2") / "export"  # two classes: the stop test on the gap
+    export_model(_model("bert", "mean", seed=4, num_labels=2), tok, folder, max_seq_length=40)
+    out["bert-2"] = folder
+    folder = tmp_path_factory.mktemp("single-bert-int8") / "export"  # two classes, the default int8 recipe
+    export_model(_model("bert", "mean", seed=4, num_labels=2), tok, folder, precision="int8", max_seq_length=40,
                  calibration=_batches(_dataset(n=64, seed=9), 16))  # fmt: skip
     out["bert-int8"] = folder
     return out
+
+
+FAMILIES = ["bert", "roberta", "bert-2", "bert-int8"]
 
 
 def _rows(n: int = 30, seed: int = 5):
@@ -48,7 +55,7 @@ def _engines(folder, policy, temperatures=None):
     return one, segments
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "bert-int8"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_one_row_decides_as_the_segment_engine(exports, family, criterion):
     folder = exports[family]
@@ -76,11 +83,12 @@ def test_one_row_decides_as_the_segment_engine(exports, family, criterion):
         assert len(np.unique(layers)) >= 2  # a real mix of exits through the graph
 
 
+@pytest.mark.parametrize("family", ["bert", "bert-2"])
 @pytest.mark.parametrize("criterion", SINGLE_ROW_CRITERIA)
-def test_a_threshold_on_a_scores_exact_value_is_decided_by_the_engines_rule(exports, criterion):
+def test_a_threshold_on_a_scores_exact_value_is_decided_by_the_engines_rule(exports, family, criterion):
     """The graph stops within 1e-5 of the threshold and hands the row back; the engine runs it through the
     segments, where its numpy rule decides (entropy: < t, maxprob: >= t)."""
-    folder = exports["bert"]
+    folder = exports[family]
     rows = _rows(n=12, seed=6)
     seg = OrtSegments(folder, intra_op_threads=1)
     logits = all_exit_logits(OrtSegments(folder, single_row=False), rows)
@@ -142,7 +150,7 @@ def _ops(graph, op: str) -> int:
     return sum((n.op_type == op) + sum(_ops(a.g, op) for a in n.attribute if a.g.node) for n in graph.node)
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "bert-int8"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_each_layers_opening_layernorm_is_the_previous_exits(exports, family):
     import onnx
 
@@ -154,3 +162,31 @@ def test_each_layers_opening_layernorm_is_the_previous_exits(exports, family):
     # the one graph computes it once (and runs the segments' other nodes as they are, see the test above)
     assert _ops(one, "LayerNormalization") == sum(_ops(g, "LayerNormalization") for g in segments) - (len(segments) - 1)
     assert _ops(one, "If") == len(segments) - 1
+
+
+def test_a_two_class_graph_tests_the_logits_gap_and_three_classes_the_softmax(exports):
+    import onnx
+
+    for family, gap in (("bert", False), ("bert-2", True), ("bert-int8", True)):
+        folder = exports[family]
+        graph = onnx.load(str(folder / "early_exit.onnx")).graph
+        assert ("exit_limit" in [i.name for i in graph.input]) == gap
+        assert _ops(graph, "Softmax") == (0 if gap else 2) and _ops(graph, "Abs") == (2 if gap else 0)
+
+
+@pytest.mark.parametrize("criterion", SINGLE_ROW_CRITERIA)
+def test_the_gap_from_which_a_rule_takes_a_two_class_row_is_the_rules_own(criterion):
+    from romebert.runtime.onnx_runtime import stopping_gaps
+
+    rule = entropy if criterion == "entropy" else maxprob
+    thresholds = {"entropy": [0.3, 1e-30, 0.7, 0.0], "maxprob": [0.9, 1.0, 0.5, 1.5]}[criterion]
+    policy = get_policy(criterion, thresholds)
+    d = stopping_gaps(policy, 5)
+    assert d[2] == -1 and d[3] == np.inf and d[4] == -1  # every row (H <= ln 2, p >= 0.5); none; the final exit
+    for k in (0, 1):
+        exits = policy.step(k, np.array([[0.0, d[k]], [0.0, d[k] * (1 - 1e-9)]]), policy.init_state(2, 5))[0]
+        assert exits.tolist() == [True, False]
+        score = rule(np.array([[0.0, d[k]]]))[0]
+        assert score == pytest.approx(thresholds[k], rel=1e-6)
+    if criterion == "maxprob":  # p >= 1: only where softmax rounds to 1.0 in float64, from a gap of about 36.7
+        assert 36 < d[1] < 38

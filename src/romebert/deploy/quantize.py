@@ -56,6 +56,7 @@ class Int8Recipe:
     outliers: float | None = None  # input channels whose max |x| exceeds this x the median channel's are outliers
     max_outliers: int = 2  # per matrix product
     split: bool = False  # outlier channels split into copies (OCS), not multiplied in fp32 on the side
+    fold_copies: bool = False  # with split: the copies as one channel x_c / m, its weight row times m
     smooth: float | None = None  # SmoothQuant's alpha for the attention's input channels
     embeddings_fp32: bool = False
     fp32_groups: int = 0  # the most sensitive matrix products (measured) kept fp32
@@ -89,9 +90,10 @@ RECIPES: dict[str, Int8Recipe] = {
         Int8Recipe("per-channel-outliers-256", **_OUTLIERS),  # the same on 256 sentences
         Int8Recipe("per-channel-outliers-fp32-2", **_OUTLIERS, fp32_groups=2),
         Int8Recipe("per-channel-split", **_OUTLIERS, split=True, calibration_examples=1024),
+        Int8Recipe("per-channel-split-folded", **_OUTLIERS, split=True, fold_copies=True, calibration_examples=1024),
     )
 }
-DEFAULT_INT8 = "per-channel-split"
+DEFAULT_INT8 = "per-channel-split-folded"
 BASELINE_INT8 = "dynamic"
 
 
@@ -252,7 +254,7 @@ def rewrite(src: Path, dst: Path, rec: Int8Recipe, ranges: dict[str, np.ndarray]
             continue
         outliers[n.name] = [int(c) for c in top]
         if rec.split:
-            nodes += _split_channels(n, g, w_t, w, a, top, p)
+            nodes += _split_channels(n, g, w_t, w, a, top, p, rec.fold_copies)
             continue
         mask = np.ones(w.shape[0], np.float32)
         mask[top] = 0.0
@@ -276,24 +278,34 @@ def rewrite(src: Path, dst: Path, rec: Int8Recipe, ranges: dict[str, np.ndarray]
 MAX_COPIES = 64  # per split channel: beyond it the channel keeps a coarser step rather than the product growing
 
 
-def _split_channels(n, g, w_t, w: np.ndarray, a: np.ndarray, top: np.ndarray, p: str) -> list:
+def _split_channels(n, g, w_t, w: np.ndarray, a: np.ndarray, top: np.ndarray, p: str, fold: bool) -> list:
     """Outlier channel splitting (Zhao et al., 2019) for product ``n`` (x [.., K] @ w [K, N]): channel c,
     m_c times the largest other channel's max, becomes m_c copies of x_c / m_c (x scaled, then the extra
     copies gathered and appended), and its weight row is repeated m_c times. The product is the same; the
     int8 input's range is the other channels'. Its side nodes touch [.., K] (and the copies), where the
-    fp32 side product writes and sums an [.., N] output. ``w_t``: the graph's initializer holding ``w``."""
+    fp32 side product writes and sums an [.., N] output. ``w_t``: the graph's initializer holding ``w``.
+
+    ``fold``: the m_c copies quantize to the same integer, so they are one channel x_c / m_c whose weight
+    row is m_c w_c: one node (the scaling), the product no wider. Its weights differ in their rounding: a
+    column whose largest entry becomes m_c w_c gets a coarser int8 step."""
     from onnx import helper, numpy_helper
 
     level = max(float(np.delete(a, top).max(initial=0.0)), 1e-6 * float(a[top].max()), 1e-30)
     copies = {int(c): int(min(np.ceil(a[c] / level), MAX_COPIES)) for c in top}
-    extra = np.concatenate([np.full(m - 1, c) for c, m in copies.items()]).astype(np.int64)  # [E]
     share = np.ones(w.shape[0], np.float32)
     for c, m in copies.items():
         share[c] = 1.0 / m
-    w_t.CopyFrom(numpy_helper.from_array(np.concatenate([w, w[extra]]).astype(np.float32), w_t.name))  # [K+E, N]
-    g.initializer.extend([numpy_helper.from_array(share, f"{p}/share"), numpy_helper.from_array(extra, f"{p}/copies")])
     x = n.input[0]
     n.input[0] = f"{p}/x"
+    g.initializer.append(numpy_helper.from_array(share, f"{p}/share"))
+    if fold:
+        rows = np.ones(w.shape[0], np.float32)
+        rows[list(copies)] = list(copies.values())
+        w_t.CopyFrom(numpy_helper.from_array((w * rows[:, None]).astype(np.float32), w_t.name))  # [K, N]
+        return [helper.make_node("Mul", [x, f"{p}/share"], [f"{p}/x"], name=f"{p}/Split"), n]
+    extra = np.concatenate([np.full(m - 1, c) for c, m in copies.items()]).astype(np.int64)  # [E]
+    w_t.CopyFrom(numpy_helper.from_array(np.concatenate([w, w[extra]]).astype(np.float32), w_t.name))  # [K+E, N]
+    g.initializer.append(numpy_helper.from_array(extra, f"{p}/copies"))
     return [helper.make_node("Mul", [x, f"{p}/share"], [f"{p}/xs"], name=f"{p}/Split"),
             helper.make_node("Gather", [f"{p}/xs", f"{p}/copies"], [f"{p}/xe"], name=f"{p}/Copies", axis=-1),
             helper.make_node("Concat", [f"{p}/xs", f"{p}/xe"], [f"{p}/x"], name=f"{p}/Append", axis=-1), n]  # fmt: skip

@@ -2,25 +2,33 @@
 segment graphs.
 
 With one row, the exit decision after layer k belongs to that row alone, so it can be taken inside the
-graph: segment k's nodes, then its exit score, then an ``If`` whose then-branch returns exit k's logits
+graph: segment k's nodes, then its exit test, then an ``If`` whose then-branch returns exit k's logits
 and whose else-branch holds segment k+1 and the next ``If``. One session call runs the input to its exit,
 with no per-layer call, no state copied out and back, and one thread pool that stays warm. The segments'
 own nodes are copied unchanged (renamed), so the graph computes the segments' logits bit for bit.
 
 Inputs: segment 1's (input_ids, attention_mask, [token_type_ids], [pool_weights]) and
     temperatures [L] float32   exit k's logits are divided by temperatures[k-1] (ones: no calibration)
-    exit_bias [L] float32      per exit: t for entropy, -t for maxprob (the host fills it from the policy)
-    use_maxprob [1] bool
+    exit_bias [L] float32      per exit, filled by the host from the policy (below)
+    use_maxprob [1] bool       more than two classes: the rule is maxprob (else entropy)
+    exit_limit [L] float32     two classes: the stop test's limit on the raw logits' gap
 Outputs:
     logits [1, C] float32      the (scaled) logits of the exit the graph stopped at
     exit_layer [1] int64       that exit, 1-based
-    margin [1] float32         entropy: t - H; maxprob: p_max - t (the rule exits when it is > 0)
+    margin [1] float32         how far past the threshold the row was there (the rule exits when > 0)
 
-The graph stops at exit k when ``margin >= -GUARD``. The host (``runtime/onnx_runtime.py``) accepts the
-exit when ``margin > GUARD``; within ``GUARD`` of the threshold (about one decision in 10^5) it runs the
-row through the segment graphs instead, where the engine decides with its own numpy scores (float64). The
-graph's float32 scores are within about 1e-7 of the engine's, far inside ``GUARD``, so every decision is
-the engine's, ties included. (float32 and a few kernels per exit: at batch size 1 each kernel call counts.)
+More than two classes: exit_bias is t for entropy and -t for maxprob, the margin entropy: t - H;
+maxprob: p_max - t, and the graph stops at exit k when ``margin >= -GUARD``. Two classes: both rules
+depend on the scaled logits' gap |z_1 - z_0| alone, and take a row from a gap d_k on (the host finds d_k
+with the policy's own rule: ``runtime/onnx_runtime.py``). The test is then |raw gap| >= exit_limit[k-1]
+(T_k (d_k - guard_k)), three kernels instead of nine, and the margin, computed once in the branch that
+returns, is |raw gap| / T_k - d_k (exit_bias = -d_k).
+
+The host accepts the exit when the margin exceeds its guard; within it (about one decision in 10^5) it
+runs the row through the segment graphs instead, where the engine decides with its own numpy scores
+(float64). The graph's float32 arithmetic is within about 1e-7 (relative) of the engine's, far inside the
+guard, so every decision is the engine's, ties included. (Few kernels per exit: at batch size 1 each
+kernel call counts.)
 """
 
 from __future__ import annotations
@@ -31,10 +39,10 @@ import numpy as np
 
 from romebert.core.errors import RomebertError
 from romebert.runtime.artefacts import ExportManifest
-from romebert.runtime.onnx_runtime import SINGLE_ROW_GUARD, SINGLE_ROW_INPUTS
+from romebert.runtime.onnx_runtime import SINGLE_ROW_GUARD, SINGLE_ROW_INPUTS, TWO_CLASS_INPUTS
 
 SINGLE_ROW_FILE = "early_exit.onnx"
-_TOP = ("input_ids", "attention_mask", "token_type_ids", "pool_weights", *SINGLE_ROW_INPUTS)
+_TOP = ("input_ids", "attention_mask", "token_type_ids", "pool_weights", *SINGLE_ROW_INPUTS, *TWO_CLASS_INPUTS)
 _OWN = ("next_state", "logits")  # each segment's outputs, read by name by the levels: never taken from another
 
 
@@ -49,17 +57,23 @@ def build_single_row(folder: Path, manifest: ExportManifest, out: Path) -> None:
     n = len(segs)
     first = segs[0].graph
     inputs = [i for i in first.input if i.name in manifest.graphs[0].inputs]
-    inputs += [helper.make_tensor_value_info("temperatures", TensorProto.FLOAT, [n]),
-               helper.make_tensor_value_info("exit_bias", TensorProto.FLOAT, [n]),
-               helper.make_tensor_value_info("use_maxprob", TensorProto.BOOL, [1])]  # fmt: skip
-    top = [helper.make_node("Split", ["temperatures"], [f"temperature/{k}" for k in range(1, n + 1)], axis=0),
-           helper.make_node("Split", ["exit_bias"], [f"bias/{k}" for k in range(1, n + 1)], axis=0),
-           _const("guard", TensorProto.FLOAT, [], [-SINGLE_ROW_GUARD])]  # fmt: skip
+    gap = manifest.num_labels == 2  # two classes: the stop test on the logits' gap
+    per_exit = ("temperatures", "exit_bias", "exit_limit") if gap else ("temperatures", "exit_bias")
+    inputs += [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n]) for x in per_exit]
+    if not gap:
+        inputs.append(helper.make_tensor_value_info("use_maxprob", TensorProto.BOOL, [1]))
+    # each per-exit vector cut into its exits' scalars ("temperatures" -> "temperatures/1" ..)
+    top = [helper.make_node("Split", [x], [f"{x}/{k}" for k in range(1, n + 1)], axis=0) for x in per_exit]
     if manifest.opset >= 18:  # Split takes its output count as an attribute from opset 18
-        for node in top[:2]:
+        for node in top:
             node.attribute.append(helper.make_attribute("num_outputs", n))
+    if gap:
+        top.append(_const("gap/basis", TensorProto.FLOAT, [2], [-1.0, 1.0]))  # z_1 - z_0 = z @ [-1, 1]
+    else:
+        top += [_const("guard", TensorProto.FLOAT, [], [-SINGLE_ROW_GUARD]),
+                _const("axis/last", TensorProto.INT64, [1], [-1])]  # fmt: skip
     outputs = ["logits", "exit_layer", "margin"]
-    nodes, inits, infos = _level(1, segs, outputs, manifest.opset, {})
+    nodes, inits, infos = _level(1, segs, outputs, manifest.opset, gap, {})
     types = (TensorProto.FLOAT, TensorProto.INT64, TensorProto.FLOAT)
     graph = helper.make_graph(top + nodes, "early_exit", inputs,
                               [helper.make_tensor_value_info(o, t, None) for o, t in zip(outputs, types, strict=True)],
@@ -158,43 +172,48 @@ def _needed(g, outputs: tuple[str, ...]) -> list:
     return [n for n in g.node if id(n) in keep]
 
 
-def _level(k: int, segs: list, outs: list[str], opset: int, shared: dict) -> tuple[list, list, list]:
+def _level(k: int, segs: list, outs: list[str], opset: int, gap: bool, shared: dict) -> tuple[list, list, list]:
     """Nodes, initializers, value infos of the graph running segment k and, unless exit k stops the row,
-    segments k+1.. (nested); its outputs are named ``outs``."""
+    segments k+1.. (nested); its outputs are named ``outs``. ``gap``: the two-class stop test."""
     from onnx import TensorProto, helper
 
     n = len(segs)
     nodes, inits, infos = _renamed(k, segs[k - 1], shared)
-    p = f"s{k}"
-    nodes.append(helper.make_node("Div", [f"{p}/logits", f"temperature/{k}"], [f"{p}/scaled"]))
+    p, t = f"s{k}", f"then{k}"
+    scale = helper.make_node("Div", [f"{p}/logits", f"temperatures/{k}"], [f"{p}/scaled"])
     if k == n:  # the final head takes the row: no decision
-        nodes += [helper.make_node("Identity", [f"{p}/scaled"], [outs[0]]),
+        nodes += [scale, helper.make_node("Identity", [f"{p}/scaled"], [outs[0]]),
                   _const(outs[1], TensorProto.INT64, [1], [k]),
                   _const(outs[2], TensorProto.FLOAT, [1], [np.inf])]  # fmt: skip
         return nodes, inits, infos
-    nodes += [
-        helper.make_node("Softmax", [f"{p}/scaled"], [f"{p}/p"], axis=-1),
-        helper.make_node("LogSoftmax", [f"{p}/scaled"], [f"{p}/logp"], axis=-1),
-        helper.make_node("Mul", [f"{p}/p", f"{p}/logp"], [f"{p}/plogp"]),
-        helper.make_node("ReduceSum", [f"{p}/plogp", "axis/last"], [f"{p}/neg_entropy"], keepdims=0),
-        helper.make_node("ReduceMax", [f"{p}/p", "axis/last"], [f"{p}/maxprob"], keepdims=0)
-        if opset >= 18
-        else helper.make_node("ReduceMax", [f"{p}/p"], [f"{p}/maxprob"], axes=[-1], keepdims=0),
-        helper.make_node("Where", ["use_maxprob", f"{p}/maxprob", f"{p}/neg_entropy"], [f"{p}/score"]),
-        helper.make_node("Add", [f"{p}/score", f"bias/{k}"], [f"{p}/margin"]),
-        helper.make_node("GreaterOrEqual", [f"{p}/margin", "guard"], [f"{p}/stop"]),
-    ]
-    if k == 1:
-        nodes.insert(0, _const("axis/last", TensorProto.INT64, [1], [-1]))
-    t = f"then{k}"
-    then = helper.make_graph(
-        [helper.make_node("Identity", [f"{p}/scaled"], [f"{t}/logits"]),
-         _const(f"{t}/exit_layer", TensorProto.INT64, [1], [k]),
-         helper.make_node("Identity", [f"{p}/margin"], [f"{t}/margin"])],
-        t, [], _infos([f"{t}/logits", f"{t}/exit_layer", f"{t}/margin"]))  # fmt: skip
+    returned = [_const(f"{t}/exit_layer", TensorProto.INT64, [1], [k])]
+    if gap:  # |z_1 - z_0| >= limit; the scaling and the margin only in the branch that returns
+        nodes += [helper.make_node("MatMul", [f"{p}/logits", "gap/basis"], [f"{p}/gap"]),  # [1]
+                  helper.make_node("Abs", [f"{p}/gap"], [f"{p}/abs_gap"]),
+                  helper.make_node("GreaterOrEqual", [f"{p}/abs_gap", f"exit_limit/{k}"], [f"{p}/stop"])]  # fmt: skip
+        returned += [helper.make_node("Div", [f"{p}/logits", f"temperatures/{k}"], [f"{t}/logits"]),
+                     helper.make_node("Div", [f"{p}/abs_gap", f"temperatures/{k}"], [f"{t}/scaled_gap"]),
+                     helper.make_node("Add", [f"{t}/scaled_gap", f"exit_bias/{k}"], [f"{t}/margin"])]  # fmt: skip
+    else:
+        nodes += [
+            scale,
+            helper.make_node("Softmax", [f"{p}/scaled"], [f"{p}/p"], axis=-1),
+            helper.make_node("LogSoftmax", [f"{p}/scaled"], [f"{p}/logp"], axis=-1),
+            helper.make_node("Mul", [f"{p}/p", f"{p}/logp"], [f"{p}/plogp"]),
+            helper.make_node("ReduceSum", [f"{p}/plogp", "axis/last"], [f"{p}/neg_entropy"], keepdims=0),
+            helper.make_node("ReduceMax", [f"{p}/p", "axis/last"], [f"{p}/maxprob"], keepdims=0)
+            if opset >= 18
+            else helper.make_node("ReduceMax", [f"{p}/p"], [f"{p}/maxprob"], axes=[-1], keepdims=0),
+            helper.make_node("Where", ["use_maxprob", f"{p}/maxprob", f"{p}/neg_entropy"], [f"{p}/score"]),
+            helper.make_node("Add", [f"{p}/score", f"exit_bias/{k}"], [f"{p}/margin"]),
+            helper.make_node("GreaterOrEqual", [f"{p}/margin", "guard"], [f"{p}/stop"]),
+        ]
+        returned += [helper.make_node("Identity", [f"{p}/scaled"], [f"{t}/logits"]),
+                     helper.make_node("Identity", [f"{p}/margin"], [f"{t}/margin"])]  # fmt: skip
+    then = helper.make_graph(returned, t, [], _infos([f"{t}/logits", f"{t}/exit_layer", f"{t}/margin"]))
     e = f"else{k}"
     sub_outs = [f"{e}/logits", f"{e}/exit_layer", f"{e}/margin"]
-    sub_nodes, sub_inits, sub_infos = _level(k + 1, segs, sub_outs, opset, shared)
+    sub_nodes, sub_inits, sub_infos = _level(k + 1, segs, sub_outs, opset, gap, shared)
     other = helper.make_graph(sub_nodes, e, [], _infos(sub_outs), initializer=sub_inits, value_info=sub_infos)
     nodes.append(helper.make_node("If", [f"{p}/stop"], outs, then_branch=then, else_branch=other))
     return nodes, inits, infos

@@ -31,6 +31,10 @@ from romebert.runtime.policies import POLICIES
 # thresholds) are within about 1e-7 of them, far below GUARD.
 SINGLE_ROW_GUARD = 1e-5
 SINGLE_ROW_INPUTS = ("temperatures", "exit_bias", "use_maxprob")
+TWO_CLASS_INPUTS = ("exit_limit",)  # a two-class graph's: its stop test on the logits' gap (no use_maxprob)
+# the largest gap between two classes' logits searched for the gap from which a rule takes a row: beyond
+# it softmax is 1 and 0 in float64, so a rule that takes no row there takes none at all
+_MAX_GAP = 1e3
 SINGLE_ROW_CRITERIA = ("entropy", "maxprob")
 # ONNX Runtime's session-time fusions that romebert's sessions leave out: its CPU SkipLayerNormalization
 # kernel is slower than the residual Add and LayerNormalization it would replace (the export does not fuse
@@ -171,17 +175,28 @@ class OrtSegments:
         if self._single_file is None or name not in SINGLE_ROW_CRITERIA or type(policy) is not POLICIES[name]:
             return None
         n = self.num_layers
-        bias = (threshold_vector(policy.threshold, n) * (-1.0 if name == "maxprob" else 1.0)).astype(np.float32)
-        bias[-1] = 0.0  # the final exit takes every row left: its threshold (maybe inf) is never read
-        temps = np.asarray(temperatures if temperatures is not None else np.ones(n), np.float32)
-        feed = {"exit_bias": bias, "use_maxprob": np.array([name == "maxprob"]), "temperatures": temps}
+        temps = np.asarray(temperatures if temperatures is not None else np.ones(n), np.float64)
+        if "exit_limit" in self.manifest.single_row_graph.inputs:  # two classes: the test on the logits' gap
+            d = stopping_gaps(policy, n)
+            # relative: the gap's float32 rounding grows with it (an exit that takes no row needs none)
+            guard = SINGLE_ROW_GUARD * (1.0 + np.abs(np.where(np.isinf(d), 0.0, d)))
+            feed = {"exit_bias": -d, "exit_limit": temps * (d - guard)}
+        else:
+            guard = np.full(n, SINGLE_ROW_GUARD)
+            feed = {"exit_bias": threshold_vector(policy.threshold, n) * (-1.0 if name == "maxprob" else 1.0),
+                    "use_maxprob": np.array([name == "maxprob"])}  # fmt: skip
+        for k in ("exit_bias", "exit_limit"):
+            if k in feed:
+                feed[k][-1] = 0.0  # the final exit takes every row left: its entry (maybe inf) is never read
+                feed[k] = feed[k].astype(np.float32)
+        feed["temperatures"] = temps.astype(np.float32)
 
         def run(state: OrtState) -> tuple[np.ndarray, int] | None:
             a = state.arrays
             sess, names = self._single_session()
             logits, layer, margin = sess.run(None, {k: feed[k] if k in feed else a[k] for k in names})
             k = int(layer[0])
-            return (logits, k) if k == n or margin[0] > SINGLE_ROW_GUARD else None
+            return (logits, k) if k == n or margin[0] > guard[k - 1] else None
 
         return run
 
@@ -225,6 +240,31 @@ class OrtSegments:
     def merge(self, states: Sequence[OrtState], cols: int) -> OrtState:
         keys = states[0].arrays
         return OrtState({k: np.concatenate([_width(s.arrays[k], cols) for s in states]) for k in keys})
+
+
+def stopping_gaps(policy: ExitPolicy, num_layers: int) -> np.ndarray:
+    """For two classes, per exit: the gap |z_1 - z_0| between the (scaled) logits from which ``policy`` (a
+    rule on the softmax, monotone in the gap: entropy, maxprob) takes a row; -1 where it takes every row,
+    inf where none (the final exit: -1). Found with the policy's own rule, narrowing [0, _MAX_GAP] 64-fold
+    a round, to well inside ``SINGLE_ROW_GUARD``."""
+
+    def exits(layer: int, gaps: np.ndarray) -> np.ndarray:
+        logits = np.stack([np.zeros_like(gaps), gaps], axis=1)  # [m, 2]
+        return policy.step(layer, logits, policy.init_state(len(gaps), num_layers))[0]
+
+    d = np.full(num_layers, -1.0)
+    for layer in range(num_layers - 1):
+        ends = exits(layer, np.array([0.0, _MAX_GAP]))
+        if ends[0] or not ends[1]:
+            d[layer] = -1.0 if ends[0] else np.inf
+            continue
+        lo, hi = 0.0, _MAX_GAP
+        for _ in range(8):
+            gaps = np.linspace(lo, hi, 65)
+            first = int(np.argmax(exits(layer, gaps)))  # (the last one exits, the first does not)
+            lo, hi = gaps[first - 1], gaps[first]
+        d[layer] = hi
+    return d
 
 
 def new_session(model: str | bytes, so: Any = None) -> Any:
