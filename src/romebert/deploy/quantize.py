@@ -9,7 +9,9 @@ scale per tensor then spends most of its 256 levels on them. The default recipe 
 * quantizes weights per output channel (``per_channel``);
 * shrinks those outlier channels in the int8 input (``outliers``, found on calibration sentences from
   the training split): each is split into m copies of x_c / m, its weight row repeated m times, so that
-  it no longer sets the tensor's scale (``split``: outlier channel splitting, OCS). The older treatment,
+  it no longer sets the tensor's scale (``split``: outlier channel splitting, OCS); the copies quantize
+  alike, so the default folds them into one channel x_c / m with the weight row m w_c (``fold_copies``:
+  one node per product, none gathering or appending). The older treatment,
   LLM.int8's decomposition on fixed channels (the channel multiplied in fp32 on the side, a [t, k] x
   [k, N] product, and zeroed in the int8 input), is as accurate and slower: its side product writes
   and sums an output as wide as the product's;
