@@ -190,3 +190,30 @@ def test_the_gap_from_which_a_rule_takes_a_two_class_row_is_the_rules_own(criter
         assert score == pytest.approx(thresholds[k], rel=1e-6)
     if criterion == "maxprob":  # p >= 1: only where softmax rounds to 1.0 in float64, from a gap of about 36.7
         assert 36 < d[1] < 38
+
+
+def test_an_older_export_whose_one_graph_also_returns_the_state_still_runs(exports, tmp_path):
+    import shutil
+
+    import onnx
+    from onnx import helper
+
+    from romebert.core.files import sha256
+
+    folder = tmp_path / "older"
+    shutil.copytree(exports["bert"], folder)
+    path = folder / "early_exit.onnx"
+    model = onnx.load(str(path))  # exports before 2026-12-05 returned a fourth output, the state
+    model.graph.node.append(helper.make_node("Identity", ["pool_weights"], ["state"]))
+    model.graph.output.append(helper.make_tensor_value_info("state", onnx.TensorProto.FLOAT, None))
+    onnx.save(model, str(path))
+    manifest = ExportManifest.load(folder, verify=False)
+    manifest.single_row_graph.sha256 = sha256(path)
+    manifest.save(folder)
+    rows = _rows(n=8, seed=3)
+    policy = get_policy("entropy", float(np.quantile(entropy(all_exit_logits(OrtSegments(folder), rows)[:-1]), 0.5)))
+    one, segments = _engines(folder, policy)
+    a, b = [one.run(*r) for r in rows], [segments.run(*r) for r in rows]
+    assert len(one.segments._single[0].get_outputs()) == 4  # the older graph, run through
+    assert [o.exit_layer[0] for o in a] == [o.exit_layer[0] for o in b]
+    assert all(np.array_equal(x.logits, y.logits) for x, y in zip(a, b, strict=True))

@@ -31,6 +31,8 @@ from romebert.runtime.policies import POLICIES
 # thresholds) are within about 1e-7 of them, far below GUARD.
 SINGLE_ROW_GUARD = 1e-5
 SINGLE_ROW_INPUTS = ("temperatures", "exit_bias", "use_maxprob")
+# (by name: exports of romebert before 2026-12-05 also return the state)
+_SINGLE_ROW_OUTPUTS = ["logits", "exit_layer", "margin"]
 TWO_CLASS_INPUTS = ("exit_limit",)  # a two-class graph's: its stop test on the logits' gap (no use_maxprob)
 # the largest gap between two classes' logits searched for the gap from which a rule takes a row: beyond
 # it softmax is 1 and 0 in float64, so a rule that takes no row there takes none at all
@@ -194,7 +196,7 @@ class OrtSegments:
         def run(state: OrtState) -> tuple[np.ndarray, int] | None:
             a = state.arrays
             sess, names = self._single_session()
-            logits, layer, margin = sess.run(None, {k: feed[k] if k in feed else a[k] for k in names})
+            logits, layer, margin = sess.run(_SINGLE_ROW_OUTPUTS, {k: feed[k] if k in feed else a[k] for k in names})
             k = int(layer[0])
             return (logits, k) if k == n or margin[0] > guard[k - 1] else None
 
