@@ -145,9 +145,11 @@ def bench_task(run: Path, work: Path, args) -> tuple[list[R.Row], dict, str]:
                           None if p.policy is None else p.policy.threshold, metric_of(task, logits, labels),
                           float(np.mean(layers)), model.num_layers / float(np.mean(layers)), fp32_metric=fp32_metric,
                           settings=settings))  # fmt: skip
-    for p, r in zip(paths, rows, strict=True):  # the exits of the inputs timed at batch size 1, run as timed
+    exits1 = {}  # engine path -> exit layer of each input timed at batch size 1, run as timed
+    for p, r in zip(paths, rows, strict=True):
         if "exit_layer" in p.extra:
-            r.bs1_layer_speedup = model.num_layers / float(np.mean([p.extra["exit_layer"](b) for b in one]))
+            exits1[p.name] = np.array([p.extra["exit_layer"](b) for b in one])
+            r.bs1_layer_speedup = model.num_layers / float(np.mean(exits1[p.name]))
     busy = T.busy_cores()
     bs1 = T.interleaved({p.name: (lambda p=p: [p.run_one(b) for b in one]) for p in paths}, args.repeats)
     batched = [p for p in paths if not p.extra.get("variant")]  # (the variants differ at batch size 1 only)
@@ -156,6 +158,14 @@ def bench_task(run: Path, work: Path, args) -> tuple[list[R.Row], dict, str]:
         R.set_times(r, "1", bs1[r.path], len(one))
         if r.path in bs32:
             R.set_times(r, "32", bs32[r.path], len(labels))
+    # what a zero-overhead early exit would reach on those inputs: each one's time in the baseline, cut to
+    # exit / L of it (inputs that leave later can be longer or shorter than the rest)
+    base = R.fastest_full(rows, task.name, "ort-int8", "1")
+    full_one = next(p for p in paths if p.name == base.path).run_one
+    per_input = np.array([min(T.seconds(lambda b=b: full_one(b)) for _ in range(5)) for b in one])
+    for r in rows:
+        if r.path in exits1:
+            r.bs1_ideal_speedup = float(per_input.sum() / (per_input * exits1[r.path] / model.num_layers).sum())
     breakdown = _breakdown(runtimes[-1], one, paths, args.repeats)
     breakdown["busy cores during the run (other processes)"] = f"{busy:.2f}"
     return rows, breakdown, task.name

@@ -54,7 +54,9 @@ def test_the_benchmark_runs_and_reports_every_path(tiny_run, tmp_path):
         assert 3 <= 9 / r["bs1_layer_speedup"] <= 9 and 9 / r["bs1_layer_speedup"] == pytest.approx(
             round(9 / r["bs1_layer_speedup"])
         )
-    assert all(r["bs1_layer_speedup"] is None for r in rows if r["kind"] != "engine")
+    assert all(r["bs1_layer_speedup"] is None and r["bs1_ideal_speedup"] is None for r in rows if r["kind"] != "engine")
+    # a zero-overhead early exit's speed-up on the same inputs: between 1 and 3x (3 layers)
+    assert all(1.0 <= r["bs1_ideal_speedup"] <= 3.0 for r in rows if r["kind"] == "engine")
     assert all(r["bs1_layer_speedup"] == one_graph["bs1_layer_speedup"] for r in others)  # the same decisions
     ratio = next(t for t in report["targets"]["SST-2"] if t["target"].startswith("SST-2: engine <=1pt / ort-int8,"))
     assert ratio["got"] == pytest.approx(one_graph["vs_ort_int8"]["1"] / one_graph["bs1_layer_speedup"])
@@ -62,6 +64,7 @@ def test_the_benchmark_runs_and_reports_every_path(tiny_run, tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == rows
     md = out.with_suffix(".md").read_text()
     assert "| engine <=1pt / ort-int8 |" in md and "Against the targets" in md
+    assert "engine <=1pt / ort-int8, batch size 1, speed-up over full ORT int8 / a zero-overhead" in md
     assert "| engine <=1pt / ort-int8 (per-layer graphs at bs 1) |" in md and "min / median / max" in md
     assert "| engine <=1pt / ort-int8 (one graph without spinning at bs 1) |" in md
     assert "Baseline (full ORT int8, best session setting): batch size 1: " in md

@@ -34,6 +34,8 @@ class Row:
     # engines: the layer speed-up of the inputs timed at batch size 1 (a subset of dev), each run alone as timed:
     # what the batch-size-1 speed-up is set against (the dev split's own can differ: other inputs, other exits)
     bs1_layer_speedup: float | None = None
+    # engines: a zero-overhead early exit's speed-up on those inputs (each one's baseline time x exit / L)
+    bs1_ideal_speedup: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -171,6 +173,10 @@ def markdown(report: dict[str, Any]) -> str:
         for t in report["targets"][task]:
             lines.append(f"- {'met' if t['met'] else 'MISSED'}: {t['target']}: {t['got']:.2f} (needed {t['needed']})")
         lines += [f"- for comparison: {line}" for line in against_romebert_fusions(rows, task)]
+        lines += [f"- for comparison: {r.path}, batch size 1, speed-up over full ORT int8 / a zero-overhead early "
+                  f"exit's on the same inputs (each input's baseline time x its exit / L; "
+                  f"{r.bs1_ideal_speedup:.2f}x): {r.vs_ort_int8['1'] / r.bs1_ideal_speedup:.2f}"
+                  for r in rows if r.runtime == "ort-int8" and r.bs1_ideal_speedup and not r.settings]  # fmt: skip
         b = report["breakdown"].get(task)
         if b:
             lines += ["", "### Where the engine's time goes (ORT int8, batch size 1)", ""]

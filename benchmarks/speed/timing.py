@@ -7,6 +7,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def busy_cores(seconds: float = 0.5) -> float:
@@ -50,6 +51,13 @@ def interleaved(work: dict[str, Callable[[], None]], repeats: int, warmup: int =
             fn()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def seconds(fn: Callable[[], Any]) -> float:
+    """Wall seconds of one call of ``fn``."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def median(values: list[float]) -> float:
