@@ -56,7 +56,8 @@ def test_the_benchmark_runs_and_reports_every_path(tiny_run, tmp_path):
         )
     assert all(r["bs1_layer_speedup"] is None and r["bs1_ideal_speedup"] is None for r in rows if r["kind"] != "engine")
     # a zero-overhead early exit's speed-up on the same inputs: between 1 and 3x (3 layers)
-    assert all(1.0 <= r["bs1_ideal_speedup"] <= 3.0 for r in rows if r["kind"] == "engine")
+    ideal = [r["bs1_ideal_speedup"] for r in rows if r["kind"] == "engine"]
+    assert all(1.0 - 1e-9 <= x <= 3.0 + 1e-9 for x in ideal), ideal
     assert all(r["bs1_layer_speedup"] == one_graph["bs1_layer_speedup"] for r in others)  # the same decisions
     ratio = next(t for t in report["targets"]["SST-2"] if t["target"].startswith("SST-2: engine <=1pt / ort-int8,"))
     assert ratio["got"] == pytest.approx(one_graph["vs_ort_int8"]["1"] / one_graph["bs1_layer_speedup"])
