@@ -39,7 +39,7 @@ import numpy as np
 
 from romebert.core.errors import RomebertError
 from romebert.runtime.artefacts import ExportManifest
-from romebert.runtime.onnx_runtime import SINGLE_ROW_GUARD, SINGLE_ROW_INPUTS, TWO_CLASS_INPUTS
+from romebert.runtime.onnx_runtime import SINGLE_ROW_GUARD, SINGLE_ROW_INPUTS, SINGLE_ROW_OUTPUTS, TWO_CLASS_INPUTS
 
 SINGLE_ROW_FILE = "early_exit.onnx"
 _TOP = ("input_ids", "attention_mask", "token_type_ids", "pool_weights", *SINGLE_ROW_INPUTS, *TWO_CLASS_INPUTS)
@@ -72,7 +72,7 @@ def build_single_row(folder: Path, manifest: ExportManifest, out: Path) -> None:
     else:
         top += [_const("guard", TensorProto.FLOAT, [], [-SINGLE_ROW_GUARD]),
                 _const("axis/last", TensorProto.INT64, [1], [-1])]  # fmt: skip
-    outputs = ["logits", "exit_layer", "margin"]
+    outputs = SINGLE_ROW_OUTPUTS
     nodes, inits, infos = _level(1, segs, outputs, manifest.opset, gap, {})
     types = (TensorProto.FLOAT, TensorProto.INT64, TensorProto.FLOAT)
     graph = helper.make_graph(top + nodes, "early_exit", inputs,
@@ -180,10 +180,12 @@ def _level(k: int, segs: list, outs: list[str], opset: int, gap: bool, shared: d
     n = len(segs)
     nodes, inits, infos = _renamed(k, segs[k - 1], shared)
     p, t = f"s{k}", f"then{k}"
-    scale = helper.make_node("Div", [f"{p}/logits", f"temperatures/{k}"], [f"{p}/scaled"])
+
+    def scaled(out: str):  # exit k's logits divided by its temperature
+        return helper.make_node("Div", [f"{p}/logits", f"temperatures/{k}"], [out])
+
     if k == n:  # the final head takes the row: no decision
-        nodes += [scale, helper.make_node("Identity", [f"{p}/scaled"], [outs[0]]),
-                  _const(outs[1], TensorProto.INT64, [1], [k]),
+        nodes += [scaled(outs[0]), _const(outs[1], TensorProto.INT64, [1], [k]),
                   _const(outs[2], TensorProto.FLOAT, [1], [np.inf])]  # fmt: skip
         return nodes, inits, infos
     returned = [_const(f"{t}/exit_layer", TensorProto.INT64, [1], [k])]
@@ -191,12 +193,12 @@ def _level(k: int, segs: list, outs: list[str], opset: int, gap: bool, shared: d
         nodes += [helper.make_node("MatMul", [f"{p}/logits", "gap/basis"], [f"{p}/gap"]),  # [1]
                   helper.make_node("Abs", [f"{p}/gap"], [f"{p}/abs_gap"]),
                   helper.make_node("GreaterOrEqual", [f"{p}/abs_gap", f"exit_limit/{k}"], [f"{p}/stop"])]  # fmt: skip
-        returned += [helper.make_node("Div", [f"{p}/logits", f"temperatures/{k}"], [f"{t}/logits"]),
+        returned += [scaled(f"{t}/logits"),
                      helper.make_node("Div", [f"{p}/abs_gap", f"temperatures/{k}"], [f"{t}/scaled_gap"]),
                      helper.make_node("Add", [f"{t}/scaled_gap", f"exit_bias/{k}"], [f"{t}/margin"])]  # fmt: skip
     else:
         nodes += [
-            scale,
+            scaled(f"{p}/scaled"),
             helper.make_node("Softmax", [f"{p}/scaled"], [f"{p}/p"], axis=-1),
             helper.make_node("LogSoftmax", [f"{p}/scaled"], [f"{p}/logp"], axis=-1),
             helper.make_node("Mul", [f"{p}/p", f"{p}/logp"], [f"{p}/plogp"]),

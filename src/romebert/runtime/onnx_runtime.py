@@ -31,8 +31,8 @@ from romebert.runtime.policies import POLICIES
 # thresholds) are within about 1e-7 of them, far below GUARD.
 SINGLE_ROW_GUARD = 1e-5
 SINGLE_ROW_INPUTS = ("temperatures", "exit_bias", "use_maxprob")
-# (by name: exports of romebert before 2026-12-05 also return the state)
-_SINGLE_ROW_OUTPUTS = ["logits", "exit_layer", "margin"]
+# the one graph's outputs, asked by name (exports of romebert before 2026-12-05 also return the state)
+SINGLE_ROW_OUTPUTS = ["logits", "exit_layer", "margin"]
 TWO_CLASS_INPUTS = ("exit_limit",)  # a two-class graph's: its stop test on the logits' gap (no use_maxprob)
 # the largest gap between two classes' logits searched for the gap from which a rule takes a row: beyond
 # it softmax is 1 and 0 in float64, so a rule that takes no row there takes none at all
@@ -182,21 +182,19 @@ class OrtSegments:
             d = stopping_gaps(policy, n)
             # relative: the gap's float32 rounding grows with it (an exit that takes no row needs none)
             guard = SINGLE_ROW_GUARD * (1.0 + np.abs(np.where(np.isinf(d), 0.0, d)))
-            feed = {"exit_bias": -d, "exit_limit": temps * (d - guard)}
+            per_exit = {"exit_bias": -d, "exit_limit": temps * (d - guard)}
+            feed = {}
         else:
             guard = np.full(n, SINGLE_ROW_GUARD)
-            feed = {"exit_bias": threshold_vector(policy.threshold, n) * (-1.0 if name == "maxprob" else 1.0),
-                    "use_maxprob": np.array([name == "maxprob"])}  # fmt: skip
-        for k in ("exit_bias", "exit_limit"):
-            if k in feed:
-                feed[k][-1] = 0.0  # the final exit takes every row left: its entry (maybe inf) is never read
-                feed[k] = feed[k].astype(np.float32)
-        feed["temperatures"] = temps.astype(np.float32)
+            per_exit = {"exit_bias": threshold_vector(policy.threshold, n) * (-1.0 if name == "maxprob" else 1.0)}
+            feed = {"use_maxprob": np.array([name == "maxprob"])}
+        # (the final exit's entries, maybe inf, are never read: it takes every row left)
+        feed.update({k: v.astype(np.float32) for k, v in {**per_exit, "temperatures": temps}.items()})
 
         def run(state: OrtState) -> tuple[np.ndarray, int] | None:
             a = state.arrays
             sess, names = self._single_session()
-            logits, layer, margin = sess.run(_SINGLE_ROW_OUTPUTS, {k: feed[k] if k in feed else a[k] for k in names})
+            logits, layer, margin = sess.run(SINGLE_ROW_OUTPUTS, {k: feed[k] if k in feed else a[k] for k in names})
             k = int(layer[0])
             return (logits, k) if k == n or margin[0] > guard[k - 1] else None
 
