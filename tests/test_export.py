@@ -150,12 +150,19 @@ def test_int8_export_loads_runs_and_agrees_with_fp32(tmp_path, exported, tokeniz
     data = _dataset(n=60, seed=2)
     a = all_exit_logits(OrtSegments(fp32), _batches(data, 16))
     b = all_exit_logits(OrtSegments(int8), _batches(data, 16))
-    # the stated bounds (what the default recipe gives on this random model, 0.0015 and every row, with
-    # margin for other CPUs' int8 kernels): every exit's logits within 0.02 of fp32 (their scale here: a
-    # few units), and the fp32 prediction of at least 95 % of rows kept at every exit (the real runs'
-    # per-exit dev figures are in results/int8_recipes.md)
-    assert np.abs(a - b).max() < 0.02
-    assert ((a.argmax(-1) == b.argmax(-1)).mean(axis=1) >= 0.95).all()
+    # the stated bounds (what the recipes give on this random model, with margin for other CPUs' int8
+    # kernels): with fp32 exit heads every exit's logits within 0.02 of fp32 (0.0015 here; their scale: a
+    # few units); the default's int8 poolers add their own rounding (0.048 here: on 32 channels one int8
+    # step is a larger share of the pooled vector than on a real model's 384, where the pooler adds little
+    # to the encoder's error: results/int8_recipes.md); the fp32 prediction of at least 95 % of rows kept
+    # at every exit
+    heads_fp32 = tmp_path / "heads-fp32"
+    export_model(model, tokenizer_dir, heads_fp32, precision="int8", max_seq_length=40, calibration=calibration,
+                 int8_recipe="per-channel-split-folded", single_row=False)  # fmt: skip
+    c = all_exit_logits(OrtSegments(heads_fp32), _batches(data, 16))
+    assert np.abs(a - c).max() < 0.02 and np.abs(a - b).max() < 0.08
+    for x in (b, c):
+        assert ((a.argmax(-1) == x.argmax(-1)).mean(axis=1) >= 0.95).all()
 
 
 def test_fast_tokenizer_gives_the_transformers_ids(tokenizer_dir):

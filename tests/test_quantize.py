@@ -185,24 +185,29 @@ def test_recipes_that_need_calibration_refuse_to_run_without_it(fp32_export, tmp
     assert not recipe("dynamic-per-channel").needs_calibration and set(RECIPES) >= {DEFAULT_INT8, "dynamic"}
 
 
-def _head_ops(folder) -> set[str]:
-    """The operator types of the nodes that read an exit head's weights (``model.exits.<k>.*``)."""
-    ops = set()
+def _head_ops(folder) -> dict[str, set[str]]:
+    """The operator types of the nodes that read an exit head's weights (``model.exits.<k>.*``), for its
+    pooler ([H, H]) and for its classifier apart."""
+    ops: dict[str, set[str]] = {"pooler": set(), "classifier": set()}
     for g in ExportManifest.load(folder).graphs:
         graph = onnx.load(str(folder / g.file)).graph
-        ops |= {n.op_type for n in graph.node if _is_head(n)}
+        for n in graph.node:
+            for part in ops:
+                if _is_head(n) and any(f".{part}." in x for x in n.input):
+                    ops[part].add(n.op_type)
     return ops
 
 
-@pytest.mark.parametrize("name", [DEFAULT_INT8, "dynamic-per-channel", "dynamic"])
-def test_exit_heads_stay_fp32_except_in_the_baselines_recipe(fp32_export, tmp_path, tok, name):
+@pytest.mark.parametrize("name", [DEFAULT_INT8, "per-channel-split-folded", "dynamic-per-channel", "dynamic"])
+def test_exit_heads_stay_fp32_but_the_poolers_where_the_recipe_says(fp32_export, tmp_path, tok, name):
     # ORT's quantizer renames a Gemm it rewrites (<Gemm>_MatMul); the heads must stay fp32 all the same
     model, _ = fp32_export
     export_model(model, tok, tmp_path / "q", precision="int8", max_seq_length=40, int8_recipe=name,
                  calibration=CALIBRATION, single_row=False)  # fmt: skip
-    ops = _head_ops(tmp_path / "q")
-    quantized = {"MatMulInteger", "DynamicQuantizeMatMul", "QGemm"} & ops
-    if recipe(name).heads_fp32:
-        assert not quantized and {"Gemm", "MatMul"} & ops, ops
-    else:  # optimum's recipe quantizes every product, the heads' too
-        assert quantized, ops
+    rec = recipe(name)
+    for part, ops in _head_ops(tmp_path / "q").items():
+        int8 = not rec.heads_fp32 or (part == "pooler" and rec.poolers_int8)
+        assert bool({"MatMulInteger", "DynamicQuantizeMatMul", "QGemm"} & ops) == int8, (part, ops)
+        assert bool({"Gemm", "MatMul"} & ops) != int8, (part, ops)
+    # the default: the poolers int8, the classifiers fp32 (optimum's recipe quantizes every product)
+    assert recipe(DEFAULT_INT8).poolers_int8 and recipe(DEFAULT_INT8).heads_fp32

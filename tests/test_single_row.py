@@ -170,7 +170,9 @@ def test_a_two_class_graph_tests_the_logits_gap_and_three_classes_the_softmax(ex
     for family, gap in (("bert", False), ("bert-2", True), ("bert-int8", True)):
         folder = exports[family]
         graph = onnx.load(str(folder / "early_exit.onnx")).graph
-        assert ("exit_limit" in [i.name for i in graph.input]) == gap
+        assert ("use_maxprob" in [i.name for i in graph.input]) != gap
+        (split,) = [n for n in graph.node if n.op_type == "Split"]  # the per-exit parameters, one input cut once
+        assert len(split.output) == (3 if gap else 2) * len(ExportManifest.load(folder).graphs)
         assert _ops(graph, "Softmax") == (0 if gap else 2) and _ops(graph, "Abs") == (2 if gap else 0)
 
 
@@ -192,7 +194,10 @@ def test_the_gap_from_which_a_rule_takes_a_two_class_row_is_the_rules_own(criter
         assert 36 < d[1] < 38
 
 
-def test_an_older_export_whose_one_graph_also_returns_the_state_still_runs(exports, tmp_path):
+@pytest.mark.parametrize("family", ["bert", "bert-2"])
+def test_an_older_export_whose_one_graph_takes_separate_inputs_and_returns_the_state_still_runs(
+    exports, tmp_path, family
+):
     import shutil
 
     import onnx
@@ -201,19 +206,36 @@ def test_an_older_export_whose_one_graph_also_returns_the_state_still_runs(expor
     from romebert.core.files import sha256
 
     folder = tmp_path / "older"
-    shutil.copytree(exports["bert"], folder)
+    shutil.copytree(exports[family], folder)
     path = folder / "early_exit.onnx"
-    model = onnx.load(str(path))  # exports before 2026-12-05 returned a fourth output, the state
-    model.graph.node.append(helper.make_node("Identity", ["pool_weights"], ["state"]))
-    model.graph.output.append(helper.make_tensor_value_info("state", onnx.TensorProto.FLOAT, None))
+    model = onnx.load(str(path))
+    g = model.graph
+    # exports before 2026-12-06 took each per-exit vector as its own input, cut by its own Split ..
+    (split,) = [n for n in g.node if n.op_type == "Split"]
+    params = list(dict.fromkeys(o.split("/")[0] for o in split.output))
+    n = len(split.output) // len(params)
+    g.node.remove(split)
+    for x in reversed(params):
+        g.node.insert(0, helper.make_node("Split", [x], [f"{x}/{k}" for k in range(1, n + 1)], axis=0))
+    inputs = [i for i in g.input if i.name != "exit_params"]
+    inputs += [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [n]) for x in params]
+    del g.input[:]
+    g.input.extend(inputs)
+    # .. and those before 2026-12-05 also returned a fourth output, the state
+    g.node.append(helper.make_node("Identity", ["pool_weights"], ["state"]))
+    g.output.append(helper.make_tensor_value_info("state", onnx.TensorProto.FLOAT, None))
     onnx.save(model, str(path))
     manifest = ExportManifest.load(folder, verify=False)
     manifest.single_row_graph.sha256 = sha256(path)
+    manifest.single_row_graph.inputs = [i.name for i in inputs]
     manifest.save(folder)
     rows = _rows(n=8, seed=3)
-    policy = get_policy("entropy", float(np.quantile(entropy(all_exit_logits(OrtSegments(folder), rows)[:-1]), 0.5)))
-    one, segments = _engines(folder, policy)
+    temperatures = [0.9, 1.1, 1.0]
+    early = all_exit_logits(OrtSegments(folder), rows)[:-1] / np.float32(temperatures)[:-1, None, None]
+    policy = get_policy("entropy", [float(np.median(entropy(x))) for x in early])  # about half leave at each
+    one, segments = _engines(folder, policy, temperatures)
     a, b = [one.run(*r) for r in rows], [segments.run(*r) for r in rows]
-    assert len(one.segments._single[0].get_outputs()) == 4  # the older graph, run through
-    assert [o.exit_layer[0] for o in a] == [o.exit_layer[0] for o in b]
+    older = one.segments._single[0]  # the older graph, run through
+    assert len(older.get_outputs()) == 4 and {"temperatures", "exit_bias"} <= {i.name for i in older.get_inputs()}
+    assert [o.exit_layer[0] for o in a] == [o.exit_layer[0] for o in b] and len({o.exit_layer[0] for o in a}) > 1
     assert all(np.array_equal(x.logits, y.logits) for x, y in zip(a, b, strict=True))

@@ -17,8 +17,10 @@ scale per tensor then spends most of its 256 levels on them. The default recipe 
   and sums an output as wide as the product's;
 * scales the attention's input channels (``smooth``, SmoothQuant's alpha) since the fused attention's
   input cannot be split or decomposed;
-* keeps the embeddings fp32 (a table lookup: int8 saves only file size) and the exit heads (on a [b, H]
-  input int8 saves nothing);
+* keeps the embeddings fp32 (a table lookup: int8 saves only file size) and the exit heads' classifiers
+  (a few columns: int8 saves nothing), but quantizes the heads' poolers ([H, H], ``poolers_int8``): on
+  one row a pooler is a matrix-vector product whose time is reading its weights, fp32 weights as large as
+  an encoder product's int8 ones, once per exit;
 * can keep the ``fp32_groups`` matrix products whose quantization moves the exits' outputs most
   (measured one at a time on the calibration sentences) in fp32.
 
@@ -62,7 +64,8 @@ class Int8Recipe:
     smooth: float | None = None  # SmoothQuant's alpha for the attention's input channels
     embeddings_fp32: bool = False
     fp32_groups: int = 0  # the most sensitive matrix products (measured) kept fp32
-    heads_fp32: bool = True  # the exit heads' products stay fp32 (on a [b, H] input int8 saves nothing)
+    heads_fp32: bool = True  # the exit heads' products stay fp32 (on a [b, H] input int8 saves little) ..
+    poolers_int8: bool = False  # .. except their square [H, H] ones, the poolers (see the module docstring)
     calibration_examples: int = 256
 
     @property
@@ -74,6 +77,7 @@ class Int8Recipe:
 
 
 _OUTLIERS = {"outliers": 4.0, "smooth": 0.6, "embeddings_fp32": True}  # the outlier recipes' shared settings
+_FOLDED = {**_OUTLIERS, "split": True, "fold_copies": True, "calibration_examples": 1024}
 RECIPES: dict[str, Int8Recipe] = {
     r.name: r
     for r in (
@@ -92,10 +96,11 @@ RECIPES: dict[str, Int8Recipe] = {
         Int8Recipe("per-channel-outliers-256", **_OUTLIERS),  # the same on 256 sentences
         Int8Recipe("per-channel-outliers-fp32-2", **_OUTLIERS, fp32_groups=2),
         Int8Recipe("per-channel-split", **_OUTLIERS, split=True, calibration_examples=1024),
-        Int8Recipe("per-channel-split-folded", **_OUTLIERS, split=True, fold_copies=True, calibration_examples=1024),
+        Int8Recipe("per-channel-split-folded", **_FOLDED),
+        Int8Recipe("per-channel-split-folded-poolers", **_FOLDED, poolers_int8=True),
     )
 }
-DEFAULT_INT8 = "per-channel-split-folded"
+DEFAULT_INT8 = "per-channel-split-folded-poolers"
 BASELINE_INT8 = "dynamic"
 
 
@@ -189,6 +194,22 @@ def _is_head(node) -> bool:
     """A node of an exit head: it reads the head's weights (``model.exits.<k>.*``), whatever the node's own
     name (the segment graphs name theirs ``/exit/...``)."""
     return any("exits." in x for x in node.input)
+
+
+def _kept_heads(graph, rec: Int8Recipe) -> list[str]:
+    """The exit heads' nodes ``rec`` keeps fp32: all of them, or all but the poolers (a weight [H, H]), or
+    none. (ORT's quantizer rewrites a Gemm as MatMul + Add before it quantizes, naming the MatMul
+    "<Gemm>_MatMul": both names are listed.)"""
+    if not rec.heads_fp32:
+        return []
+    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+
+    def pooler(node) -> bool:
+        w = shapes.get(node.input[1]) if len(node.input) > 1 else None
+        return w is not None and len(w) == 2 and w[0] == w[1]
+
+    return [m for n in graph.node if _is_head(n) and not (rec.poolers_int8 and pooler(n))
+            for m in (n.name, f"{n.name}_MatMul")]  # fmt: skip
 
 
 def _encoder_products(graph) -> list:
@@ -322,8 +343,7 @@ def quantize(src: Path, dst: Path, rec: Int8Recipe, exclude: Sequence[str] = (),
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     graph = onnx.load(str(src), load_external_data=False).graph
-    # (ORT's quantizer rewrites a Gemm as MatMul + Add before it quantizes, naming the MatMul "<Gemm>_MatMul")
-    heads = [m for n in graph.node if rec.heads_fp32 and _is_head(n) for m in (n.name, f"{n.name}_MatMul")]
+    heads = _kept_heads(graph, rec)
     ops = ["MatMul", "Attention"] + ([] if rec.embeddings_fp32 else ["EmbedLayerNormalization", "Gather"])
     common = dict(per_channel=rec.per_channel, weight_type=QuantType.QInt8, nodes_to_exclude=[*heads, *exclude],
                   nodes_to_quantize=list(only) if only is not None else None)  # fmt: skip

@@ -8,10 +8,12 @@ with no per-layer call, no state copied out and back, and one thread pool that s
 own nodes are copied unchanged (renamed), so the graph computes the segments' logits bit for bit.
 
 Inputs: segment 1's (input_ids, attention_mask, [token_type_ids], [pool_weights]) and
-    temperatures [L] float32   exit k's logits are divided by temperatures[k-1] (ones: no calibration)
-    exit_bias [L] float32      per exit, filled by the host from the policy (below)
-    use_maxprob [1] bool       more than two classes: the rule is maxprob (else entropy)
-    exit_limit [L] float32     two classes: the stop test's limit on the raw logits' gap
+    exit_params [P * L] float32  P per-exit vectors, one after the other (``onnx_runtime.GAP_PARAMS`` or
+                                 ``SOFTMAX_PARAMS``), cut into each exit's scalars by one Split:
+        temperatures             exit k's logits are divided by temperatures[k-1] (ones: no calibration)
+        exit_bias                per exit, filled by the host from the policy (below)
+        exit_limit               two classes: the stop test's limit on the raw logits' gap
+    use_maxprob [1] bool         more than two classes: the rule is maxprob (else entropy)
 Outputs:
     logits [1, C] float32      the (scaled) logits of the exit the graph stopped at
     exit_layer [1] int64       that exit, 1-based
@@ -39,10 +41,17 @@ import numpy as np
 
 from romebert.core.errors import RomebertError
 from romebert.runtime.artefacts import ExportManifest
-from romebert.runtime.onnx_runtime import SINGLE_ROW_GUARD, SINGLE_ROW_INPUTS, SINGLE_ROW_OUTPUTS, TWO_CLASS_INPUTS
+from romebert.runtime.onnx_runtime import (
+    EXIT_PARAMS,
+    GAP_PARAMS,
+    SINGLE_ROW_GUARD,
+    SINGLE_ROW_OUTPUTS,
+    SOFTMAX_PARAMS,
+    USE_MAXPROB,
+)
 
 SINGLE_ROW_FILE = "early_exit.onnx"
-_TOP = ("input_ids", "attention_mask", "token_type_ids", "pool_weights", *SINGLE_ROW_INPUTS, *TWO_CLASS_INPUTS)
+_TOP = ("input_ids", "attention_mask", "token_type_ids", "pool_weights")  # segment 1's inputs, read by every segment
 _OWN = ("next_state", "logits")  # each segment's outputs, read by name by the levels: never taken from another
 
 
@@ -58,15 +67,14 @@ def build_single_row(folder: Path, manifest: ExportManifest, out: Path) -> None:
     first = segs[0].graph
     inputs = [i for i in first.input if i.name in manifest.graphs[0].inputs]
     gap = manifest.num_labels == 2  # two classes: the stop test on the logits' gap
-    per_exit = ("temperatures", "exit_bias", "exit_limit") if gap else ("temperatures", "exit_bias")
-    inputs += [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n]) for x in per_exit]
+    params = GAP_PARAMS if gap else SOFTMAX_PARAMS
+    inputs.append(helper.make_tensor_value_info(EXIT_PARAMS, TensorProto.FLOAT, [len(params) * n]))
     if not gap:
-        inputs.append(helper.make_tensor_value_info("use_maxprob", TensorProto.BOOL, [1]))
-    # each per-exit vector cut into its exits' scalars ("temperatures" -> "temperatures/1" ..)
-    top = [helper.make_node("Split", [x], [f"{x}/{k}" for k in range(1, n + 1)], axis=0) for x in per_exit]
+        inputs.append(helper.make_tensor_value_info(USE_MAXPROB, TensorProto.BOOL, [1]))
+    # the parameters cut into each exit's scalars ("temperatures/1" .. "temperatures/L", "exit_bias/1" ..)
+    top = [helper.make_node("Split", [EXIT_PARAMS], [f"{x}/{k}" for x in params for k in range(1, n + 1)], axis=0)]
     if manifest.opset >= 18:  # Split takes its output count as an attribute from opset 18
-        for node in top:
-            node.attribute.append(helper.make_attribute("num_outputs", n))
+        top[0].attribute.append(helper.make_attribute("num_outputs", len(params) * n))
     if gap:
         top.append(_const("gap/basis", TensorProto.FLOAT, [2], [-1.0, 1.0]))  # z_1 - z_0 = z @ [-1, 1]
     else:
@@ -206,7 +214,7 @@ def _level(k: int, segs: list, outs: list[str], opset: int, gap: bool, shared: d
             helper.make_node("ReduceMax", [f"{p}/p", "axis/last"], [f"{p}/maxprob"], keepdims=0)
             if opset >= 18
             else helper.make_node("ReduceMax", [f"{p}/p"], [f"{p}/maxprob"], axes=[-1], keepdims=0),
-            helper.make_node("Where", ["use_maxprob", f"{p}/maxprob", f"{p}/neg_entropy"], [f"{p}/score"]),
+            helper.make_node("Where", [USE_MAXPROB, f"{p}/maxprob", f"{p}/neg_entropy"], [f"{p}/score"]),
             helper.make_node("Add", [f"{p}/score", f"exit_bias/{k}"], [f"{p}/margin"]),
             helper.make_node("GreaterOrEqual", [f"{p}/margin", "guard"], [f"{p}/stop"]),
         ]

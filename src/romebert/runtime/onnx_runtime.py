@@ -30,10 +30,16 @@ from romebert.runtime.policies import POLICIES
 # GUARD the host decides with the engine's own float64 numpy scores: the graph's float32 scores (and
 # thresholds) are within about 1e-7 of them, far below GUARD.
 SINGLE_ROW_GUARD = 1e-5
-SINGLE_ROW_INPUTS = ("temperatures", "exit_bias", "use_maxprob")
-# the one graph's outputs, asked by name (exports of romebert before 2026-12-05 also return the state)
+# the one graph's per-exit parameters, in one input vector EXIT_PARAMS [len(params) * L] in this order (the
+# graph cuts it into each exit's scalars: one input and one Split per call). More than two classes: the
+# softmax rule's; two classes: the test on the logits' gap, which also takes exit_limit. A graph with the
+# softmax rule also takes USE_MAXPROB [1] bool. (Exports before 2026-12-06 take the parameters as separate
+# inputs, and before 2026-12-05 also return the state: the runner feeds and asks by name.)
+EXIT_PARAMS = "exit_params"
+SOFTMAX_PARAMS = ("temperatures", "exit_bias")
+GAP_PARAMS = (*SOFTMAX_PARAMS, "exit_limit")
+USE_MAXPROB = "use_maxprob"
 SINGLE_ROW_OUTPUTS = ["logits", "exit_layer", "margin"]
-TWO_CLASS_INPUTS = ("exit_limit",)  # a two-class graph's: its stop test on the logits' gap (no use_maxprob)
 # the largest gap between two classes' logits searched for the gap from which a rule takes a row: beyond
 # it softmax is 1 and 0 in float64, so a rule that takes no row there takes none at all
 _MAX_GAP = 1e3
@@ -178,7 +184,8 @@ class OrtSegments:
             return None
         n = self.num_layers
         temps = np.asarray(temperatures if temperatures is not None else np.ones(n), np.float64)
-        if "exit_limit" in self.manifest.single_row_graph.inputs:  # two classes: the test on the logits' gap
+        gap = USE_MAXPROB not in self.manifest.single_row_graph.inputs  # two classes: the test on the logits' gap
+        if gap:
             d = stopping_gaps(policy, n)
             # relative: the gap's float32 rounding grows with it (an exit that takes no row needs none)
             guard = SINGLE_ROW_GUARD * (1.0 + np.abs(np.where(np.isinf(d), 0.0, d)))
@@ -187,9 +194,10 @@ class OrtSegments:
         else:
             guard = np.full(n, SINGLE_ROW_GUARD)
             per_exit = {"exit_bias": threshold_vector(policy.threshold, n) * (-1.0 if name == "maxprob" else 1.0)}
-            feed = {"use_maxprob": np.array([name == "maxprob"])}
+            feed = {USE_MAXPROB: np.array([name == "maxprob"])}
         # (the final exit's entries, maybe inf, are never read: it takes every row left)
         feed.update({k: v.astype(np.float32) for k, v in {**per_exit, "temperatures": temps}.items()})
+        feed[EXIT_PARAMS] = np.concatenate([feed[k] for k in (GAP_PARAMS if gap else SOFTMAX_PARAMS)])
 
         def run(state: OrtState) -> tuple[np.ndarray, int] | None:
             a = state.arrays
