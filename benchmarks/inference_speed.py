@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = shlex.join(["python", "benchmarks/inference_speed.py", *(argv if argv is not None else sys.argv[1:])])
     report = {"created": now(), "command": command,
               "environment": environment(), "threads": args.threads, "bs1_examples": args.bs1_examples,
+              "settle_seconds": T.SETTLE_SECONDS,
               "repeats": args.repeats, "busy_before": busy, "rows": [], "targets": {}, "breakdown": {}, "tasks": [],
               "models": []}  # fmt: skip
     for run in [Path(r) for r in args.runs.split(",") if r]:

@@ -69,6 +69,8 @@ def test_the_benchmark_runs_and_reports_every_path(tiny_run, tmp_path):
     assert "| engine <=1pt / ort-int8 (per-layer graphs at bs 1) |" in md and "min / median / max" in md
     assert "| engine <=1pt / ort-int8 (one graph without spinning at bs 1) |" in md
     assert "Baseline (full ORT int8, best session setting): batch size 1: " in md
+    # each pass starts after an idle pause (the previous path's spinning threads stopped), stated
+    assert report["settle_seconds"] > 0 and f"each pass after {report['settle_seconds']:g} s idle" in md
     alt = next(r for r in rows if r["kind"] == "full-alt")
     assert alt["settings"] == "spinning, romebert's fusions" and alt["ms"]["32"] > 0
     assert f"- for comparison: engine <=1pt / ort-int8 against {alt['path']}" in md

@@ -142,7 +142,9 @@ def markdown(report: dict[str, Any]) -> str:
         "exit (the model the user trained), on dev logits computed 32 rows a batch. Every row shows that fp32 metric "
         "and its own difference from it; an int8 row's own metric can differ from the one its threshold was chosen "
         "with, since int8 takes one activation scale per batch and the engine's batches differ.",
-        f"- ms/example: median of {report['repeats']} passes, the paths interleaved. Busy cores outside the "
+        f"- ms/example: median of {report['repeats']} passes, the paths interleaved, each pass after "
+        f"{report.get('settle_seconds', 0):g} s idle (a session whose threads spin keeps them spinning some 20-30 ms "
+        "after its last call, which would slow the next path's first calls). Busy cores outside the "
         f"benchmark before it started: {report['busy_before']:.2f}.",
         "",
     ]

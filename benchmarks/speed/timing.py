@@ -38,15 +38,22 @@ def wait_idle(limit: float, max_busy: float = 0.3) -> float:
     return busy
 
 
+# idle seconds before each timed pass: an ONNX Runtime session whose threads spin keeps them spinning
+# some 20-30 ms after its last call (on this 2-core machine), which would slow the next path's first calls
+# (each path is timed as it runs alone, the way it is deployed)
+SETTLE_SECONDS = 0.1
+
+
 def interleaved(work: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
     """Seconds of every repeat of every callable, the callables interleaved round-robin (so a slow
-    minute of the machine hits every path alike)."""
+    minute of the machine hits every path alike), each pass after ``SETTLE_SECONDS`` idle."""
     for fn in work.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in work}
     for _ in range(repeats):
         for name, fn in work.items():
+            time.sleep(SETTLE_SECONDS)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
