@@ -109,13 +109,11 @@ class OrtSegments:
     "layer" whose exit is the final head: the plain model, run by the same code. ``single_row``: load the
     export's one-graph early exit for batches of one row (a second copy of the weights in memory);
     ``single_row_spinning``: its threads spin briefly between calls, as ONNX Runtime's default does for
-    any session: one graph called again and again, like the plain model, is fastest so (at batch size 1
-    on 2 cores, 1.09 against 1.66 ms per input in results/inference_speed.md); off, they sleep at once,
-    which leaves the cores to other work on a shared machine.
+    any session: one graph called again and again, like the plain model, is fastest so (docs/inference.md
+    has the figures); off, they sleep at once, which leaves the cores to other work on a shared machine.
     ``memory_arena``: see :func:`session_options` (off: memory does not grow with the rows scored). The
     one-row graph always keeps its arena: its calls differ only in the row's length, so the arena holds at
-    most one row at the maximum length, and reusing its blocks makes a call faster (at batch size 1 on
-    SST-2, 272 against 297 us per input leaving at exit 1, 541 against 591 at exit 2).
+    most one row at the maximum length, and reusing its blocks makes each call faster (docs/inference.md).
     """
 
     def __init__(
