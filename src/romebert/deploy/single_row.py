@@ -80,11 +80,8 @@ def build_single_row(folder: Path, manifest: ExportManifest, out: Path) -> None:
     else:
         top += [_const("guard", TensorProto.FLOAT, [], [-SINGLE_ROW_GUARD]),
                 _const("axis/last", TensorProto.INT64, [1], [-1])]  # fmt: skip
-    outputs = SINGLE_ROW_OUTPUTS
-    nodes, inits, infos = _level(1, segs, outputs, manifest.opset, gap, {})
-    types = (TensorProto.FLOAT, TensorProto.INT64, TensorProto.FLOAT)
-    graph = helper.make_graph(top + nodes, "early_exit", inputs,
-                              [helper.make_tensor_value_info(o, t, None) for o, t in zip(outputs, types, strict=True)],
+    nodes, inits, infos = _level(1, segs, SINGLE_ROW_OUTPUTS, manifest.opset, gap, {})
+    graph = helper.make_graph(top + nodes, "early_exit", inputs, _infos(SINGLE_ROW_OUTPUTS),
                               initializer=inits, value_info=infos)  # fmt: skip
     opsets: dict[str, int] = {}
     for s in segs:
@@ -230,6 +227,7 @@ def _level(k: int, segs: list, outs: list[str], opset: int, gap: bool, shared: d
 
 
 def _infos(names: list[str]) -> list:
+    """Value infos of a level's outputs (logits, exit layer, margin: ``SINGLE_ROW_OUTPUTS``) named ``names``."""
     from onnx import TensorProto, helper
 
     types = (TensorProto.FLOAT, TensorProto.INT64, TensorProto.FLOAT)
