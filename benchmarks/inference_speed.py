@@ -53,7 +53,7 @@ def prepare(run: Path, work: Path) -> dict[str, Path]:
                                       recipe(DEFAULT_INT8).calibration_examples)  # fmt: skip
     for precision in ("fp32", "int8"):
         folder = files[f"ort-{precision}"]
-        current = (folder / "manifest.json").is_file() and _current(ExportManifest.load(folder, verify=False))
+        current = (folder / "manifest.json").is_file() and _current(folder, ExportManifest.load(folder, verify=False))
         if not current:  # an export of an older romebert or recipe is built again
             export_model(model, run / "model", folder, precision=precision, max_seq_length=data.max_seq_length,
                          calibration=calibration)  # fmt: skip
@@ -65,12 +65,22 @@ def prepare(run: Path, work: Path) -> dict[str, Path]:
     return files
 
 
-def _current(m) -> bool:
+def _current(folder: Path, m) -> bool:
+    """Whether the export in ``folder`` is what this romebert builds: the default recipe, and the one graph
+    as its builder makes it from those segments (built again here and compared)."""
+    import tempfile
+
+    from romebert.core.files import sha256
     from romebert.deploy.quantize import DEFAULT_INT8, recipe
+    from romebert.deploy.single_row import build_single_row
 
     if m.single_row_graph is None:
         return False
-    return m.precision == "fp32" or m.quantization.get("settings") == recipe(DEFAULT_INT8).settings()
+    if m.precision != "fp32" and m.quantization.get("settings") != recipe(DEFAULT_INT8).settings():
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        build_single_row(folder, m, Path(tmp) / m.single_row_graph.file)
+        return sha256(Path(tmp) / m.single_row_graph.file) == m.single_row_graph.sha256
 
 
 def dev_data(run: Path, bs1_examples: int):

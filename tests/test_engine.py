@@ -288,6 +288,17 @@ def test_row_extent_handles_right_and_left_padding_and_empty_rows():
     assert _extent(mask != 0).tolist() == [3, 5, 4, 5]  # last real column + 1; left padding is never trimmed
 
 
+def test_one_unpadded_row_is_told_from_any_other_mask():
+    from romebert.runtime.encoding import unpadded_row
+
+    assert unpadded_row(np.ones((1, 7), np.int64)) and unpadded_row(np.ones((1, 1), np.int64))
+    assert not unpadded_row(np.array([[1, 1, 0]]))  # trailing padding
+    assert not unpadded_row(np.array([[0, 1, 1]]))  # left padding
+    assert not unpadded_row(np.ones((2, 3), np.int64))  # two rows
+    assert not unpadded_row(np.array([[1, 2, 1]]))  # not a 0/1 mask: the general path decides
+    assert not unpadded_row(np.ones((1, 3), np.int32))  # (the engine's host batches are int64)
+
+
 def test_engine_follows_the_model_to_another_dtype_and_new_weights(setup):
     # An engine built before the model moves (here to float64) or its weights change runs what the model
     # is now, not a copy taken when the engine was built.

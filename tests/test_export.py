@@ -191,6 +191,25 @@ def test_classifier_from_an_export_predicts_like_the_model(exported, tokenizer_d
         ort_clf.save_pretrained(tmp_path / "x")
 
 
+def test_the_segments_run_each_graph_past_the_wrappers_checks_and_through_run_where_there_is_no_binding(exported):
+    from romebert.runtime.onnx_runtime import unchecked_run
+
+    seg = OrtSegments(exported["bert", "mean"][1])
+    sess = seg.sessions[0]
+    feed = seg.start(np.array([[2, 5, 6, 3]]), np.ones((1, 4), np.int64), None).arrays
+    feed = {i.name: feed[i.name] for i in sess.get_inputs()}
+    names = [o.name for o in sess.get_outputs()]
+    direct = unchecked_run(sess)
+    assert direct != sess.run and all(np.array_equal(x, y) for x, y in zip(direct(names, feed), sess.run(names, feed)))
+
+    class Bare:  # an ONNX Runtime build whose session has no such binding: its public run
+        def run(self, outputs, feed):
+            return sess.run(outputs, feed)
+
+    bare = Bare()
+    assert unchecked_run(bare) == bare.run
+
+
 def test_an_input_longer_than_the_exported_maximum_is_refused(exported):
     _, folder = exported["bert", "mean"]
     engine = EarlyExitEngine(OrtSegments(folder), get_policy("entropy", 0.1))

@@ -164,6 +164,28 @@ def test_each_layers_opening_layernorm_is_the_previous_exits(exports, family):
     assert _ops(one, "If") == len(segments) - 1
 
 
+def _nodes(graph) -> list:
+    """Every node of ``graph``, its subgraphs' (the If branches) included."""
+    return [m for n in graph.node for m in [n] + [x for a in n.attribute if a.g.node for x in _nodes(a.g)]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_rows_mean_pooling_squeezes_the_weights_once_and_no_exit_squeezes_its_pooled_vector(exports, family):
+    import onnx
+
+    folder = exports[family]
+    manifest = ExportManifest.load(folder)
+    nodes = _nodes(onnx.load(str(folder / manifest.single_row_graph.file)).graph)
+    made_by = {o: n.op_type for n in nodes for o in n.output}
+    # the segments pool [b, 1, T] @ [b, T, H] and squeeze each product; the one graph pools [T] @ [1, T, H]
+    assert not [n for n in nodes if n.op_type == "Squeeze" and made_by.get(n.input[0]) == "MatMul"]
+    squeezed = [n.output[0] for n in nodes if n.op_type == "Squeeze" and n.input[0] == "pool_weights"]
+    pooled = [n for n in nodes if n.op_type == "MatMul" and n.input[0] in squeezed]
+    mean = "pool_weights" in manifest.graphs[0].inputs
+    assert (len(squeezed), len(pooled)) == ((1, len(manifest.graphs)) if mean else (0, 0))
+    # (the logits stay the segments' to the bit: test_one_row_decides_as_the_segment_engine)
+
+
 def test_a_two_class_graph_tests_the_logits_gap_and_three_classes_the_softmax(exports):
     import onnx
 

@@ -63,6 +63,8 @@ def build_single_row(folder: Path, manifest: ExportManifest, out: Path) -> None:
     if manifest.regression:
         raise RomebertError("the one-graph early exit is for classification (entropy and maxprob)")
     segs = [onnx.load(str(folder / g.file)) for g in manifest.graphs]
+    for seg in segs:
+        _pool_one_row(seg.graph, manifest.opset)
     n = len(segs)
     first = segs[0].graph
     inputs = [i for i in first.input if i.name in manifest.graphs[0].inputs]
@@ -91,6 +93,60 @@ def build_single_row(folder: Path, manifest: ExportManifest, out: Path) -> None:
                               producer_name="romebert")  # fmt: skip
     model.ir_version = max(s.ir_version for s in segs)
     onnx.save(model, str(out))
+
+
+def _pool_one_row(g, opset: int) -> None:
+    """Rewrite segment graph ``g``'s mean pooling for one row: the exported
+    ``Squeeze(MatMul(Unsqueeze(pool_weights, [1]), h), [1])`` ([b, T] -> [b, 1, T] @ [b, T, H] -> [b, H])
+    becomes ``MatMul(Squeeze(pool_weights, [0]), h)`` ([T] @ [1, T, H] -> [1, H]: MatMul drops the 1-D
+    operand's dimension itself). The same products, so the same bits, and one kernel call fewer per exit;
+    the squeeze of the weights is computed once (see :func:`_renamed`). Other poolings are left as they are."""
+    from onnx import helper, numpy_helper
+
+    consts = {t.name: numpy_helper.to_array(t).tolist() for t in g.initializer if t.name}
+
+    def axes(node) -> list | None:
+        for a in node.attribute:
+            if a.name == "axes":
+                return list(a.ints)
+        return consts.get(node.input[1]) if len(node.input) > 1 else None
+
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict[str, int] = {}
+    for node in g.node:
+        for x in node.input:
+            readers[x] = readers.get(x, 0) + 1
+    outputs = {o.name for o in g.output}
+    drop, rename = set(), {}
+    for sq in g.node:
+        mm = producer.get(sq.input[0]) if sq.op_type == "Squeeze" else None
+        un = producer.get(mm.input[0]) if mm is not None and mm.op_type == "MatMul" else None
+        if (un is None or un.op_type != "Unsqueeze" or un.input[0] != "pool_weights" or axes(un) != [1]
+                or axes(sq) != [1] or readers[mm.output[0]] != 1 or readers[un.output[0]] != 1
+                or sq.output[0] in outputs):  # fmt: skip
+            continue
+        squeeze = f"{un.output[0]}/one_row"
+        if opset >= 13:  # axes as an input from opset 13
+            g.initializer.append(numpy_helper.from_array(np.array([0], np.int64), f"{squeeze}/axes"))
+            g.node.append(helper.make_node("Squeeze", ["pool_weights", f"{squeeze}/axes"], [squeeze]))
+        else:
+            g.node.append(helper.make_node("Squeeze", ["pool_weights"], [squeeze], axes=[0]))
+        mm.input[0] = squeeze
+        drop.update((id(sq), id(un)))
+        rename[sq.output[0]] = mm.output[0]
+    if not drop:
+        return
+    head = [n for n in g.node if n.op_type == "Squeeze" and n.input[0] == "pool_weights"]
+    drop.update(id(n) for n in head)
+    kept = head + [n for n in g.node if id(n) not in drop]  # (the new squeezes first: before their readers)
+    for node in kept:
+        node.input[:] = [rename.get(x, x) for x in node.input]
+    del g.node[:]
+    g.node.extend(kept)
+    stale = set(rename.values())  # the products' recorded shapes ([b, 1, H]) no longer hold
+    infos = [v for v in g.value_info if v.name not in stale]
+    del g.value_info[:]
+    g.value_info.extend(infos)
 
 
 def _renamed(k: int, seg, shared: dict) -> tuple[list, list, list]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,19 @@ def mean_pool_weights(mask: np.ndarray) -> np.ndarray:
     ``modeling.pool_weights``). Hosts compute them once per batch for every exit, on any runtime."""
     m = (np.asarray(mask) != 0).astype(np.float32)
     return m / np.maximum(m.sum(1, keepdims=True), np.float32(1.0))
+
+
+def unpadded_row(mask: np.ndarray) -> bool:
+    """Whether ``mask`` is one row of ones, int64 [1, T]. Compared as bytes with a row of ones, not by a
+    numpy reduction: at batch size 1 the host's work sits between two graph calls, whose kernels have
+    evicted numpy's code from the caches, and a reduction (``mask.all()``) then costs several times a
+    bytes comparison. Other masks answer False (the caller takes its general path)."""
+    return mask.shape[0] == 1 and mask.dtype == np.int64 and mask.tobytes() == _ones(mask.shape[1])
+
+
+@lru_cache(maxsize=1024)
+def _ones(length: int) -> bytes:
+    return np.ones(length, np.int64).tobytes()
 
 
 class Collator:

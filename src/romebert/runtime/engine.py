@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from romebert.core.errors import RomebertError
+from romebert.runtime.encoding import unpadded_row
 from romebert.runtime.exit_policy import ExitPolicy, PolicyState
 
 Batch = tuple[Any, Any, Any]  # input_ids [n, T], attention_mask [n, T] or None, token_type_ids or None
@@ -153,7 +154,7 @@ class EarlyExitEngine:
         call: numpy calls between two graph calls cost several times what they cost in a loop of their own
         (the graph's kernels have pushed numpy's code and data out of the caches). Trailing padding is cut as
         in :meth:`start_group`."""
-        cols = ids.shape[1] if mask.all() else max(int(_extent(mask != 0)[0]), 1)  # (one numpy call if unpadded)
+        cols = ids.shape[1] if unpadded_row(mask) else max(int(_extent(mask != 0)[0]), 1)
         if cols < ids.shape[1]:
             ids, mask, types = ids[:, :cols], mask[:, :cols], None if types is None else types[:, :cols]
         out = self._one_row(self.segments.start(ids, mask, types))

@@ -12,7 +12,7 @@ one session call instead of one per layer. Its decisions are the engine's (see :
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import numpy as np
 
 from romebert.core.errors import RomebertError
 from romebert.runtime.artefacts import ExportManifest
-from romebert.runtime.encoding import mean_pool_weights
+from romebert.runtime.encoding import mean_pool_weights, unpadded_row
 from romebert.runtime.exit_policy import ExitPolicy, threshold_vector
 from romebert.runtime.policies import POLICIES
 
@@ -147,6 +147,7 @@ class OrtSegments:
             if got != g.inputs:
                 raise RomebertError(f"{self.folder / g.file}: inputs {got}, the manifest says {g.inputs}")
             self.sessions.append(sess)
+        self._runs = [unchecked_run(sess) for sess in self.sessions]
         self._inputs = [g.inputs for g in graphs]
         outputs = [[o.name for o in sess.get_outputs()] for sess in self.sessions]
         # CAP's nsp where every graph gives it (exports made before it existed do not); asked for only when
@@ -158,19 +159,19 @@ class OrtSegments:
         self._unpadded_pool: dict[int, np.ndarray] = {}  # one unpadded row's pool weights, by length
         # the one-row graph, loaded when a batch of one row first comes: a second copy of the weights that
         # a service or a file scored in batches never needs
-        self._single: tuple[Any, list[str]] | None = None
+        self._single: tuple[Any, list[str], Callable] | None = None  # session, input names, run
         self._single_file, self._single_options = None, None
         g = self.manifest.single_row_graph
         if single_row and not one_graph and g is not None and not self.regression:
             self._single_file = self.folder / g.file
             self._single_options = (intra_op_threads, inter_op_threads, single_row_spinning, True)
 
-    def _single_session(self) -> tuple[Any, list[str]]:
-        """(the one-row graph's session, its input names), loaded on first use."""
+    def _single_session(self) -> tuple[Callable, list[str]]:
+        """(the one-row graph's ``run``, see :func:`unchecked_run`; its input names), loaded on first use."""
         if self._single is None:
             sess = _load(self._single_file, session_options(*self._single_options))
-            self._single = sess, [i.name for i in sess.get_inputs()]
-        return self._single
+            self._single = sess, [i.name for i in sess.get_inputs()], unchecked_run(sess)
+        return self._single[2], self._single[1]
 
     def one_row(self, policy: ExitPolicy, temperatures: Sequence[float] | None):
         """A runner for batches of one row under ``policy`` through the one-graph early exit, or None when
@@ -199,13 +200,14 @@ class OrtSegments:
         # (the final exit's entries, maybe inf, are never read: it takes every row left)
         feed.update({k: v.astype(np.float32) for k, v in {**per_exit, "temperatures": temps}.items()})
         feed[EXIT_PARAMS] = np.concatenate([feed[k] for k in (GAP_PARAMS if gap else SOFTMAX_PARAMS)])
+        guards = guard.tolist()  # Python floats: no numpy scalar arithmetic between two graph calls
 
         def run(state: OrtState) -> tuple[np.ndarray, int] | None:
             a = state.arrays
-            sess, names = self._single_session()
-            logits, layer, margin = sess.run(SINGLE_ROW_OUTPUTS, {k: feed[k] if k in feed else a[k] for k in names})
+            sess_run, names = self._single_session()
+            logits, layer, margin = sess_run(SINGLE_ROW_OUTPUTS, {k: feed[k] if k in feed else a[k] for k in names})
             k = int(layer[0])
-            return (logits, k) if k == n or margin[0] > guard[k - 1] else None
+            return (logits, k) if k == n or margin.item() > guards[k - 1] else None
 
         return run
 
@@ -220,7 +222,7 @@ class OrtSegments:
     def _pool_weights(self, mask: np.ndarray) -> np.ndarray:
         """``mean_pool_weights(mask)``; for one unpadded row, kept per length (read-only, the same bits): at
         batch size 1 each numpy call between two graph calls counts."""
-        if mask.shape[0] != 1 or not mask.all():
+        if not unpadded_row(mask):
             return mean_pool_weights(mask)
         w = self._unpadded_pool.get(mask.shape[1])
         if w is None:
@@ -232,7 +234,7 @@ class OrtSegments:
         """Segment ``index``: (state, logits [b, C]), and with ``features`` also {"nsp": [b]}."""
         a = state.arrays
         wanted = self._outputs[features][index]
-        outs = dict(zip(wanted, self.sessions[index].run(wanted, {n: a[n] for n in self._inputs[index]}), strict=True))
+        outs = dict(zip(wanted, self._runs[index](wanted, {n: a[n] for n in self._inputs[index]}), strict=True))
         if "next_state" in outs:
             nxt = {"state": outs["next_state"], "attention_mask": a["attention_mask"]}
             if self._mean:
@@ -282,6 +284,21 @@ def new_session(model: str | bytes, so: Any = None) -> Any:
     ort = _ort()
     return ort.InferenceSession(model, so or session_options(), providers=["CPUExecutionProvider"],
                                 disabled_optimizers=list(DISABLED_OPTIMIZERS))  # fmt: skip
+
+
+def unchecked_run(sess: Any) -> Callable[[list[str], dict[str, np.ndarray]], list[np.ndarray]]:
+    """``sess.run(outputs, feed)`` without the Python wrapper's checks on every call (which inputs are
+    missing, who owns each OrtValue): they read every input's metadata through the bindings, a share of
+    a short graph call at batch size 1 that counts. Only for feeds built from the session's own input
+    names, checked once at load (``OrtSegments``). ``sess.run`` itself where the binding is not there."""
+    inner = getattr(sess, "_sess", None)
+    if inner is None or not callable(getattr(inner, "run", None)):
+        return sess.run
+
+    def run(outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return inner.run(outputs, feed, None)
+
+    return run
 
 
 def _load(path: Path, so):
