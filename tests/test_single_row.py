@@ -186,6 +186,24 @@ def test_one_rows_mean_pooling_squeezes_the_weights_once_and_no_exit_squeezes_it
     # (the logits stay the segments' to the bit: test_one_row_decides_as_the_segment_engine)
 
 
+def test_an_opset_12_export_whose_squeeze_takes_its_axes_as_an_attribute_pools_one_row_alike(tmp_path):
+    import onnx
+
+    tok = tmp_path / "tok"
+    make_tiny_tokenizer(tok)
+    folder = tmp_path / "export"
+    export_model(_model("bert", "mean", seed=4, num_labels=2), tok, folder, max_seq_length=40, opset=12)
+    nodes = _nodes(onnx.load(str(folder / "early_exit.onnx")).graph)
+    (squeeze,) = [n for n in nodes if n.op_type == "Squeeze" and n.input[0] == "pool_weights"]
+    assert list(squeeze.input) == ["pool_weights"] and [list(a.ints) for a in squeeze.attribute] == [[0]]
+    rows = _rows(n=12, seed=3)
+    policy = get_policy("entropy", float(np.median(entropy(all_exit_logits(OrtSegments(folder), rows)[0]))))
+    one, segments = _engines(folder, policy)
+    a, b = [one.run(*r) for r in rows], [segments.run(*r) for r in rows]
+    assert [o.exit_layer[0] for o in a] == [o.exit_layer[0] for o in b] and len({o.exit_layer[0] for o in a}) > 1
+    assert all(np.array_equal(x.logits, y.logits) for x, y in zip(a, b, strict=True))
+
+
 def test_a_two_class_graph_tests_the_logits_gap_and_three_classes_the_softmax(exports):
     import onnx
 
