@@ -103,13 +103,14 @@ def _pool_one_row(g, opset: int) -> None:
     the squeeze of the weights is computed once (see :func:`_renamed`). Other poolings are left as they are."""
     from onnx import helper, numpy_helper
 
-    consts = {t.name: numpy_helper.to_array(t).tolist() for t in g.initializer if t.name}
+    inits = {t.name: t for t in g.initializer}
 
-    def axes(node) -> list | None:
+    def axes(node) -> list | None:  # an attribute before opset 13, a constant input from it
         for a in node.attribute:
             if a.name == "axes":
                 return list(a.ints)
-        return consts.get(node.input[1]) if len(node.input) > 1 else None
+        t = inits.get(node.input[1]) if len(node.input) > 1 else None
+        return None if t is None else numpy_helper.to_array(t).tolist()
 
     producer = {o: n for n in g.node for o in n.output}
     readers: dict[str, int] = {}
@@ -117,7 +118,7 @@ def _pool_one_row(g, opset: int) -> None:
         for x in node.input:
             readers[x] = readers.get(x, 0) + 1
     outputs = {o.name for o in g.output}
-    drop, rename = set(), {}
+    drop, rename, squeezes = set(), {}, []
     for sq in g.node:
         mm = producer.get(sq.input[0]) if sq.op_type == "Squeeze" else None
         un = producer.get(mm.input[0]) if mm is not None and mm.op_type == "MatMul" else None
@@ -126,19 +127,17 @@ def _pool_one_row(g, opset: int) -> None:
                 or sq.output[0] in outputs):  # fmt: skip
             continue
         squeeze = f"{un.output[0]}/one_row"
-        if opset >= 13:  # axes as an input from opset 13
+        if opset >= 13:
             g.initializer.append(numpy_helper.from_array(np.array([0], np.int64), f"{squeeze}/axes"))
-            g.node.append(helper.make_node("Squeeze", ["pool_weights", f"{squeeze}/axes"], [squeeze]))
+            squeezes.append(helper.make_node("Squeeze", ["pool_weights", f"{squeeze}/axes"], [squeeze]))
         else:
-            g.node.append(helper.make_node("Squeeze", ["pool_weights"], [squeeze], axes=[0]))
+            squeezes.append(helper.make_node("Squeeze", ["pool_weights"], [squeeze], axes=[0]))
         mm.input[0] = squeeze
         drop.update((id(sq), id(un)))
         rename[sq.output[0]] = mm.output[0]
     if not drop:
         return
-    head = [n for n in g.node if n.op_type == "Squeeze" and n.input[0] == "pool_weights"]
-    drop.update(id(n) for n in head)
-    kept = head + [n for n in g.node if id(n) not in drop]  # (the new squeezes first: before their readers)
+    kept = squeezes + [n for n in g.node if id(n) not in drop]  # (the new squeezes first: before their readers)
     for node in kept:
         node.input[:] = [rename.get(x, x) for x in node.input]
     del g.node[:]
