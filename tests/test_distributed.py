@@ -38,6 +38,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, method):
     _torchrun(2, str(WORKER), str(two), method, "4", "2")
     single = load_file(str(one / "rank0.safetensors"))
     rank0, rank1 = load_file(str(two / "rank0.safetensors")), load_file(str(two / "rank1.safetensors"))
+    for rank in (0, 1):  # each rank left the gloo group before exiting (one still open can abort at exit)
+        assert (two / f"rank{rank}.group_open").read_text() == "False"
     for key in single:
         assert torch.equal(rank0[key], rank1[key]), f"ranks disagree on {key}"
         assert torch.allclose(single[key], rank0[key], atol=TOLERANCE, rtol=0), f"{key} differs from 1 process"

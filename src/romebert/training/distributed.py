@@ -27,6 +27,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # init_distributed joined the group, so this process leaves it too (close)
 
     @property
     def is_main(self) -> bool:
@@ -72,6 +73,17 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
+    def close(self) -> None:
+        """Leave the process group this process joined, once every rank is done with collectives.
+
+        Why: a gloo group still alive at interpreter exit can abort its process (SIGABRT, "terminate called
+        without an active exception") as its worker threads are torn down, and the launcher then fails the
+        whole run. The barrier keeps a rank from leaving while another still talks to it.
+        """
+        if self.enabled and self.owns_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 def init_distributed(device: torch.device) -> DistContext:
     """Join the process group the launcher described in the environment (no-op for one process)."""
@@ -82,9 +94,10 @@ def init_distributed(device: torch.device) -> DistContext:
         # bind this rank's GPU before NCCL starts: otherwise every rank's communicator and default
         # CUDA context land on GPU 0
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()  # a group the caller made is the caller's to close
+    if owns:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
 
 
 def shard(global_batch: list[int], ctx: DistContext) -> list[int]:

@@ -231,7 +231,8 @@ class Trainer:
         """Run every stage of the method; returns a summary (wall time per stage, steps, last loss).
 
         ``resume``: continue from the newest loadable checkpoint in ``output_dir`` (same data order,
-        RNG states, optimizer and schedule, so the result equals an uninterrupted run).
+        RNG states, optimizer and schedule, so the result equals an uninterrupted run). Under a launcher,
+        a finished run leaves the process group that this trainer joined.
         """
         args = self.args
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -279,6 +280,7 @@ class Trainer:
                                       "steps": state.global_step, **last})  # fmt: skip
         for p in self.model.parameters():
             p.requires_grad_(True)
+        self.dist.close()  # training's collectives are over (only on success: a failed rank never waits here)
         return summary
 
     def _train_stage(self, stage: Stage, state: TrainerState, optimizer, scheduler) -> dict:
