@@ -11,7 +11,7 @@ from romebert.deploy.classifier import EarlyExitClassifier
 from romebert.deploy.export import export_model
 from romebert.runtime.artefacts import ExportManifest
 from romebert.runtime.engine import EarlyExitEngine, all_exit_logits
-from romebert.runtime.onnx_runtime import SINGLE_ROW_CRITERIA, OrtSegments
+from romebert.runtime.onnx_runtime import GAP_PARAMS_BEFORE, SINGLE_ROW_CRITERIA, OrtSegments
 from romebert.runtime.policies import CRITERIA, criterion_class, get_policy
 from romebert.runtime.scores import entropy, maxprob
 
@@ -186,6 +186,38 @@ def test_one_rows_mean_pooling_squeezes_the_weights_once_and_no_exit_squeezes_it
     # (the logits stay the segments' to the bit: test_one_row_decides_as_the_segment_engine)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_one_row_graph_attends_to_every_token_and_a_row_with_uncut_padding_takes_the_segments(exports, family):
+    import onnx
+
+    folder = exports[family]
+    manifest = ExportManifest.load(folder)
+    nodes = _nodes(onnx.load(str(folder / manifest.single_row_graph.file)).graph)
+    attentions = [n for n in nodes if n.op_type in ("Attention", "QAttention")]
+    assert len(attentions) == len(manifest.graphs)  # fused, one a layer: none reads a mask index
+    masks = [{"Attention": 3, "QAttention": 5}[n.op_type] for n in attentions]  # where their mask index goes
+    assert all(len(n.input) <= i or not n.input[i] for n, i in zip(attentions, masks, strict=True))
+    assert "attention_mask" not in manifest.single_row_graph.inputs  # nor anything else the mask
+    assert not [n for n in nodes if "attention_mask" in n.input]
+    rows = _rows(n=8, seed=11)
+    policy = get_policy("entropy", float(np.median(entropy(all_exit_logits(OrtSegments(folder), rows)[0]))))
+    one, segments = _engines(folder, policy)
+    calls = []
+    runner = one._one_row
+    one._one_row = lambda state: calls.append(runner(state)) or calls[-1]
+    for ids, mask, types in rows:
+        z = np.zeros((1, 2), np.int64)
+        for padded in ((np.hstack([z, ids]), np.hstack([z, mask]), np.hstack([z, types])),  # left padding
+                       (np.hstack([ids, z]), np.hstack([mask, z]), np.hstack([types, z]))):  # fmt: skip
+            calls.clear()
+            a, b = one.run(*padded), segments.run(*padded)
+            # left padding: the runner hands the row back (the segments mask it); trailing padding is cut first
+            assert len(calls) == 1 and (calls[0] is None) == (padded[1][0, 0] == 0)
+            assert a.exit_layer[0] == b.exit_layer[0] and np.array_equal(a.logits, b.logits)
+        c = one.run(ids, mask, types)  # trailing padding (the last `padded`) changes nothing
+        assert a.exit_layer[0] == c.exit_layer[0] and np.array_equal(a.logits, c.logits)
+
+
 def test_an_opset_12_export_whose_squeeze_takes_its_axes_as_an_attribute_pools_one_row_alike(tmp_path):
     import onnx
 
@@ -212,8 +244,15 @@ def test_a_two_class_graph_tests_the_logits_gap_and_three_classes_the_softmax(ex
         graph = onnx.load(str(folder / "early_exit.onnx")).graph
         assert ("use_maxprob" in [i.name for i in graph.input]) != gap
         (split,) = [n for n in graph.node if n.op_type == "Split"]  # the per-exit parameters, one input cut once
-        assert len(split.output) == (3 if gap else 2) * len(ExportManifest.load(folder).graphs)
+        assert len(split.output) == (1 if gap else 2) * len(ExportManifest.load(folder).graphs)
         assert _ops(graph, "Softmax") == (0 if gap else 2) and _ops(graph, "Abs") == (2 if gap else 0)
+        # two classes: the branches return the raw logits and |gap|, the host scales and takes the margin
+        assert [o.name for o in graph.output] == (["logits", "exit_layer", "abs_gap"] if gap else
+                                                  ["logits", "exit_layer", "margin"])  # fmt: skip
+        branches = [a.g for n in _nodes(graph) for a in n.attribute if a.name == "then_branch"]
+        assert {n.op_type for b in branches for n in b.node} == {"Constant", "Identity"}  # no arithmetic
+        scaling = [n for n in _nodes(graph) if n.op_type == "Div" and n.input[1].startswith("temperatures/")]
+        assert len(scaling) == (0 if gap else len(ExportManifest.load(folder).graphs))
 
 
 @pytest.mark.parametrize("criterion", SINGLE_ROW_CRITERIA)
@@ -254,6 +293,7 @@ def test_an_older_export_whose_one_graph_takes_separate_inputs_and_returns_the_s
     (split,) = [n for n in g.node if n.op_type == "Split"]
     params = list(dict.fromkeys(o.split("/")[0] for o in split.output))
     n = len(split.output) // len(params)
+    params = list(GAP_PARAMS_BEFORE) if family == "bert-2" else params  # (two classes: three vectors then)
     g.node.remove(split)
     for x in reversed(params):
         g.node.insert(0, helper.make_node("Split", [x], [f"{x}/{k}" for k in range(1, n + 1)], axis=0))
@@ -261,13 +301,17 @@ def test_an_older_export_whose_one_graph_takes_separate_inputs_and_returns_the_s
     inputs += [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [n]) for x in params]
     del g.input[:]
     g.input.extend(inputs)
-    # .. and those before 2026-12-05 also returned a fourth output, the state
+    # .. and those before 2026-12-05 also returned a fourth output, the state, and a two-class graph
+    # scaled the logits and took the margin itself (the manifest did not list the graph's outputs)
     g.node.append(helper.make_node("Identity", ["pool_weights"], ["state"]))
     g.output.append(helper.make_tensor_value_info("state", onnx.TensorProto.FLOAT, None))
+    if family == "bert-2":
+        _margin_in_the_graph(g)
     onnx.save(model, str(path))
     manifest = ExportManifest.load(folder, verify=False)
     manifest.single_row_graph.sha256 = sha256(path)
     manifest.single_row_graph.inputs = [i.name for i in inputs]
+    manifest.single_row_graph.outputs = []
     manifest.save(folder)
     rows = _rows(n=8, seed=3)
     temperatures = [0.9, 1.1, 1.0]
@@ -277,5 +321,39 @@ def test_an_older_export_whose_one_graph_takes_separate_inputs_and_returns_the_s
     a, b = [one.run(*r) for r in rows], [segments.run(*r) for r in rows]
     older = one.segments._single[0]  # the older graph, run through
     assert len(older.get_outputs()) == 4 and {"temperatures", "exit_bias"} <= {i.name for i in older.get_inputs()}
+    assert older.get_outputs()[2].name == "margin"
+    if family == "bert-2":  # its branches scale and take the margin: not the host
+        assert _ops(g, "Div") == 2 * len(manifest.graphs) - 1 and _ops(g, "Identity") == 1  # (the state)
     assert [o.exit_layer[0] for o in a] == [o.exit_layer[0] for o in b] and len({o.exit_layer[0] for o in a}) > 1
     assert all(np.array_equal(x.logits, y.logits) for x, y in zip(a, b, strict=True))
+
+
+def _margin_in_the_graph(g) -> None:
+    """A two-class one graph as built before 2026-12-05: each branch that returns divides the logits and
+    |gap| by the exit's temperature and adds exit_bias (the margin, output "margin"), not the host."""
+    from onnx import helper
+
+    def margin(name: str) -> str:
+        return name[: -len("abs_gap")] + "margin" if name.split("/")[-1] == "abs_gap" else name
+
+    def rewrite(graph, k: int | None) -> None:  # k: the exit whose branch returns, if this is one
+        nodes = []
+        for node in graph.node:
+            node.output[:] = [margin(x) if not x.startswith("s") else x for x in node.output]
+            if node.op_type == "Identity" and node.input[0].endswith("/logits"):
+                exit_k = node.input[0].split("/")[0][1:]
+                node = helper.make_node("Div", [node.input[0], f"temperatures/{exit_k}"], list(node.output))
+            elif node.op_type == "Identity" and node.input[0].endswith("/abs_gap"):
+                scaled = f"then{k}/scaled_gap"
+                nodes.append(helper.make_node("Div", [node.input[0], f"temperatures/{k}"], [scaled]))
+                node = helper.make_node("Add", [scaled, f"exit_bias/{k}"], list(node.output))
+            for a in node.attribute:
+                if a.g.node:
+                    rewrite(a.g, int(a.g.name[4:]) if a.name == "then_branch" else None)
+            nodes.append(node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        for o in graph.output:
+            o.name = margin(o.name)
+
+    rewrite(g, None)

@@ -216,7 +216,7 @@ def export_model(
 
             build_single_row(tmp, manifest, tmp / SINGLE_ROW_FILE)
             manifest.single_row_graph = GraphFile(SINGLE_ROW_FILE, sha256(tmp / SINGLE_ROW_FILE),
-                                                  _graph_inputs(tmp / SINGLE_ROW_FILE))  # fmt: skip
+                                                  *_graph_io(tmp / SINGLE_ROW_FILE))  # fmt: skip
         _verify(model, tmp, manifest)
         if on_dev is not None:
             on_dev(tmp, manifest)
@@ -326,11 +326,16 @@ def _write_graphs(model: MultiExitModel, folder: Path, precision: str, opset: in
 
 def _graph_inputs(path: Path) -> list[str]:
     """Names of a graph's inputs (not its initializers), in order."""
+    return _graph_io(path)[0]
+
+
+def _graph_io(path: Path) -> tuple[list[str], list[str]]:
+    """Names of a graph's inputs (not its initializers) and outputs, in order."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
-    return [i.name for i in graph.input if i.name not in weights]
+    return [i.name for i in graph.input if i.name not in weights], [o.name for o in graph.output]
 
 
 def _encoder_label(model: MultiExitModel) -> str:

@@ -7,24 +7,32 @@ and whose else-branch holds segment k+1 and the next ``If``. One session call ru
 with no per-layer call, no state copied out and back, and one thread pool that stays warm. The segments'
 own nodes are copied unchanged (renamed), so the graph computes the segments' logits bit for bit.
 
-Inputs: segment 1's (input_ids, attention_mask, [token_type_ids], [pool_weights]) and
-    exit_params [P * L] float32  P per-exit vectors, one after the other (``onnx_runtime.GAP_PARAMS`` or
-                                 ``SOFTMAX_PARAMS``), cut into each exit's scalars by one Split:
-        temperatures             exit k's logits are divided by temperatures[k-1] (ones: no calibration)
-        exit_bias                per exit, filled by the host from the policy (below)
+The graph is for one unpadded row (the engine cuts trailing padding; a row with other padding goes
+through the segments): its fused attentions take no mask, and attention_mask is no input unless another
+operator reads it (:func:`_attend_to_all`).
+
+Inputs: segment 1's (input_ids, [attention_mask], [token_type_ids], [pool_weights]) and
+    exit_params [P * L] float32  P per-exit vectors, one after the other (``onnx_runtime.SOFTMAX_PARAMS``
+                                 or ``GAP_PARAMS``), cut into each exit's scalars by one Split:
+        temperatures             more than two classes: exit k's logits are divided by temperatures[k-1]
+        exit_bias                more than two classes: per exit, from the policy (below)
         exit_limit               two classes: the stop test's limit on the raw logits' gap
     use_maxprob [1] bool         more than two classes: the rule is maxprob (else entropy)
-Outputs:
-    logits [1, C] float32      the (scaled) logits of the exit the graph stopped at
+Outputs, more than two classes (``SINGLE_ROW_OUTPUTS``):
+    logits [1, C] float32      the scaled logits of the exit the graph stopped at
     exit_layer [1] int64       that exit, 1-based
     margin [1] float32         how far past the threshold the row was there (the rule exits when > 0)
+two classes (``SINGLE_ROW_GAP_OUTPUTS``): logits (raw), exit_layer, abs_gap [1] float32 (|z_1 - z_0|,
+raw; inf at the last exit).
 
 More than two classes: exit_bias is t for entropy and -t for maxprob, the margin entropy: t - H;
 maxprob: p_max - t, and the graph stops at exit k when ``margin >= -GUARD``. Two classes: both rules
 depend on the scaled logits' gap |z_1 - z_0| alone, and take a row from a gap d_k on (the host finds d_k
 with the policy's own rule: ``runtime/onnx_runtime.py``). The test is then |raw gap| >= exit_limit[k-1]
-(T_k (d_k - guard_k)), three kernels instead of nine, and the margin, computed once in the branch that
-returns, is |raw gap| / T_k - d_k (exit_bias = -d_k).
+(T_k (d_k - guard_k)), three kernels instead of nine; the branch that returns hands the raw logits and
+gap to the host, which divides by T_k (as the engine does) and takes the margin |raw gap| / T_k - d_k: no
+kernel in the branch, and the Split cuts L limits, not 3 L parameters. (Exports before 2026-12-05 took
+the margin and scaled in the graph: ``onnx_runtime.GAP_PARAMS_BEFORE``; the runtime runs either.)
 
 The host accepts the exit when the margin exceeds its guard; within it (about one decision in 10^5) it
 runs the row through the segment graphs instead, where the engine decides with its own numpy scores
@@ -44,6 +52,7 @@ from romebert.runtime.artefacts import ExportManifest
 from romebert.runtime.onnx_runtime import (
     EXIT_PARAMS,
     GAP_PARAMS,
+    SINGLE_ROW_GAP_OUTPUTS,
     SINGLE_ROW_GUARD,
     SINGLE_ROW_OUTPUTS,
     SOFTMAX_PARAMS,
@@ -62,13 +71,17 @@ def build_single_row(folder: Path, manifest: ExportManifest, out: Path) -> None:
 
     if manifest.regression:
         raise RomebertError("the one-graph early exit is for classification (entropy and maxprob)")
+    gap = manifest.num_labels == 2  # two classes: the stop test on the logits' gap
     segs = [onnx.load(str(folder / g.file)) for g in manifest.graphs]
     for seg in segs:
         _pool_one_row(seg.graph, manifest.opset)
+        _attend_to_all(seg.graph)
     n = len(segs)
     first = segs[0].graph
-    inputs = [i for i in first.input if i.name in manifest.graphs[0].inputs]
-    gap = manifest.num_labels == 2  # two classes: the stop test on the logits' gap
+    outputs = SINGLE_ROW_GAP_OUTPUTS if gap else SINGLE_ROW_OUTPUTS
+    nodes, inits, infos = _level(1, segs, outputs, manifest.opset, gap, {})
+    read = _read(nodes)  # (the mask, once no fused op reads it, is no input)
+    inputs = [i for i in first.input if i.name in manifest.graphs[0].inputs and i.name in read]
     params = GAP_PARAMS if gap else SOFTMAX_PARAMS
     inputs.append(helper.make_tensor_value_info(EXIT_PARAMS, TensorProto.FLOAT, [len(params) * n]))
     if not gap:
@@ -82,8 +95,7 @@ def build_single_row(folder: Path, manifest: ExportManifest, out: Path) -> None:
     else:
         top += [_const("guard", TensorProto.FLOAT, [], [-SINGLE_ROW_GUARD]),
                 _const("axis/last", TensorProto.INT64, [1], [-1])]  # fmt: skip
-    nodes, inits, infos = _level(1, segs, SINGLE_ROW_OUTPUTS, manifest.opset, gap, {})
-    graph = helper.make_graph(top + nodes, "early_exit", inputs, _infos(SINGLE_ROW_OUTPUTS),
+    graph = helper.make_graph(top + nodes, "early_exit", inputs, _infos(outputs),
                               initializer=inits, value_info=infos)  # fmt: skip
     opsets: dict[str, int] = {}
     for s in segs:
@@ -146,6 +158,42 @@ def _pool_one_row(g, opset: int) -> None:
     infos = [v for v in g.value_info if v.name not in stale]
     del g.value_info[:]
     g.value_info.extend(infos)
+
+
+# ONNX Runtime's fused operators whose mask input may be left out: (domain, operator) -> its position
+_MASKS = {("com.microsoft", "Attention"): 3, ("com.microsoft", "QAttention"): 5}
+_EMBED_MASK = (("com.microsoft", "EmbedLayerNormalization"), 7, 1)  # its mask input, the mask index it outputs
+
+
+def _attend_to_all(g) -> None:
+    """Segment graph ``g`` for one unpadded row: its fused attentions without a mask index (every token
+    attends to every token, as a mask of ones says: the same bits), and the embedding's mask left out
+    once nothing reads the mask index it makes. The kernels then skip the masking (13 us a layer at
+    batch size 1 on the quick start), and the mask's cast and count are no longer computed. A node that
+    reads the mask otherwise keeps it. The host runs any other mask through the segments."""
+    for node in g.node:
+        i = _MASKS.get((node.domain, node.op_type))
+        if i is not None and len(node.input) > i:
+            node.input[i] = ""
+    op, i, out = _EMBED_MASK
+    read = _read(g.node) | {o.name for o in g.output}
+    for node in g.node:
+        if (node.domain, node.op_type) == op and len(node.input) > i and not set(node.output[out : out + 1]) & read:
+            node.input[i] = ""
+    for node in g.node:  # trailing empty names: absent optional inputs
+        while node.input and not node.input[-1]:
+            del node.input[-1]
+
+
+def _read(nodes) -> set[str]:
+    """Every name that ``nodes`` read, in their subgraphs too."""
+    names = set()
+    for node in nodes:
+        names.update(x for x in node.input if x)
+        for a in node.attribute:
+            if a.g is not None:
+                names |= _read(a.g.node)
+    return names
 
 
 def _renamed(k: int, seg, shared: dict) -> tuple[list, list, list]:
@@ -245,17 +293,17 @@ def _level(k: int, segs: list, outs: list[str], opset: int, gap: bool, shared: d
         return helper.make_node("Div", [f"{p}/logits", f"temperatures/{k}"], [out])
 
     if k == n:  # the final head takes the row: no decision
-        nodes += [scaled(outs[0]), _const(outs[1], TensorProto.INT64, [1], [k]),
-                  _const(outs[2], TensorProto.FLOAT, [1], [np.inf])]  # fmt: skip
+        last = helper.make_node("Identity", [f"{p}/logits"], [outs[0]]) if gap else scaled(outs[0])
+        nodes += [last, _const(outs[1], TensorProto.INT64, [1], [k]), _const(outs[2], TensorProto.FLOAT, [1], [np.inf])]
         return nodes, inits, infos
     returned = [_const(f"{t}/exit_layer", TensorProto.INT64, [1], [k])]
-    if gap:  # |z_1 - z_0| >= limit; the scaling and the margin only in the branch that returns
+    if gap:  # |z_1 - z_0| >= limit; the branch that returns hands the raw logits and |gap| to the host
         nodes += [helper.make_node("MatMul", [f"{p}/logits", "gap/basis"], [f"{p}/gap"]),  # [1]
                   helper.make_node("Abs", [f"{p}/gap"], [f"{p}/abs_gap"]),
                   helper.make_node("GreaterOrEqual", [f"{p}/abs_gap", f"exit_limit/{k}"], [f"{p}/stop"])]  # fmt: skip
-        returned += [scaled(f"{t}/logits"),
-                     helper.make_node("Div", [f"{p}/abs_gap", f"temperatures/{k}"], [f"{t}/scaled_gap"]),
-                     helper.make_node("Add", [f"{t}/scaled_gap", f"exit_bias/{k}"], [f"{t}/margin"])]  # fmt: skip
+        # (ONNX Runtime refuses a branch output that is an outer value itself: an Identity each)
+        returned += [helper.make_node("Identity", [f"{p}/logits"], [f"{t}/logits"]),
+                     helper.make_node("Identity", [f"{p}/abs_gap"], [f"{t}/abs_gap"])]  # fmt: skip
     else:
         nodes += [
             scaled(f"{p}/scaled"),
@@ -272,9 +320,10 @@ def _level(k: int, segs: list, outs: list[str], opset: int, gap: bool, shared: d
         ]
         returned += [helper.make_node("Identity", [f"{p}/scaled"], [f"{t}/logits"]),
                      helper.make_node("Identity", [f"{p}/margin"], [f"{t}/margin"])]  # fmt: skip
-    then = helper.make_graph(returned, t, [], _infos([f"{t}/logits", f"{t}/exit_layer", f"{t}/margin"]))
+    last = outs[2].rsplit("/", 1)[-1]  # "margin", or with two classes "abs_gap"
+    then = helper.make_graph(returned, t, [], _infos([f"{t}/logits", f"{t}/exit_layer", f"{t}/{last}"]))
     e = f"else{k}"
-    sub_outs = [f"{e}/logits", f"{e}/exit_layer", f"{e}/margin"]
+    sub_outs = [f"{e}/logits", f"{e}/exit_layer", f"{e}/{last}"]
     sub_nodes, sub_inits, sub_infos = _level(k + 1, segs, sub_outs, opset, gap, shared)
     other = helper.make_graph(sub_nodes, e, [], _infos(sub_outs), initializer=sub_inits, value_info=sub_infos)
     nodes.append(helper.make_node("If", [f"{p}/stop"], outs, then_branch=then, else_branch=other))
@@ -282,7 +331,8 @@ def _level(k: int, segs: list, outs: list[str], opset: int, gap: bool, shared: d
 
 
 def _infos(names: list[str]) -> list:
-    """Value infos of a level's outputs (logits, exit layer, margin: ``SINGLE_ROW_OUTPUTS``) named ``names``."""
+    """Value infos of a level's outputs (logits, exit layer, margin or |gap|: ``SINGLE_ROW_OUTPUTS`` or
+    ``SINGLE_ROW_GAP_OUTPUTS``) named ``names``."""
     from onnx import TensorProto, helper
 
     types = (TensorProto.FLOAT, TensorProto.INT64, TensorProto.FLOAT)

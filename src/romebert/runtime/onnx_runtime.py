@@ -32,14 +32,20 @@ from romebert.runtime.policies import POLICIES
 SINGLE_ROW_GUARD = 1e-5
 # the one graph's per-exit parameters, in one input vector EXIT_PARAMS [len(params) * L] in this order (the
 # graph cuts it into each exit's scalars: one input and one Split per call). More than two classes: the
-# softmax rule's; two classes: the test on the logits' gap, which also takes exit_limit. A graph with the
-# softmax rule also takes USE_MAXPROB [1] bool. (Exports before 2026-12-06 take the parameters as separate
-# inputs, and before 2026-12-05 also return the state: the runner feeds and asks by name.)
+# softmax rule's, and USE_MAXPROB [1] bool; two classes: the limit of the test on the logits' gap.
 EXIT_PARAMS = "exit_params"
 SOFTMAX_PARAMS = ("temperatures", "exit_bias")
-GAP_PARAMS = (*SOFTMAX_PARAMS, "exit_limit")
+GAP_PARAMS = ("exit_limit",)
 USE_MAXPROB = "use_maxprob"
 SINGLE_ROW_OUTPUTS = ["logits", "exit_layer", "margin"]
+# A two-class graph returns exit k's raw logits and raw |z_1 - z_0| (inf at the last exit); the host divides
+# by T_k and takes the margin, |gap| / T_k - d_k: the branches hold no arithmetic, and the Split makes L
+# scalars, not 3 L (together 25 us per input on SST-2 at batch size 1). Two-class exports before 2026-12-05
+# took GAP_PARAMS_BEFORE and returned SINGLE_ROW_OUTPUTS (the manifest lists no outputs for them); before
+# 2026-12-06 the parameters were separate inputs, and before 2026-12-05 the graph also returned the state:
+# the runner feeds and asks by name.
+SINGLE_ROW_GAP_OUTPUTS = ["logits", "exit_layer", "abs_gap"]
+GAP_PARAMS_BEFORE = (*SOFTMAX_PARAMS, "exit_limit")
 # the largest gap between two classes' logits searched for the gap from which a rule takes a row: beyond
 # it softmax is 1 and 0 in float64, so a rule that takes no row there takes none at all
 _MAX_GAP = 1e3
@@ -179,7 +185,8 @@ class OrtSegments:
 
         ``runner(state) -> (logits [1, C], exit layer)``, or None when the row stopped within
         ``SINGLE_ROW_GUARD`` of a threshold: the graph's float32 score cannot tell that decision, and the
-        engine runs the row through the segments, deciding with the policy itself.
+        engine runs the row through the segments, deciding with the policy itself. None too for a row with
+        padding the engine did not cut (left padding, holes): the graph attends to every token.
         """
         name = policy.name
         if self._single_file is None or name not in SINGLE_ROW_CRITERIA or type(policy) is not POLICIES[name]:
@@ -199,15 +206,25 @@ class OrtSegments:
             feed = {USE_MAXPROB: np.array([name == "maxprob"])}
         # (the final exit's entries, maybe inf, are never read: it takes every row left)
         feed.update({k: v.astype(np.float32) for k, v in {**per_exit, "temperatures": temps}.items()})
-        feed[EXIT_PARAMS] = np.concatenate([feed[k] for k in (GAP_PARAMS if gap else SOFTMAX_PARAMS)])
-        guards = guard.tolist()  # Python floats: no numpy scalar arithmetic between two graph calls
+        raw = gap and SINGLE_ROW_GAP_OUTPUTS[-1] in self.manifest.single_row_graph.outputs  # see GAP_PARAMS
+        params = (GAP_PARAMS if raw else GAP_PARAMS_BEFORE) if gap else SOFTMAX_PARAMS
+        feed[EXIT_PARAMS] = np.concatenate([feed[k] for k in params])
+        outputs = SINGLE_ROW_GAP_OUTPUTS if raw else SINGLE_ROW_OUTPUTS
+        # Python floats: no numpy scalar arithmetic between two graph calls
+        guards, gaps, ts = guard.tolist(), (-per_exit["exit_bias"]).tolist(), temps.tolist()  # (gaps: d_k)
+        scales = [np.float32(t) for t in ts] if raw and temperatures is not None else None  # as the engine's
 
         def run(state: OrtState) -> tuple[np.ndarray, int] | None:
             a = state.arrays
+            if not unpadded_row(a["attention_mask"]):  # the graph attends to every token (deploy/single_row.py)
+                return None
             sess_run, names = self._single_session()
-            logits, layer, margin = sess_run(SINGLE_ROW_OUTPUTS, {k: feed[k] if k in feed else a[k] for k in names})
+            logits, layer, out = sess_run(outputs, {k: feed[k] if k in feed else a[k] for k in names})
             k = int(layer[0])
-            return (logits, k) if k == n or margin.item() > guards[k - 1] else None
+            margin = out.item() / ts[k - 1] - gaps[k - 1] if raw else out.item()
+            if k < n and not margin > guards[k - 1]:  # (NaN too)
+                return None
+            return (logits if scales is None else logits / scales[k - 1]), k
 
         return run
 
