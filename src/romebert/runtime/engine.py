@@ -153,10 +153,13 @@ class EarlyExitEngine:
         """One row through the segments' one-row runner, with as little host work as possible around the
         call: numpy calls between two graph calls cost several times what they cost in a loop of their own
         (the graph's kernels have pushed numpy's code and data out of the caches). Trailing padding is cut as
-        in :meth:`start_group`."""
-        cols = ids.shape[1] if unpadded_row(mask) else max(int(_extent(mask != 0)[0]), 1)
-        if cols < ids.shape[1]:
+        in :meth:`start_group`; a row with other padding runs through the layers."""
+        cols = ids.shape[1]
+        if not unpadded_row(mask):
+            cols = max(int(_extent(mask != 0)[0]), 1)
             ids, mask, types = ids[:, :cols], mask[:, :cols], None if types is None else types[:, :cols]
+            if not unpadded_row(mask):  # left padding or holes: the runner is for a row of real tokens
+                return self._run_layers(self.start_group(ids, mask, types, offset=0))
         out = self._one_row(self.segments.start(ids, mask, types))
         if out is None:  # stopped within a hair of a threshold (rare): the policy decides, on the segments
             return self._run_layers(self.start_group(ids, mask, types, offset=0))

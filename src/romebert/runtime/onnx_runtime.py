@@ -185,8 +185,8 @@ class OrtSegments:
 
         ``runner(state) -> (logits [1, C], exit layer)``, or None when the row stopped within
         ``SINGLE_ROW_GUARD`` of a threshold: the graph's float32 score cannot tell that decision, and the
-        engine runs the row through the segments, deciding with the policy itself. None too for a row with
-        padding the engine did not cut (left padding, holes): the graph attends to every token.
+        engine runs the row through the segments, deciding with the policy itself. The row must be unpadded
+        (the graph attends to every token): the engine runs any other through the segments.
         """
         name = policy.name
         if self._single_file is None or name not in SINGLE_ROW_CRITERIA or type(policy) is not POLICIES[name]:
@@ -216,8 +216,6 @@ class OrtSegments:
 
         def run(state: OrtState) -> tuple[np.ndarray, int] | None:
             a = state.arrays
-            if not unpadded_row(a["attention_mask"]):  # the graph attends to every token (deploy/single_row.py)
-                return None
             sess_run, names = self._single_session()
             logits, layer, out = sess_run(outputs, {k: feed[k] if k in feed else a[k] for k in names})
             k = int(layer[0])
