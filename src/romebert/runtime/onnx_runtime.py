@@ -26,7 +26,8 @@ from romebert.runtime.exit_policy import ExitPolicy, threshold_vector
 from romebert.runtime.policies import POLICIES
 
 # The one-graph early exit stops a row at exit k when margin >= -GUARD and the host accepts it when
-# margin > GUARD (margin: the signed distance of the exit score from the threshold, in float32). Within
+# margin > GUARD (margin: the signed distance of the exit score from the threshold, in float32; with two
+# classes the graph tests the gap and the host takes the margin from it, see SINGLE_ROW_GAP_OUTPUTS). Within
 # GUARD the host decides with the engine's own float64 numpy scores: the graph's float32 scores (and
 # thresholds) are within about 1e-7 of them, far below GUARD.
 SINGLE_ROW_GUARD = 1e-5
