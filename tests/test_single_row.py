@@ -301,8 +301,8 @@ def test_an_older_export_whose_one_graph_takes_separate_inputs_and_returns_the_s
     inputs += [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [n]) for x in params]
     del g.input[:]
     g.input.extend(inputs)
-    # .. and those before 2026-12-05 also returned a fourth output, the state, and a two-class graph
-    # scaled the logits and took the margin itself (the manifest did not list the graph's outputs)
+    # .. and those before 2026-12-05 also returned a fourth output, the state; then a two-class graph
+    # still scaled the logits and took the margin itself (the manifest did not list the graph's outputs)
     g.node.append(helper.make_node("Identity", ["pool_weights"], ["state"]))
     g.output.append(helper.make_tensor_value_info("state", onnx.TensorProto.FLOAT, None))
     if family == "bert-2":
@@ -329,7 +329,7 @@ def test_an_older_export_whose_one_graph_takes_separate_inputs_and_returns_the_s
 
 
 def _margin_in_the_graph(g) -> None:
-    """A two-class one graph as built before 2026-12-05: each branch that returns divides the logits and
+    """A two-class one graph as built before the host took the margin: each branch that returns divides the logits and
     |gap| by the exit's temperature and adds exit_bias (the margin, output "margin"), not the host."""
     from onnx import helper
 

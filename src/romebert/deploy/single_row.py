@@ -31,8 +31,8 @@ depend on the scaled logits' gap |z_1 - z_0| alone, and take a row from a gap d_
 with the policy's own rule: ``runtime/onnx_runtime.py``). The test is then |raw gap| >= exit_limit[k-1]
 (T_k (d_k - guard_k)), three kernels instead of nine; the branch that returns hands the raw logits and
 gap to the host, which divides by T_k (as the engine does) and takes the margin |raw gap| / T_k - d_k: no
-kernel in the branch, and the Split cuts L limits, not 3 L parameters. (Exports before 2026-12-05 took
-the margin and scaled in the graph: ``onnx_runtime.GAP_PARAMS_BEFORE``; the runtime runs either.)
+kernel in the branch, and the Split cuts L limits, not 3 L parameters. (Older exports took the margin
+and scaled in the graph: ``onnx_runtime.GAP_PARAMS_BEFORE``; the runtime runs either.)
 
 The host accepts the exit when the margin exceeds its guard; within it (about one decision in 10^5) it
 runs the row through the segment graphs instead, where the engine decides with its own numpy scores
@@ -168,9 +168,9 @@ _EMBED_MASK = (("com.microsoft", "EmbedLayerNormalization"), 7, 1)  # its mask i
 def _attend_to_all(g) -> None:
     """Segment graph ``g`` for one unpadded row: its fused attentions without a mask index (every token
     attends to every token, as a mask of ones says: the same bits), and the embedding's mask left out
-    once nothing reads the mask index it makes. The kernels then skip the masking (13 us a layer at
-    batch size 1 on the quick start), and the mask's cast and count are no longer computed. A node that
-    reads the mask otherwise keeps it. The host runs any other mask through the segments."""
+    once nothing reads the mask index it makes. The kernels then skip the masking (docs/inference.md has
+    the figures), and the mask's cast and count are no longer computed. A node that reads the mask
+    otherwise keeps it. The host runs any other mask through the segments."""
     for node in g.node:
         i = _MASKS.get((node.domain, node.op_type))
         if i is not None and len(node.input) > i:

@@ -41,10 +41,9 @@ USE_MAXPROB = "use_maxprob"
 SINGLE_ROW_OUTPUTS = ["logits", "exit_layer", "margin"]
 # A two-class graph returns exit k's raw logits and raw |z_1 - z_0| (inf at the last exit); the host divides
 # by T_k and takes the margin, |gap| / T_k - d_k: the branches hold no arithmetic, and the Split makes L
-# scalars, not 3 L (together 25 us per input on SST-2 at batch size 1). Two-class exports before 2026-12-05
-# took GAP_PARAMS_BEFORE and returned SINGLE_ROW_OUTPUTS (the manifest lists no outputs for them); before
-# 2026-12-06 the parameters were separate inputs, and before 2026-12-05 the graph also returned the state:
-# the runner feeds and asks by name.
+# scalars, not 3 L. Older two-class exports (their manifest lists no outputs for the graph) take
+# GAP_PARAMS_BEFORE and return SINGLE_ROW_OUTPUTS; older still, the parameters were separate inputs and the
+# graph also returned the state: the runner feeds and asks by name.
 SINGLE_ROW_GAP_OUTPUTS = ["logits", "exit_layer", "abs_gap"]
 GAP_PARAMS_BEFORE = (*SOFTMAX_PARAMS, "exit_limit")
 # the largest gap between two classes' logits searched for the gap from which a rule takes a row: beyond
