@@ -191,7 +191,7 @@ def _read(nodes) -> set[str]:
     for node in nodes:
         names.update(x for x in node.input if x)
         for a in node.attribute:
-            if a.g is not None:
+            if a.HasField("g"):  # a branch of If or Loop
                 names |= _read(a.g.node)
     return names
 
