@@ -275,7 +275,7 @@ def _needed(g, outputs: tuple[str, ...]) -> list:
             keep.add(id(n))
             todo += list(n.input)
             for a in n.attribute:  # subgraphs (If, Loop) read outer names too
-                if a.g is not None:
+                if a.HasField("g"):
                     todo += [x for sub in a.g.node for x in sub.input]
     return [n for n in g.node if id(n) in keep]
 
