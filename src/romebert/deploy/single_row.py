@@ -320,7 +320,7 @@ def _level(k: int, segs: list, outs: list[str], opset: int, gap: bool, shared: d
         ]
         returned += [helper.make_node("Identity", [f"{p}/scaled"], [f"{t}/logits"]),
                      helper.make_node("Identity", [f"{p}/margin"], [f"{t}/margin"])]  # fmt: skip
-    last = outs[2].rsplit("/", 1)[-1]  # "margin", or with two classes "abs_gap"
+    last = (SINGLE_ROW_GAP_OUTPUTS if gap else SINGLE_ROW_OUTPUTS)[2]  # the third output's name, per level
     then = helper.make_graph(returned, t, [], _infos([f"{t}/logits", f"{t}/exit_layer", f"{t}/{last}"]))
     e = f"else{k}"
     sub_outs = [f"{e}/logits", f"{e}/exit_layer", f"{e}/{last}"]

@@ -199,11 +199,13 @@ class OrtSegments:
             # relative: the gap's float32 rounding grows with it (an exit that takes no row needs none)
             guard = SINGLE_ROW_GUARD * (1.0 + np.abs(np.where(np.isinf(d), 0.0, d)))
             per_exit = {"exit_bias": -d, "exit_limit": temps * (d - guard)}
+            gaps = d.tolist()  # Python floats, for the host's margin (see SINGLE_ROW_GAP_OUTPUTS)
             feed = {}
         else:
             guard = np.full(n, SINGLE_ROW_GUARD)
             per_exit = {"exit_bias": threshold_vector(policy.threshold, n) * (-1.0 if name == "maxprob" else 1.0)}
             feed = {USE_MAXPROB: np.array([name == "maxprob"])}
+            gaps = []
         # (the final exit's entries, maybe inf, are never read: it takes every row left)
         feed.update({k: v.astype(np.float32) for k, v in {**per_exit, "temperatures": temps}.items()})
         raw = gap and SINGLE_ROW_GAP_OUTPUTS[-1] in self.manifest.single_row_graph.outputs  # see GAP_PARAMS
@@ -211,7 +213,7 @@ class OrtSegments:
         feed[EXIT_PARAMS] = np.concatenate([feed[k] for k in params])
         outputs = SINGLE_ROW_GAP_OUTPUTS if raw else SINGLE_ROW_OUTPUTS
         # Python floats: no numpy scalar arithmetic between two graph calls
-        guards, gaps, ts = guard.tolist(), (-per_exit["exit_bias"]).tolist(), temps.tolist()  # (gaps: d_k)
+        guards, ts = guard.tolist(), temps.tolist()
         scales = [np.float32(t) for t in ts] if raw and temperatures is not None else None  # as the engine's
 
         def run(state: OrtState) -> tuple[np.ndarray, int] | None:
