@@ -219,3 +219,27 @@ def test_the_guard_benchmark_measures_each_setting_on_a_shifted_stream(tiny_run,
     assert set(fast["throughput"]) == {"fixed", "guard_cost", "guard"}
     assert fast["throughput"]["fixed"]["against_fixed"] == 1.0
     assert "| guard R = 2 %, never moving |" in (tmp_path / "speed.md").read_text()
+
+
+def test_the_one_graph_costs_benchmark_times_each_rewrite_of_the_exported_graph(tiny_run, tmp_path):
+    import one_graph_costs
+
+    out = tmp_path / "costs"
+    args = ["--run", str(tiny_run), "--work", str(tmp_path / "work"), "--threshold", "0.5", "--examples", "3",
+            "--repeats", "1", "--threads", "1", "--out", str(out)]  # fmt: skip
+    report = one_graph_costs.main(args)
+    changed = report["changed"]
+    # every rewrite found what it rewrites in the default export's graph (the tiny run has 3 layers)
+    assert changed["default"] == {} and changed["weights per tensor"]["per_tensor"] == 3 * 4
+    assert changed["no activation scaling"]["no_scaling"] >= 3  # at least the attention's smoothing per layer
+    assert changed["GELU's other form"]["swap_gelu"] == 3
+    assert [t["threshold"] for t in report["thresholds"]] == [0.5, 0.0]
+    for t in report["thresholds"]:
+        assert [r["path"] for r in t["rows"]] == ["baseline", *one_graph_costs.VARIANTS]
+        assert all(r["us_median"] > 0 for r in t["rows"])
+        default = t["rows"][1]
+        assert default["same_exits"] == 1.0 and 1.0 <= default["mean_exit_layer"] <= 3.0
+    assert all(r["mean_exit_layer"] == 3.0 for r in report["thresholds"][1]["rows"][1:])  # full depth
+    md = out.with_suffix(".md").read_text()
+    assert "## every input to the last layer" in md and "| GELU's other form |" in md
+    assert str(Path.home()) not in md and "site-packages" not in md

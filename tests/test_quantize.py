@@ -6,6 +6,7 @@ the quantizer stays quiet."""
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import onnx
@@ -24,6 +25,7 @@ from romebert.deploy.quantize import (
     quantize,
     recipe,
     rewrite,
+    tanh_gelu,
 )
 from romebert.runtime.artefacts import ExportManifest
 from romebert.runtime.engine import all_exit_logits
@@ -211,3 +213,42 @@ def test_exit_heads_stay_fp32_but_the_poolers_where_the_recipe_says(fp32_export,
         assert bool({"Gemm", "MatMul"} & ops) != int8, (part, ops)
     # the default: the poolers int8, the classifiers fp32 (optimum's recipe quantizes every product)
     assert recipe(DEFAULT_INT8).poolers_int8 and recipe(DEFAULT_INT8).heads_fp32
+
+
+def _gelu_ops(folder) -> set[str]:
+    return {n.op_type for f in sorted(folder.glob("segment_*.onnx")) for n in onnx.load(str(f)).graph.node
+            if "Gelu" in n.op_type}  # fmt: skip
+
+
+def test_the_default_int8_graphs_compute_gelu_in_its_tanh_form_within_its_bound(fp32_export, tmp_path, tok):
+    model, folder = fp32_export
+    assert _gelu_ops(folder) == {"BiasGelu"}  # fp32 keeps the exact GELU the model was trained with
+    for name, want in ((DEFAULT_INT8, {"FastGelu"}), ("per-channel-split-folded-poolers", {"BiasGelu"})):
+        export_model(model, tok, tmp_path / name, precision="int8", max_seq_length=40, int8_recipe=name,
+                     calibration=CALIBRATION, single_row=False)  # fmt: skip
+        assert _gelu_ops(tmp_path / name) == want and recipe(name).gelu_tanh == (want == {"FastGelu"})
+    # the rewrite alone: ONNX Runtime's FastGelu(x, b) against its BiasGelu(x, b), both adding the bias first
+    x = np.linspace(-8, 8, 4001, dtype=np.float32).reshape(1, -1, 1)
+    b = np.array([0.25], np.float32)
+    node = onnx.helper.make_node("BiasGelu", ["x", "b"], ["y"], domain="com.microsoft")
+    graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                                   [onnx.numpy_helper.from_array(b, "b")])  # fmt: skip
+    exact = tmp_path / "gelu.onnx"
+    opsets = [onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(onnx.helper.make_model(graph, opset_imports=opsets), exact)
+    tanh = tmp_path / "gelu-tanh.onnx"
+    tanh.write_bytes(exact.read_bytes())
+    assert tanh_gelu(tanh) == 1 and tanh_gelu(tanh) == 0  # one node rewritten; nothing left the second time
+    y0 = _run_graph(exact, x)
+    y1 = _run_graph(tanh, x)
+    diff = np.abs(y1 - y0).max()
+    assert 1e-4 < diff <= 4.8e-4  # they differ, by at most the tanh form's bound
+    z = x.astype(np.float64) + 0.25
+    assert np.abs(y0 - 0.5 * z * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))).max() < 1e-5  # y0 is exact
+
+
+def _run_graph(path, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
