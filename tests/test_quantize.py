@@ -252,3 +252,20 @@ def _run_graph(path, x):
     import onnxruntime as ort
 
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_the_default_gives_each_pooler_one_weight_scale_and_the_encoder_one_per_column(fp32_export, tmp_path, tok):
+    model, _ = fp32_export
+    for name in (DEFAULT_INT8, "per-channel-split-folded-poolers-tanh-gelu"):
+        export_model(model, tok, tmp_path / name, precision="int8", max_seq_length=40, int8_recipe=name,
+                     calibration=CALIBRATION, single_row=False)  # fmt: skip
+    assert recipe(DEFAULT_INT8).poolers_per_tensor
+    for f in sorted((tmp_path / "per-channel-split-folded-poolers-tanh-gelu").glob("segment_*.onnx")):
+        scales = {t.name: list(t.dims) for t in onnx.load(str(f)).graph.initializer if t.name.endswith("_scale")}
+        assert [d for name, d in scales.items() if "pooler" in name][0][0] > 1  # that recipe: per column
+    for f in sorted((tmp_path / DEFAULT_INT8).glob("segment_*.onnx")):
+        scales = {t.name: t.dims for t in onnx.load(str(f)).graph.initializer if t.name.endswith("_scale")}
+        poolers = [d for name, d in scales.items() if "pooler" in name]
+        encoder = [d for name, d in scales.items() if "exits." not in name and list(d)]
+        assert len(poolers) == 1 and list(poolers[0]) == []  # one scale: a scalar
+        assert len(encoder) >= 3 and all(d[0] > 1 for d in encoder)  # per column

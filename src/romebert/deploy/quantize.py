@@ -20,7 +20,9 @@ scale per tensor then spends most of its 256 levels on them. The default recipe 
 * keeps the embeddings fp32 (a table lookup: int8 saves only file size) and the exit heads' classifiers
   (a few columns: int8 saves nothing), but quantizes the heads' poolers ([H, H], ``poolers_int8``): on
   one row a pooler is a matrix-vector product whose time is reading its weights, fp32 weights as large as
-  an encoder product's int8 ones, once per exit;
+  an encoder product's int8 ones, once per exit. Their weights take one scale per matrix
+  (``poolers_per_tensor``): on the quick-start runs no dev prediction moves, and ONNX Runtime's
+  per-column output path costs a pooler more than its product;
 * computes GELU in its tanh form, ONNX Runtime's FastGelu, in place of the exact (erf) kernel the fp32
   graphs keep (``gelu_tanh``): the two differ by at most 4.7e-4, far below the int8 step of the product
   that reads the GELU's output, and the tanh kernel is faster on CPU;
@@ -34,10 +36,7 @@ results/int8_recipes.md has the per-exit dev figures behind the choice).
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from romebert.core.errors import RomebertError
+from romebert.deploy.quantizer_logging import quiet_quantizer
 from romebert.runtime.encoding import mean_pool_weights
 from romebert.runtime.scores import log_softmax
 
@@ -69,6 +69,7 @@ class Int8Recipe:
     fp32_groups: int = 0  # the most sensitive matrix products (measured) kept fp32
     heads_fp32: bool = True  # the exit heads' products stay fp32 (on a [b, H] input int8 saves little) ..
     poolers_int8: bool = False  # .. except their square [H, H] ones, the poolers (see the module docstring)
+    poolers_per_tensor: bool = False  # with poolers_int8 (dynamic recipes): one weight scale per pooler
     gelu_tanh: bool = False  # the int8 graphs compute GELU in its tanh form (see the module docstring)
     calibration_examples: int = 256
 
@@ -103,9 +104,16 @@ RECIPES: dict[str, Int8Recipe] = {
         Int8Recipe("per-channel-split-folded", **_FOLDED),
         Int8Recipe("per-channel-split-folded-poolers", **_FOLDED, poolers_int8=True),
         Int8Recipe("per-channel-split-folded-poolers-tanh-gelu", **_FOLDED, poolers_int8=True, gelu_tanh=True),
+        Int8Recipe(
+            "per-channel-split-folded-tensor-poolers-tanh-gelu",
+            **_FOLDED,
+            poolers_int8=True,
+            poolers_per_tensor=True,
+            gelu_tanh=True,
+        ),  # fmt: skip
     )
 }
-DEFAULT_INT8 = "per-channel-split-folded-poolers-tanh-gelu"
+DEFAULT_INT8 = "per-channel-split-folded-tensor-poolers-tanh-gelu"
 BASELINE_INT8 = "dynamic"
 
 
@@ -113,33 +121,6 @@ def recipe(name: str) -> Int8Recipe:
     if name not in RECIPES:
         raise RomebertError(f"unknown int8 recipe {name!r}; choose one of {list(RECIPES)}")
     return RECIPES[name]
-
-
-# ------------------------------------------------------------------------------------- ORT's logging
-@contextlib.contextmanager
-def quiet_quantizer() -> Iterator[list[str]]:
-    """ONNX Runtime's quantizer logs on the root logger (one "Please consider to run pre-processing" per
-    graph: shape inference that dynamic quantization does not need) and prints calibration progress.
-    Both are kept from the user; anything else it logs is collected in the yielded list."""
-    notes: list[str] = []
-
-    def keep(record: logging.LogRecord) -> bool:
-        if "onnxruntime" not in record.pathname.replace("\\", "/"):
-            return True
-        if "pre-process" not in record.getMessage() and record.levelno >= logging.WARNING:
-            notes.append(record.getMessage().splitlines()[0])
-        return False
-
-    root = logging.getLogger()
-    guard = logging.NullHandler()  # a root logger without handlers would be given one by logging.warning()
-    root.addFilter(keep)
-    root.addHandler(guard)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield notes
-    finally:
-        root.removeFilter(keep)
-        root.removeHandler(guard)
 
 
 # ------------------------------------------------------------------------------------ running graphs
@@ -207,14 +188,19 @@ def _kept_heads(graph, rec: Int8Recipe) -> list[str]:
     "<Gemm>_MatMul": both names are listed.)"""
     if not rec.heads_fp32:
         return []
+    poolers = set(_poolers(graph)) if rec.poolers_int8 else set()
+    return [m for n in graph.node if _is_head(n) and n.name not in poolers for m in (n.name, f"{n.name}_MatMul")]
+
+
+def _poolers(graph) -> list[str]:
+    """The exit heads' poolers (their product's weight is [H, H]), under both names the quantizer may give."""
     shapes = {t.name: tuple(t.dims) for t in graph.initializer}
 
     def pooler(node) -> bool:
         w = shapes.get(node.input[1]) if len(node.input) > 1 else None
         return w is not None and len(w) == 2 and w[0] == w[1]
 
-    return [m for n in graph.node if _is_head(n) and not (rec.poolers_int8 and pooler(n))
-            for m in (n.name, f"{n.name}_MatMul")]  # fmt: skip
+    return [m for n in graph.node if _is_head(n) and pooler(n) for m in (n.name, f"{n.name}_MatMul")]
 
 
 def _encoder_products(graph) -> list:
@@ -350,11 +336,23 @@ def quantize(src: Path, dst: Path, rec: Int8Recipe, exclude: Sequence[str] = (),
     graph = onnx.load(str(src), load_external_data=False).graph
     heads = _kept_heads(graph, rec)
     ops = ["MatMul", "Attention"] + ([] if rec.embeddings_fp32 else ["EmbedLayerNormalization", "Gather"])
-    common = dict(per_channel=rec.per_channel, weight_type=QuantType.QInt8, nodes_to_exclude=[*heads, *exclude],
+    # per-tensor poolers: left out of the per-column pass, quantized in a pass of their own
+    later = (
+        _poolers(graph)
+        if rec.poolers_per_tensor and rec.poolers_int8 and rec.calibrate is None and only is None
+        else []
+    )
+    common = dict(per_channel=rec.per_channel, weight_type=QuantType.QInt8, nodes_to_exclude=[*heads, *exclude, *later],
                   nodes_to_quantize=list(only) if only is not None else None)  # fmt: skip
     if rec.calibrate is None:
+        extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=ops if rec.embeddings_fp32 else None,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **common)  # fmt: skip
+                         extra_options=extra, **common)  # fmt: skip
+        if later:
+            poolers = dst.with_name(f"poolers-{dst.name}")
+            quantize_dynamic(str(dst), str(poolers), per_channel=False, weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul"], nodes_to_quantize=later, extra_options=extra)  # fmt: skip
+            poolers.replace(dst)
         return
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, quant_pre_process
 
