@@ -34,8 +34,6 @@ import numpy as np  # noqa: E402
 from inference_speed import ROOT, dev_data, prepare  # noqa: E402
 from speed import timing as T  # noqa: E402
 
-# the recipe's activation scaling, as deploy/quantize.py names its nodes
-SCALING_NODES = ("/int8/Smooth", "/int8/Split")
 VARIANTS = {
     "default": (),
     "weights per tensor": ("per_tensor",),
@@ -89,11 +87,14 @@ def per_tensor(model) -> int:
 def no_scaling(model) -> int:
     """Remove the recipe's activation-scaling ``Mul`` nodes (their consumers read the unscaled input);
     returns how many went."""
+    from romebert.deploy.quantize import SMOOTH_NODE, SPLIT_NODE
+
+    scaling = (f"/{SMOOTH_NODE}", f"/{SPLIT_NODE}")  # as deploy/quantize.py's rewrite names them
     renamed = {}
     for g in _graphs(model.graph):
         keep = []
         for n in g.node:
-            if n.op_type == "Mul" and n.name.endswith(SCALING_NODES):
+            if n.op_type == "Mul" and n.name.endswith(scaling):
                 renamed[n.output[0]] = n.input[0]
             else:
                 keep.append(n)
@@ -135,17 +136,18 @@ def variant_export(export: Path, rewrites: tuple[str, ...], folder: Path) -> dic
     import onnx
 
     from romebert.core.files import sha256
+    from romebert.runtime.artefacts import ExportManifest
 
     shutil.copytree(export, folder)
     if not rewrites:
         return {}
-    manifest = json.loads((folder / "manifest.json").read_text())
-    path = folder / manifest["single_row_graph"]["file"]
+    manifest = ExportManifest.load(folder, verify=False)
+    path = folder / manifest.single_row_graph.file
     model = onnx.load(str(path))
     changed = {r: REWRITES[r](model) for r in rewrites}
     onnx.save(model, str(path))
-    manifest["single_row_graph"]["sha256"] = sha256(path)
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    manifest.single_row_graph.sha256 = sha256(path)
+    manifest.save(folder)
     return changed
 
 

@@ -176,6 +176,11 @@ def _kl(ref: np.ndarray, got: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------ graph rewrites
+# the names of the activation-scaling Mul nodes a rewrite adds before a product "<product>/int8/...":
+# SmoothQuant's (the attention's input) and the folded split's
+SMOOTH_NODE, SPLIT_NODE = "Smooth", "Split"
+
+
 def _is_head(node) -> bool:
     """A node of an exit head: it reads the head's weights (``model.exits.<k>.*``), whatever the node's own
     name (the segment graphs name theirs ``/exit/...``)."""
@@ -257,7 +262,7 @@ def rewrite(src: Path, dst: Path, rec: Int8Recipe, ranges: dict[str, np.ndarray]
             s = (s / np.exp(np.log(s).mean())).astype(np.float32)  # geometric mean 1: magnitudes kept
             w_t.CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), w_t.name))
             g.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), f"{p}/inv_scale"))
-            nodes.append(helper.make_node("Mul", [x, f"{p}/inv_scale"], [f"{p}/x"], name=f"{p}/Smooth"))
+            nodes.append(helper.make_node("Mul", [x, f"{p}/inv_scale"], [f"{p}/x"], name=f"{p}/{SMOOTH_NODE}"))
             n.input[0] = f"{p}/x"
             nodes.append(n)
             continue
@@ -316,11 +321,11 @@ def _split_channels(n, g, w_t, w: np.ndarray, a: np.ndarray, top: np.ndarray, p:
         rows = np.ones(w.shape[0], np.float32)
         rows[list(copies)] = list(copies.values())
         w_t.CopyFrom(numpy_helper.from_array((w * rows[:, None]).astype(np.float32), w_t.name))  # [K, N]
-        return [helper.make_node("Mul", [x, f"{p}/share"], [f"{p}/x"], name=f"{p}/Split"), n]
+        return [helper.make_node("Mul", [x, f"{p}/share"], [f"{p}/x"], name=f"{p}/{SPLIT_NODE}"), n]
     extra = np.concatenate([np.full(m - 1, c) for c, m in copies.items()]).astype(np.int64)  # [E]
     w_t.CopyFrom(numpy_helper.from_array(np.concatenate([w, w[extra]]).astype(np.float32), w_t.name))  # [K+E, N]
     g.initializer.append(numpy_helper.from_array(extra, f"{p}/copies"))
-    return [helper.make_node("Mul", [x, f"{p}/share"], [f"{p}/xs"], name=f"{p}/Split"),
+    return [helper.make_node("Mul", [x, f"{p}/share"], [f"{p}/xs"], name=f"{p}/{SPLIT_NODE}"),
             helper.make_node("Gather", [f"{p}/xs", f"{p}/copies"], [f"{p}/xe"], name=f"{p}/Copies", axis=-1),
             helper.make_node("Concat", [f"{p}/xs", f"{p}/xe"], [f"{p}/x"], name=f"{p}/Append", axis=-1), n]  # fmt: skip
 
